@@ -1,0 +1,49 @@
+"""Errors the API reports to clients, each with a stable code and HTTP status (DESIGN §4)."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """An expected failure caused by the request, reported as JSON with `code` and `message`."""
+
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class NotDicom(ApiError):
+    status_code, code = 400, "not_dicom"
+
+
+class MalformedDicom(ApiError):
+    status_code, code = 400, "malformed_dicom"
+
+
+class PayloadTooLarge(ApiError):
+    status_code, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status_code, code = 415, "unsupported_media_type"
+
+
+class UnsupportedTransferSyntax(ApiError):
+    status_code, code = 415, "unsupported_transfer_syntax"
+
+
+class UnusableImage(ApiError):
+    """Valid DICOM, but not an image this service can read as a chest radiograph."""
+
+    status_code, code = 422, "unusable_image"
+
+
+class Overloaded(ApiError):
+    status_code, code = 429, "overloaded"
+
+
+class NotReady(ApiError):
+    status_code, code = 503, "not_ready"

@@ -1,0 +1,123 @@
+"""Model packs: a self-describing folder with manifest.json, detector.onnx and classifier.onnx.
+
+A pack is verified (every file present, sha256 as in the manifest) before any session is created,
+so a truncated or tampered model never serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.pipeline import InputSpec
+from service.postprocess import DetectionParams
+from service.preprocess import Normalization
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "cxr-model-pack/1"
+INPUT_NAME = "images"
+DETECTOR_OUTPUTS = ("boxes", "scores")
+CLASSIFIER_OUTPUTS = ("probabilities",)
+
+
+class PackError(RuntimeError):
+    """The model pack is missing, incomplete or does not match its manifest."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelPack:
+    path: Path
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def input_spec(self) -> InputSpec:
+        spec = self.manifest["input"]
+        return InputSpec(size=int(spec["size"]), normalization=Normalization(**spec["normalization"]))
+
+    @property
+    def local_labels(self) -> list[str]:
+        return list(self.manifest["detector"]["labels"])
+
+    @property
+    def global_labels(self) -> list[str]:
+        return list(self.manifest["classifier"]["labels"])
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.manifest["classifier"]["thresholds"].items()}
+
+    @property
+    def detection_params(self) -> DetectionParams:
+        return DetectionParams(**self.manifest["detector"].get("postprocess", {}))
+
+    def model_file(self, model: str) -> Path:
+        return self.path / self.manifest[model]["file"]
+
+    @classmethod
+    def load(cls, path: Path) -> ModelPack:
+        """Read and verify a pack; raises PackError saying exactly what is wrong."""
+        path = Path(path)
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise PackError(f"no manifest.json in {path}")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PackError(f"{manifest_path} is not valid JSON: {exc}") from None
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise PackError(f"{manifest_path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        for model in ("detector", "classifier"):
+            entry = manifest.get(model) or {}
+            file = path / entry.get("file", f"{model}.onnx")
+            if not file.is_file():
+                raise PackError(f"{model} file {file} is missing")
+            actual = sha256_of(file)
+            if actual != entry.get("sha256"):
+                raise PackError(f"{model} file {file.name} has sha256 {actual[:12]}…, the manifest says "
+                                f"{str(entry.get('sha256'))[:12]}…: the file is truncated or was replaced")
+        return cls(path=path, manifest=manifest)
+
+
+class OnnxModels:
+    """ONNX Runtime sessions for both models of a pack, run together on each batch."""
+
+    def __init__(self, pack: ModelPack, providers: list[str], intra_op_threads: int = 0) -> None:
+        available = ort.get_available_providers()
+        wanted = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        self.detector = ort.InferenceSession(str(pack.model_file("detector")), options, providers=wanted)
+        self.classifier = ort.InferenceSession(str(pack.model_file("classifier")), options, providers=wanted)
+        self.providers = self.detector.get_providers()
+        if providers and providers[0] not in self.providers:
+            log.warning("execution provider %s is not usable here; running on %s", providers[0], self.providers[0])
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """images (N, 1, S, S) float32 -> boxes (N, L, 4), scores (N, L, C), probabilities (N, K)."""
+        boxes, scores = self.detector.run(list(DETECTOR_OUTPUTS), {INPUT_NAME: images})
+        (probabilities,) = self.classifier.run(list(CLASSIFIER_OUTPUTS), {INPUT_NAME: images})
+        return boxes, scores, probabilities

@@ -1,0 +1,168 @@
+"""Pixel preprocessing shared by the service and training (one source of truth, no train/serve skew).
+
+Stages, each a pure numpy function:
+  stored pixels --modality LUT--> physical values --VOI (window / LUT)--> display range [0, 1]
+  --MONOCHROME1 inverted--> "bright = dense" image --letterbox resize--> model input size
+  --normalise--> float32 1xHxW model input.
+
+Boxes travel the other way through `Letterbox.to_original`, so the service answers in the
+original image's pixel space (x = column, y = row), the VinDr CSV convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class PixelParams:
+    """The header values that turn stored pixels into the displayed image."""
+
+    photometric: str  # MONOCHROME1 or MONOCHROME2
+    rescale_slope: float = 1.0
+    rescale_intercept: float = 0.0
+    window_center: float | None = None
+    window_width: float | None = None
+
+    @classmethod
+    def from_dataset(cls, ds: Any) -> PixelParams:
+        center, width = _first_value(ds.get("WindowCenter")), _first_value(ds.get("WindowWidth"))
+        if center is None or width is None or width < 1:
+            # A window narrower than one stored value is meaningless (PS3.3 C.11.2.1.2): fall back
+            # to the pixel range rather than producing a binary image.
+            center = width = None
+        return cls(
+            photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip(),
+            rescale_slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
+            rescale_intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+            window_center=center,
+            window_width=width,
+        )
+
+
+def _first_value(element: Any) -> float | None:
+    """Window tags may hold several values (alternative windows); the first is the default one."""
+    if element is None:
+        return None
+    value = element.value if hasattr(element, "value") else element
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        if len(value) == 0:
+            return None
+        value = value[0]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def apply_modality_lut(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values -> physical values (PS3.3 C.11.1, linear rescale)."""
+    values = pixels.astype(np.float32, copy=False)
+    if slope != 1.0 or intercept != 0.0:
+        values = values * np.float32(slope) + np.float32(intercept)
+    return values
+
+
+def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM LINEAR window function (PS3.3 C.11.2.1.2.1), scaled to [0, 1]."""
+    low = center - 0.5 - (width - 1.0) / 2.0
+    scaled = (values - np.float32(center - 0.5)) / np.float32(width - 1.0) + np.float32(0.5)
+    if width == 1.0:  # degenerate window: a threshold at `low`
+        scaled = (values > low).astype(np.float32)
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def scale_to_range(values: np.ndarray) -> np.ndarray:
+    """Min-max to [0, 1] when the header carries no usable window."""
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros_like(values, dtype=np.float32)
+    return ((values - np.float32(low)) / np.float32(high - low)).astype(np.float32, copy=False)
+
+
+def display_image(pixels: np.ndarray, params: PixelParams) -> np.ndarray:
+    """Stored pixels -> float32 image in [0, 1] where bright means dense (MONOCHROME2 look)."""
+    values = apply_modality_lut(pixels, params.rescale_slope, params.rescale_intercept)
+    if params.window_center is not None and params.window_width is not None:
+        image = apply_window(values, params.window_center, params.window_width)
+    else:
+        image = scale_to_range(values)
+    if params.photometric == "MONOCHROME1":
+        image = 1.0 - image
+    return image
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Aspect-preserving resize into a size x size canvas, anchored at the top-left corner.
+
+    Anchoring at the origin (padding only right/bottom) makes the box mapping a pure per-axis
+    scale, with no offsets to get wrong.
+    """
+
+    rows: int
+    columns: int
+    size: int
+
+    @property
+    def resized_shape(self) -> tuple[int, int]:
+        scale = self.size / max(self.rows, self.columns)
+        return (
+            max(1, min(self.size, round(self.rows * scale))),
+            max(1, min(self.size, round(self.columns * scale))),
+        )
+
+    @property
+    def scale_xy(self) -> tuple[float, float]:
+        """Model pixels per original pixel along x (columns) and y (rows)."""
+        resized_rows, resized_columns = self.resized_shape
+        return resized_columns / self.columns, resized_rows / self.rows
+
+    def to_model(self, boxes: np.ndarray) -> np.ndarray:
+        """Original-space xyxy boxes -> model-input-space xyxy boxes."""
+        sx, sy = self.scale_xy
+        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * np.float32([sx, sy, sx, sy])
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """Model-input-space xyxy boxes -> original-space boxes, clipped to the image."""
+        sx, sy = self.scale_xy
+        original = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) / np.float32([sx, sy, sx, sy])
+        original[:, 0::2] = np.clip(original[:, 0::2], 0.0, self.columns)
+        original[:, 1::2] = np.clip(original[:, 1::2], 0.0, self.rows)
+        return original
+
+
+def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """Resize a [0, 1] image into a size x size canvas (zero padding) and return the mapping."""
+    geometry = Letterbox(rows=image.shape[0], columns=image.shape[1], size=size)
+    resized_rows, resized_columns = geometry.resized_shape
+    # PIL's float ("F") bilinear resize antialiases when downscaling, like the radiologist's view
+    # at that scale; it is deterministic and identical in training and serving.
+    resized = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize(
+        (resized_columns, resized_rows), Image.Resampling.BILINEAR
+    )
+    canvas = np.zeros((size, size), dtype=np.float32)
+    canvas[:resized_rows, :resized_columns] = np.asarray(resized, dtype=np.float32)
+    return canvas, geometry
+
+
+@dataclass(frozen=True)
+class Normalization:
+    mean: float
+    std: float
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        return ((image - np.float32(self.mean)) / np.float32(self.std)).astype(np.float32, copy=False)
+
+
+def model_input(pixels: np.ndarray, params: PixelParams, size: int, normalization: Normalization) -> tuple[np.ndarray, Letterbox]:
+    """Stored pixels -> (1 x size x size float32 model input, box mapping)."""
+    canvas, geometry = letterbox(display_image(pixels, params), size)
+    return normalization.apply(canvas)[np.newaxis], geometry

@@ -1,0 +1,35 @@
+"""Liveness, readiness and model description."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.dependencies import ReadyStateDep, SettingsDep, StateDep
+from service.schemas import ModelsResponse
+
+router = APIRouter()
+
+
+@router.get("/healthz", summary="Liveness: the process is up")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: the model pack is verified, loaded and warmed up",
+            responses={503: {"description": "not ready, with the reason"}})
+async def readyz(state: StateDep) -> JSONResponse:
+    if state.ready:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "not ready", "reason": state.not_ready_reason}, status_code=503,
+                        headers={"Retry-After": "5"})
+
+
+@router.get("/v1/models", response_model=ModelsResponse, summary="The model pack being served")
+async def models(state: ReadyStateDep, settings: SettingsDep) -> ModelsResponse:
+    pack = state.pack
+    return ModelsResponse(
+        pack=pack.name, version=pack.version, intended_use=pack.manifest["intended_use"],
+        input_size=pack.input_spec.size, detector_labels=pack.local_labels, classifier_labels=pack.global_labels,
+        thresholds=pack.thresholds, providers=state.models.providers, max_batch_size=settings.max_batch_size,
+    )

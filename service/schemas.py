@@ -1,0 +1,88 @@
+"""Response schemas of the API (DESIGN §4); they drive the OpenAPI document and its examples."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Box(BaseModel):
+    """Pixel coordinates in the original image: x = column, y = row (the VinDr CSV convention)."""
+
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+
+
+class Finding(BaseModel):
+    label: str
+    score: float = Field(ge=0, le=1)
+    box: Box
+
+
+class Disease(BaseModel):
+    label: str
+    probability: float = Field(ge=0, le=1)
+    threshold: float = Field(description="operating point chosen on validation data")
+    positive: bool
+
+
+class Instance(BaseModel):
+    sop_instance_uid: str | None
+    image_id: str | None = Field(description="hash of the SOP Instance UID (the VinDr image_id scheme)")
+    study_instance_uid: str | None
+    rows: int
+    columns: int
+    pixel_spacing_mm: list[float] | None
+
+
+class ModelInfo(BaseModel):
+    pack: str
+    version: str
+    detector_sha256: str
+    classifier_sha256: str
+
+
+class Prediction(BaseModel):
+    request_id: str
+    instance: Instance
+    findings: list[Finding]
+    diseases: list[Disease]
+    warnings: list[str]
+    model: ModelInfo
+    timing_ms: dict[str, float]
+
+    model_config = {"json_schema_extra": {"examples": [{
+        "request_id": "5f0c8e1a2b7d4c49a1f3e9d2c6b8a7e4",
+        "instance": {"sop_instance_uid": "1.2.826.0.1.3680043.8.498.1", "image_id": "0a1b2c3d4e5f60718293a4b5c6d7e8f9",
+                     "study_instance_uid": "1.2.826.0.1.3680043.8.498.2", "rows": 1643, "columns": 1349,
+                     "pixel_spacing_mm": [0.14, 0.14]},
+        "findings": [{"label": "Consolidation", "score": 0.83,
+                      "box": {"x_min": 512.0, "y_min": 300.5, "x_max": 700.2, "y_max": 488.0}}],
+        "diseases": [{"label": "Pneumonia", "probability": 0.71, "threshold": 0.42, "positive": True}],
+        "warnings": [],
+        "model": {"pack": "demo-synthetic", "version": "0.1.0", "detector_sha256": "…", "classifier_sha256": "…"},
+        "timing_ms": {"decode": 3.1, "preprocess": 2.0, "queue": 4.2, "inference": 12.9, "postprocess": 0.3, "total": 23.5},
+    }]}}
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    request_id: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelsResponse(BaseModel):
+    pack: str
+    version: str
+    intended_use: str
+    input_size: int
+    detector_labels: list[str]
+    classifier_labels: list[str]
+    thresholds: dict[str, float]
+    providers: list[str] = Field(description="ONNX Runtime execution providers actually in use")
+    max_batch_size: int

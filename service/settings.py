@@ -1,0 +1,35 @@
+"""Service configuration: one pydantic-settings object, read from CXR_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PACK = Path(__file__).resolve().parent.parent / "models" / "demo-synthetic"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CXR_", env_file=None)
+
+    models: Path = Field(DEFAULT_PACK, description="model pack folder (manifest.json + ONNX files)")
+    providers: list[str] = Field(
+        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="ONNX Runtime execution providers in order of preference; unavailable ones are skipped",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session (0: one per core)")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="images per inference batch")
+    max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill up")
+    max_queue_size: int = Field(256, ge=1, description="images waiting for inference before 429")
+    preprocess_threads: int = Field(max(2, min(8, os.cpu_count() or 2)), ge=1, description="threads decoding DICOMs")
+    max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="largest accepted upload (bytes)")
+    max_pixels: int = Field(60_000_000, ge=1024, description="largest accepted Rows x Columns")
+    image_id_hash: str = Field("md5", description="hashlib algorithm turning SOP Instance UIDs into image ids")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,59 @@
+"""What the service holds while it runs: the verified pack, its sessions and the batcher."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.batcher import Batcher
+from service.modelpack import ModelPack, OnnxModels, PackError
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingState:
+    pack: ModelPack | None = None
+    models: OnnxModels | None = None
+    batcher: Batcher | None = None
+    not_ready_reason: str = "starting"
+    started: float = field(default_factory=time.time)
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None and self.not_ready_reason == ""
+
+
+def warm_up(models: OnnxModels, size: int, max_batch_size: int) -> None:
+    """Run every batch shape once so no request pays for first-run allocation or kernel tuning."""
+    for batch in range(1, max_batch_size + 1):
+        models.run(np.zeros((batch, 1, size, size), dtype=np.float32))
+
+
+def load_serving_state(settings: Settings) -> ServingState:
+    """Verify and load the pack; on failure the state says why and the service stays unready."""
+    state = ServingState()
+    try:
+        state.pack = ModelPack.load(settings.models)
+        state.models = OnnxModels(state.pack, settings.providers, settings.intra_op_threads)
+        started = time.perf_counter()
+        warm_up(state.models, state.pack.input_spec.size, settings.max_batch_size)
+        log.info("model pack %s %s loaded from %s on %s; warm-up of batch sizes 1..%d took %.1f s",
+                 state.pack.name, state.pack.version, settings.models, state.models.providers[0],
+                 settings.max_batch_size, time.perf_counter() - started)
+    except PackError as exc:
+        state.not_ready_reason = f"model pack rejected: {exc}"
+        log.error("%s", state.not_ready_reason)
+        return state
+    except Exception as exc:  # an unloadable ONNX file must not crash-loop the process silently
+        state.not_ready_reason = f"model pack could not be loaded: {type(exc).__name__}: {exc}"
+        log.error("%s", state.not_ready_reason)
+        return state
+    state.batcher = Batcher(state.models.run, settings.max_batch_size, settings.max_queue_delay_ms / 1e3,
+                            settings.max_queue_size)
+    state.not_ready_reason = ""
+    return state

@@ -1,0 +1,197 @@
+"""Detector and classifier built from torchvision parts.
+
+Both take N x 1 x S x S normalised grayscale images (see `service.preprocess`) and export to ONNX
+with a dynamic batch axis. The grayscale channel is repeated to three inside the graph so that
+ImageNet weights (from a local file) fit the first convolution while the host only ships one
+channel per pixel to the GPU.
+
+Detector: an FCOS-style anchor-free head (Tian et al. 2019) on a MobileNetV3 + FPN. The exported
+graph returns dense per-location boxes and scores; NMS is the shared numpy postprocess in
+`service.postprocess`, so PyTorch evaluation and the ONNX service decode detections identically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork, generalized_box_iou_loss, sigmoid_focal_loss
+
+BACKBONES = ("mobilenet_v3_small", "mobilenet_v3_large")
+DETECTOR_STRIDES = (8, 16, 32)
+
+
+def _backbone_features(name: str, pretrained: Path | None) -> nn.Sequential:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    model = getattr(torchvision.models, name)(weights=None)
+    if pretrained is not None:
+        # Only a local file: nothing is downloaded at run time.
+        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        missing, _ = model.load_state_dict(state, strict=False)
+        if any(key.startswith("features.") for key in missing):
+            raise ValueError(f"{pretrained} does not hold {name} backbone weights")
+    return model.features
+
+
+def _stage_ends(features: nn.Sequential) -> dict[int, tuple[int, int]]:
+    """Index of the last block at each stride -> (stride, channels), found by a dummy pass."""
+    x, size, ends = torch.zeros(1, 3, 64, 64), 64, {}
+    with torch.no_grad():
+        for index, block in enumerate(features):
+            x = block(x)
+            ends[size // x.shape[-1]] = (index, x.shape[1])
+    return {index: (stride, channels) for stride, (index, channels) in ends.items()}
+
+
+class Detector(nn.Module):
+    def __init__(self, num_classes: int, backbone: str = "mobilenet_v3_small", fpn_channels: int = 64,
+                 pretrained_backbone: Path | None = None) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.features = _backbone_features(backbone, pretrained_backbone)
+        ends = _stage_ends(self.features)
+        self.taps = {index: stride for index, (stride, _) in ends.items() if stride in DETECTOR_STRIDES}
+        in_channels = [channels for index, (stride, channels) in sorted(ends.items()) if stride in DETECTOR_STRIDES]
+        self.features = self.features[: max(self.taps) + 1]
+        self.fpn = FeaturePyramidNetwork(in_channels, fpn_channels)
+        self.cls_tower = self._tower(fpn_channels)
+        self.reg_tower = self._tower(fpn_channels)
+        self.cls_logits = nn.Conv2d(fpn_channels, num_classes, 3, padding=1)
+        self.box_deltas = nn.Conv2d(fpn_channels, 4, 3, padding=1)
+        self.centerness = nn.Conv2d(fpn_channels, 1, 3, padding=1)
+        # One learnable scale per level, as in FCOS, so a shared head can regress every size.
+        self.level_scales = nn.Parameter(torch.ones(len(DETECTOR_STRIDES)))
+        # Start with a low foreground probability so focal loss is not swamped at step 0.
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - 0.01) / 0.01))
+
+    @staticmethod
+    def _tower(channels: int) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        for _ in range(2):
+            layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(16, channels), nn.ReLU(inplace=True)]
+        return nn.Sequential(*layers)
+
+    def dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw per-location outputs over all levels.
+
+        Returns cls logits (N, L, C), ltrb distances in input pixels (N, L, 4), centerness
+        logits (N, L), location centres (L, 2) and each location's stride (L,).
+        """
+        x = images.expand(-1, 3, -1, -1)
+        taps: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for index, block in enumerate(self.features):
+            x = block(x)
+            if index in self.taps:
+                taps[str(self.taps[index])] = x
+        levels = self.fpn(taps)
+        cls, reg, ctr, points, strides = [], [], [], [], []
+        for level, (name, feature) in enumerate(levels.items()):
+            stride = int(name)
+            n, _, h, w = feature.shape
+            cls_feature, reg_feature = self.cls_tower(feature), self.reg_tower(feature)
+            cls.append(self.cls_logits(cls_feature).flatten(2).transpose(1, 2))
+            distances = torch.exp((self.level_scales[level] * self.box_deltas(reg_feature)).clamp(max=10.0)) * stride
+            reg.append(distances.flatten(2).transpose(1, 2))
+            ctr.append(self.centerness(reg_feature).flatten(1))
+            ys = (torch.arange(h, device=images.device, dtype=images.dtype) + 0.5) * stride
+            xs = (torch.arange(w, device=images.device, dtype=images.dtype) + 0.5) * stride
+            grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+            points.append(torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1))
+            strides.append(torch.full((h * w,), float(stride), device=images.device, dtype=images.dtype))
+        return torch.cat(cls, 1), torch.cat(reg, 1), torch.cat(ctr, 1), torch.cat(points), torch.cat(strides)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(boxes (N, L, 4) xyxy in input pixels, scores (N, L, C) in [0, 1])."""
+        cls, reg, ctr, points, _ = self.dense(images)
+        boxes = torch.cat([points - reg[..., :2], points + reg[..., 2:]], dim=-1)
+        scores = torch.sqrt(torch.sigmoid(cls) * torch.sigmoid(ctr).unsqueeze(-1))
+        return boxes, scores
+
+
+def fcos_targets(points: torch.Tensor, strides: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
+                 center_radius: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assign each location to at most one ground-truth box (FCOS rules).
+
+    A location is positive for a box when it lies in the box's central region (radius in strides)
+    and the box's size suits the location's level; ties go to the smallest box.
+    Returns (matched box index per location or -1, matched label or -1).
+    """
+    num_points = points.shape[0]
+    if gt_boxes.numel() == 0:
+        none = torch.full((num_points,), -1, dtype=torch.long, device=points.device)
+        return none, none
+    x, y = points[:, 0:1], points[:, 1:2]
+    left, top = x - gt_boxes[:, 0], y - gt_boxes[:, 1]
+    right, bottom = gt_boxes[:, 2] - x, gt_boxes[:, 3] - y
+    ltrb = torch.stack([left, top, right, bottom], dim=-1)  # (L, G, 4)
+    centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    radius = strides[:, None] * center_radius
+    in_center = ((x - centers[:, 0]).abs() < radius) & ((y - centers[:, 1]).abs() < radius)
+    inside = ltrb.min(dim=-1).values > 0
+    # Level size ranges scale with the stride: (4s, 8s] regressed at stride s, open-ended at the top.
+    max_distance = ltrb.max(dim=-1).values
+    lower = torch.where(strides == min(DETECTOR_STRIDES), 0.0, strides * 4)[:, None]
+    upper = torch.where(strides == max(DETECTOR_STRIDES), float("inf"), strides * 8)[:, None]
+    suits_level = (max_distance > lower) & (max_distance <= upper)
+    candidate = inside & in_center & suits_level
+    areas = ((gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1]))[None].expand(num_points, -1)
+    areas = torch.where(candidate, areas, torch.full_like(areas, float("inf")))
+    best_area, best = areas.min(dim=1)
+    matched = torch.where(torch.isfinite(best_area), best, torch.full_like(best, -1))
+    labels = torch.where(matched >= 0, gt_labels[matched.clamp(min=0)], torch.full_like(matched, -1))
+    return matched, labels
+
+
+def detection_loss(model: Detector, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """FCOS loss: sigmoid focal (classes) + GIoU (boxes) + BCE (centerness), per positive location."""
+    cls, reg, ctr, points, strides = model.dense(images)
+    cls_targets = torch.zeros_like(cls)
+    box_losses, ctr_losses, num_positive = [], [], 0
+    for i, target in enumerate(targets):
+        matched, labels = fcos_targets(points, strides, target["boxes"], target["labels"])
+        positive = matched >= 0
+        if not positive.any():
+            continue
+        num_positive += int(positive.sum())
+        cls_targets[i, positive, labels[positive]] = 1.0
+        gt = target["boxes"][matched[positive]]
+        p = points[positive]
+        predicted = torch.cat([p - reg[i, positive, :2], p + reg[i, positive, 2:]], dim=-1)
+        ltrb = torch.cat([p - gt[:, :2], gt[:, 2:] - p], dim=-1)
+        centerness = torch.sqrt(
+            (ltrb[:, [0, 2]].min(-1).values / ltrb[:, [0, 2]].max(-1).values)
+            * (ltrb[:, [1, 3]].min(-1).values / ltrb[:, [1, 3]].max(-1).values)
+        )
+        box_losses.append((generalized_box_iou_loss(predicted, gt, reduction="none") * centerness).sum())
+        ctr_losses.append(nn.functional.binary_cross_entropy_with_logits(ctr[i, positive], centerness, reduction="sum"))
+    normaliser = max(num_positive, 1)
+    zero = cls.sum() * 0.0
+    return {
+        "cls": sigmoid_focal_loss(cls, cls_targets, reduction="sum") / normaliser,
+        "box": (torch.stack(box_losses).sum() if box_losses else zero) / normaliser,
+        "ctr": (torch.stack(ctr_losses).sum() if ctr_losses else zero) / normaliser,
+    }
+
+
+class Classifier(nn.Module):
+    """Multi-label image classifier: backbone -> global average pool -> one logit per disease."""
+
+    def __init__(self, num_labels: int, backbone: str = "mobilenet_v3_small", pretrained_backbone: Path | None = None,
+                 dropout: float = 0.2) -> None:
+        super().__init__()
+        self.features = _backbone_features(backbone, pretrained_backbone)
+        channels = _stage_ends(self.features)[len(self.features) - 1][1]
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, num_labels))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.features(images.expand(-1, 3, -1, -1))
+        return self.head(nn.functional.adaptive_avg_pool2d(features, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Probabilities (N, K)."""
+        return torch.sigmoid(self.logits(images))

@@ -1,0 +1,216 @@
+"""Train the detector and the classifier on a VinDr-PCXR-style dataset.
+
+    python -m training.train --data data/synthetic --out runs/demo --epochs 20
+
+Writes into RUN_DIR: checkpoint.pt (models, optimizer, scheduler, args, epoch: resumable with
+--resume), log.jsonl (one line per epoch), thresholds.json (per-label operating points chosen on
+the validation split, never on test), loss_curves.png and run.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.preprocess import Normalization
+from service.pipeline import InputSpec
+from training.data import Record, load_tensors, read_split
+from training.engine import Augment, cosine_with_warmup, evaluate, train_one_epoch
+from training.labels import LABEL_SETS, LabelSet
+from training.metrics import youden_threshold
+from training.models import BACKBONES, Classifier, Detector
+
+DEFAULT_NORMALIZATION = Normalization(mean=0.5, std=0.25)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="dataset folder in the VinDr-PCXR layout")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (created)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--input-size", type=int, default=256, help="square model input (pixels)")
+    parser.add_argument("--detector-backbone", choices=BACKBONES, default="mobilenet_v3_small")
+    parser.add_argument("--classifier-backbone", choices=BACKBONES, default="mobilenet_v3_small")
+    parser.add_argument("--fpn-channels", type=int, default=64)
+    parser.add_argument("--pretrained-backbone", type=Path, default=None,
+                        help="local torchvision state_dict for the backbone (nothing is downloaded)")
+    parser.add_argument("--local-labels", nargs="*", default=None,
+                        help="local labels to train (default: those with at least --min-examples boxed images)")
+    parser.add_argument("--global-labels", nargs="*", default=None,
+                        help="global labels to train (default: those with at least --min-examples positives)")
+    parser.add_argument("--min-examples", type=int, default=10,
+                        help="labels rarer than this are not reliably learnable (the paper's cut-off)")
+    parser.add_argument("--dataset", choices=sorted(LABEL_SETS), default="vindr-pcxr", help="label set of the data")
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--workers", type=int, default=2, help="processes decoding DICOMs")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (smoke runs)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    return parser
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def choose_labels(records: list[Record], requested: list[str] | None, kind: str, min_examples: int,
+                  label_set: LabelSet) -> list[str]:
+    """Labels to train, in the paper's table order: the requested ones, or those common enough."""
+    names = [label.name for label in (label_set.local if kind == "local" else label_set.global_)]
+    if kind == "local":
+        counts = Counter(label for record in records for label in {box.label for box in record.boxes})
+    else:
+        counts = Counter(label for record in records for label, value in record.image_labels.items() if value)
+    if requested:
+        unknown = [label for label in requested if label not in names]
+        if unknown:
+            raise SystemExit(f"error: not {kind} labels of {label_set.dataset}: {unknown}")
+        return list(requested)
+    return [name for name in names if counts.get(name, 0) >= min_examples]
+
+
+def split_train_val(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    order = np.random.default_rng(seed).permutation(len(records))
+    cut = int(round(len(records) * fraction))
+    val = {int(i) for i in order[:cut]}
+    return [r for i, r in enumerate(records) if i not in val], [r for i, r in enumerate(records) if i in val]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def plot_curves(log: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [entry["epoch"] for entry in log]
+    figure, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in ("cls", "box", "ctr", "classifier"):
+        losses.plot(epochs, [entry["train"][name] for entry in log], label=name)
+    losses.set(title="training losses", xlabel="epoch", ylabel="loss", yscale="log")
+    losses.legend()
+    scores.plot(epochs, [entry["val"]["map40"] or 0 for entry in log], label="val mAP@0.4 (detector)")
+    scores.plot(epochs, [entry["val"]["mean_auroc"] or 0 for entry in log], label="val mean AUROC (classifier)")
+    scores.set(title="validation", xlabel="epoch", ylim=(0, 1))
+    scores.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    generator = seed_everything(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = args.out / "checkpoint.pt"
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False) if args.resume and checkpoint_path.exists() else None
+    if args.resume and checkpoint is None:
+        print(f"no checkpoint at {checkpoint_path}; starting from scratch", file=sys.stderr)
+    if checkpoint is not None:
+        # The run's own settings win over the command line for everything that shapes the models.
+        for key in ("input_size", "detector_backbone", "classifier_backbone", "fpn_channels", "seed", "val_fraction"):
+            setattr(args, key, checkpoint["args"][key])
+
+    records = read_split(args.data, "train")[: args.limit]
+    if checkpoint is not None:
+        local_labels, global_labels = checkpoint["local_labels"], checkpoint["global_labels"]
+    else:
+        local_labels = choose_labels(records, args.local_labels, "local", args.min_examples, LABEL_SETS[args.dataset])
+        global_labels = choose_labels(records, args.global_labels, "global", args.min_examples, LABEL_SETS[args.dataset])
+    if not local_labels or not global_labels:
+        raise SystemExit("error: no local or no global label has enough examples; lower --min-examples or name labels")
+    train_records, val_records = split_train_val(records, args.val_fraction, args.seed)
+    print(f"{len(train_records)} training / {len(val_records)} validation images; "
+          f"{len(local_labels)} local labels, {len(global_labels)} global labels; device {device}")
+
+    spec = InputSpec(size=args.input_size, normalization=DEFAULT_NORMALIZATION)
+    train_data = load_tensors(train_records, spec, local_labels, global_labels, args.workers, "preprocess train")
+    val_data = load_tensors(val_records, spec, local_labels, global_labels, args.workers, "preprocess val")
+
+    detector = Detector(len(local_labels), args.detector_backbone, args.fpn_channels, args.pretrained_backbone).to(device)
+    classifier = Classifier(len(global_labels), args.classifier_backbone, args.pretrained_backbone).to(device)
+    optimizer = torch.optim.AdamW(list(detector.parameters()) + list(classifier.parameters()),
+                                  lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = -(-len(train_records) // args.batch_size)
+    if args.max_steps is not None:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps)
+    total_steps = steps_per_epoch * args.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, min(200, total_steps // 10 + 1)))
+    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
+    # Rare diseases get a larger positive weight (capped) so the classifier does not ignore them.
+    prevalence = train_data.image_labels.mean(axis=0).clip(1e-3, 1.0)
+    pos_weight = torch.from_numpy(((1 - prevalence) / prevalence).clip(1.0, 10.0)).float().to(device)
+
+    start_epoch, log = 0, []
+    if checkpoint is not None:
+        detector.load_state_dict(checkpoint["detector"])
+        classifier.load_state_dict(checkpoint["classifier"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        generator.set_state(checkpoint["generator"])
+        start_epoch, log = checkpoint["epoch"] + 1, checkpoint["log"]
+        print(f"resumed from {checkpoint_path} at epoch {start_epoch}")
+
+    normalization = (spec.normalization.mean, spec.normalization.std)
+    val_probabilities = None
+    for epoch in range(start_epoch, args.epochs):
+        started = time.time()
+        train_stats = train_one_epoch(detector, classifier, train_data, optimizer, scheduler, pos_weight, Augment(),
+                                      generator, args.batch_size, device, epoch, normalization, args.max_steps, scaler)
+        val_metrics, val_probabilities = evaluate(detector, classifier, val_data, local_labels, global_labels, device)
+        entry = {"epoch": epoch, "train": train_stats, "val": val_metrics, "seconds": round(time.time() - started, 1),
+                 "lr": optimizer.param_groups[0]["lr"]}
+        log.append(entry)
+        with (args.out / "log.jsonl").open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        print(f"epoch {epoch}: loss {sum(v for k, v in train_stats.items() if k != 'steps'):.3f}  "
+              f"val mAP@0.4 {val_metrics['map40'] or 0:.3f}  val mean AUROC {val_metrics['mean_auroc'] or 0:.3f}  "
+              f"({entry['seconds']} s)")
+        torch.save({
+            "detector": detector.state_dict(), "classifier": classifier.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(), "args": vars(args) | {"data": str(args.data), "out": str(args.out),
+                                                                       "pretrained_backbone": str(args.pretrained_backbone)},
+            "epoch": epoch, "log": log, "local_labels": local_labels, "global_labels": global_labels,
+            "input_size": args.input_size, "normalization": normalization,
+        }, checkpoint_path)
+
+    if val_probabilities is None:  # resumed a finished run: recompute validation outputs
+        _, val_probabilities = evaluate(detector, classifier, val_data, local_labels, global_labels, device)
+    thresholds = {name: youden_threshold(val_data.image_labels[:, k], val_probabilities[:, k])
+                  for k, name in enumerate(global_labels)}
+    (args.out / "thresholds.json").write_text(json.dumps(
+        {"method": "Youden's J on the validation split", "validation_images": len(val_records), "thresholds": thresholds}, indent=2))
+    if log:
+        plot_curves(log, args.out / "loss_curves.png")
+    summary = {"epochs": len(log), "final_val": log[-1]["val"] if log else None,
+               "train_images": len(train_records), "val_images": len(val_records)}
+    (args.out / "run.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: {args.out / 'checkpoint.pt'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
