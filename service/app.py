@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import ApiError
-from service.routers import health, predict
+from service.routers import health, predict, studies
 from service.settings import Settings, get_settings
 from service.state import ServingState, load_serving_state
 
@@ -47,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if state.batcher is not None:
             await state.batcher.stop()
+        if state.decoder is not None:
+            state.decoder.close()
 
     app = FastAPI(
         title="Pediatric chest X-ray inference API",
@@ -59,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.dependency_overrides[get_settings] = lambda: settings
     app.include_router(health.router)
     app.include_router(predict.router)
+    app.include_router(studies.router)
 
     @app.middleware("http")
     async def request_context(request: Request, call_next):

@@ -13,6 +13,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID
 
 from service.errors import MalformedDicom, NotDicom, UnsupportedTransferSyntax, UnusableImage
 
@@ -72,8 +74,33 @@ def check_image_header(ds: Dataset, limits: DecodeLimits) -> None:
         raise UnusableImage(f"Image of {rows * columns} pixels exceeds the limit of {limits.max_pixels}.")
 
 
+def check_decodable(ds: Dataset) -> None:
+    """Refuse (415) a transfer syntax this installation has no working pixel decoder for.
+
+    pydicom raises NotImplementedError only for syntaxes it has no decoder class for (private or
+    video UIDs); for a known compressed syntax whose plugins are all missing (e.g. JPEG-LS without
+    pylibjpeg-libjpeg / pyjpegls) it raises a RuntimeError that looks like any corrupt-data error.
+    Asking the decoder first tells the two apart without decoding anything.
+    """
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if not syntax:
+        return  # bare dataset: pydicom decodes it as native little endian
+    uid = UID(str(syntax))
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        raise UnsupportedTransferSyntax(
+            f"Transfer syntax {uid.name} cannot be decoded by this service.") from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "no decoder plugin installed"
+        raise UnsupportedTransferSyntax(
+            f"Transfer syntax {uid.name} cannot be decoded by this installation ({missing}).")
+
+
 def decode_pixels(ds: Dataset) -> np.ndarray:
     """Decode the single frame into a 2-D array of stored values."""
+    check_decodable(ds)
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
         pixels = ds.pixel_array

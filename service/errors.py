@@ -47,3 +47,13 @@ class Overloaded(ApiError):
 
 class NotReady(ApiError):
     status_code, code = 503, "not_ready"
+
+
+class NotAcceptable(ApiError):
+    status_code, code = 406, "not_acceptable"
+
+
+class OutOfDistribution(ApiError):
+    """The image is outside the pack's intended population and the gate is strict."""
+
+    status_code, code = 422, "out_of_intended_use"

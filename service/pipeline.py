@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.decode import DecodeLimits, check_image_header, decode_pixels, read_dataset
-from service.preprocess import Letterbox, Normalization, PixelParams, model_input
+from pydicom.dataset import Dataset
+
+from service.preprocess import Letterbox, Normalization, PixelParams, display_image, model_input
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,9 @@ class PreparedImage:
     input: np.ndarray  # 1 x size x size float32
     geometry: Letterbox
     instance: dict
+    header: Dataset  # the source dataset without its pixel data (for the gate, SR and GSPS references)
     timing_ms: dict[str, float] = field(default_factory=dict)
+    display: np.ndarray | None = None  # [0, 1] image at original size, kept only when asked (PNG output)
 
 
 def image_id(sop_instance_uid: str, algorithm: str = "md5") -> str:
@@ -50,18 +54,23 @@ def instance_summary(ds, rows: int, columns: int, id_algorithm: str) -> dict:
     }
 
 
-def prepare(body: bytes, spec: InputSpec, limits: DecodeLimits = DecodeLimits(), id_algorithm: str = "md5") -> PreparedImage:
+def prepare(body: bytes, spec: InputSpec, limits: DecodeLimits = DecodeLimits(), id_algorithm: str = "md5",
+            keep_display: bool = False) -> PreparedImage:
     """Parse, check, decode and preprocess one DICOM instance."""
     started = time.perf_counter()
     ds = read_dataset(body)
     check_image_header(ds, limits)
     pixels = decode_pixels(ds)
+    del ds.PixelData  # decoded; the header alone travels on
     decoded = time.perf_counter()
-    tensor, geometry = model_input(pixels, PixelParams.from_dataset(ds), spec.size, spec.normalization)
+    display = display_image(pixels, PixelParams.from_dataset(ds))
+    tensor, geometry = model_input(display, spec.size, spec.normalization)
     done = time.perf_counter()
     return PreparedImage(
         input=tensor,
         geometry=geometry,
         instance=instance_summary(ds, pixels.shape[0], pixels.shape[1], id_algorithm),
+        header=ds,
         timing_ms={"decode": (decoded - started) * 1e3, "preprocess": (done - decoded) * 1e3},
+        display=display if keep_display else None,
     )

@@ -162,7 +162,7 @@ class Normalization:
         return ((image - np.float32(self.mean)) / np.float32(self.std)).astype(np.float32, copy=False)
 
 
-def model_input(pixels: np.ndarray, params: PixelParams, size: int, normalization: Normalization) -> tuple[np.ndarray, Letterbox]:
-    """Stored pixels -> (1 x size x size float32 model input, box mapping)."""
-    canvas, geometry = letterbox(display_image(pixels, params), size)
+def model_input(display: np.ndarray, size: int, normalization: Normalization) -> tuple[np.ndarray, Letterbox]:
+    """Display image ([0, 1], original size) -> (1 x size x size float32 model input, box mapping)."""
+    canvas, geometry = letterbox(display, size)
     return normalization.apply(canvas)[np.newaxis], geometry

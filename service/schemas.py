@@ -86,3 +86,18 @@ class ModelsResponse(BaseModel):
     thresholds: dict[str, float]
     providers: list[str] = Field(description="ONNX Runtime execution providers actually in use")
     max_batch_size: int
+
+
+class InstanceFailure(BaseModel):
+    index: int = Field(description="position of the part in the multipart body")
+    sop_instance_uid: str | None
+    code: str
+    message: str
+
+
+class StudiesResponse(BaseModel):
+    """`Accept: application/json` answer of /v1/studies (the default is the DICOMweb store response)."""
+
+    request_id: str
+    results: list[Prediction]
+    failures: list[InstanceFailure]

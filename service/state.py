@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.batcher import Batcher
+from service.decode_pool import DecodePool
 from service.modelpack import ModelPack, OnnxModels, PackError
 from service.settings import Settings
 
@@ -20,6 +21,7 @@ class ServingState:
     pack: ModelPack | None = None
     models: OnnxModels | None = None
     batcher: Batcher | None = None
+    decoder: DecodePool | None = None
     not_ready_reason: str = "starting"
     started: float = field(default_factory=time.time)
 
@@ -55,5 +57,7 @@ def load_serving_state(settings: Settings) -> ServingState:
         return state
     state.batcher = Batcher(state.models.run, settings.max_batch_size, settings.max_queue_delay_ms / 1e3,
                             settings.max_queue_size)
+    state.decoder = DecodePool(settings.decode_workers, settings.decode_timeout_s, settings.max_queue_size,
+                               settings.decode_in_processes)
     state.not_ready_reason = ""
     return state

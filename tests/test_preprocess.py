@@ -77,7 +77,8 @@ def test_box_drawn_on_unusual_size_survives_preprocessing_round_trip():
     x_min, y_min, x_max, y_max = 412, 533, 981, 1210
     pixels = np.full((rows, columns), 100, dtype=np.uint16)
     pixels[y_min:y_max, x_min:x_max] = 3000
-    tensor, geometry = model_input(pixels, PixelParams("MONOCHROME2"), 256, Normalization(0.5, 0.25))
+    display = display_image(pixels, PixelParams("MONOCHROME2"))
+    tensor, geometry = model_input(display, 256, Normalization(0.5, 0.25))
     image = tensor[0] * 0.25 + 0.5
     inside_rows, inside_columns = np.nonzero(image > 0.5)
     centre_row = image[int(np.median(inside_rows))]

@@ -1,25 +1,28 @@
-"""POST /v1/predict: one DICOM in, findings and disease probabilities out."""
+"""POST /v1/predict: one DICOM in; JSON, DICOM SR, DICOM GSPS or PNG out."""
 
 from __future__ import annotations
 
-import time
+from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.decode import DecodeLimits
 from service.dependencies import ReadyStateDep, SettingsDep
-from service.pipeline import prepare
-from service.postprocess import diseases_json, findings_json, select_detections, to_original_space
+from service.errors import NotAcceptable
+from service.predictor import predict_instance
 from service.schemas import ErrorResponse, Prediction
 from service.upload import check_declared_length, read_single_dicom
 
 router = APIRouter(prefix="/v1")
 
+OutputFormat = Literal["json", "sr", "gsps", "png"]
+
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
-    400: "not DICOM, or malformed", 413: "body too large", 415: "unsupported media type or transfer syntax",
-    422: "valid DICOM but not a usable radiograph", 429: "inference queue full (Retry-After)",
-    503: "model not ready (Retry-After)"}.items()}
+    400: "not DICOM, or malformed", 406: "the Accept header asks for a representation not offered",
+    413: "body too large", 415: "unsupported media type or transfer syntax",
+    422: "valid DICOM but not a usable radiograph, outside the intended use (strict mode), or too slow to decode",
+    429: "queue full (Retry-After)", 503: "model not ready (Retry-After)"}.items()}
 
 DICOM_BODY = {"requestBody": {"content": {
     "application/dicom": {"schema": {"type": "string", "format": "binary"}},
@@ -27,34 +30,41 @@ DICOM_BODY = {"requestBody": {"content": {
                                        "required": ["file"]}},
 }, "required": True}}
 
+OUTPUTS = {200: {"content": {
+    "application/json": {},
+    "application/dicom": {"schema": {"type": "string", "format": "binary"},
+                          "description": "format=sr: Comprehensive SR (TID 1500); format=gsps: Grayscale Softcopy Presentation State"},
+    "image/png": {"schema": {"type": "string", "format": "binary"}, "description": "the image with boxes and labels drawn"},
+}}}
 
-@router.post("/predict", response_model=Prediction, responses=ERRORS, openapi_extra=DICOM_BODY,
+
+def negotiate_format(requested: str | None, accept: str | None) -> OutputFormat:
+    """The `format` query wins; otherwise the Accept header; JSON when either is absent or generic."""
+    if requested:
+        return requested  # type: ignore[return-value]  # validated by the Query enum
+    offered = {"application/json": "json", "application/dicom": "sr", "image/png": "png",
+               "*/*": "json", "application/*": "json", "image/*": "png"}
+    ranges = [part.split(";")[0].strip().lower() for part in (accept or "").split(",") if part.strip()]
+    if not ranges:
+        return "json"
+    for media_range in ranges:
+        if media_range in offered:
+            return offered[media_range]  # type: ignore[return-value]
+    raise NotAcceptable(f"Cannot produce {accept!r}; ask for application/json, application/dicom (format=sr or gsps) or image/png.")
+
+
+@router.post("/predict", response_model=Prediction, responses=ERRORS | OUTPUTS, openapi_extra=DICOM_BODY,
              summary="Findings (boxes in the image's pixel space) and disease probabilities for one DICOM")
-async def predict(request: Request, state: ReadyStateDep, settings: SettingsDep) -> Prediction:
-    started = time.perf_counter()
+async def predict(request: Request, state: ReadyStateDep, settings: SettingsDep,
+                  format: OutputFormat | None = Query(None, description="json (default), sr, gsps or png; overrides Accept")):
+    output = negotiate_format(format, request.headers.get("accept"))
     check_declared_length(request.headers.get("content-length"), settings.max_body_bytes)
     body = await read_single_dicom(request.stream(), request.headers.get("content-type"), settings.max_body_bytes)
-    pack = state.pack
-    limits = DecodeLimits(max_pixels=settings.max_pixels)
-    prepared = await run_in_threadpool(prepare, body, pack.input_spec, limits, settings.image_id_hash)
-    del body  # the upload is not kept any longer than decoding needs it
-    result = await state.batcher.submit(prepared.input)
-    postprocess_started = time.perf_counter()
-    boxes, scores, probabilities = result.outputs
-    detections = to_original_space(select_detections(boxes, scores, pack.detection_params), prepared.geometry)
-    timing = prepared.timing_ms | {
-        "queue": result.queue_ms,
-        "inference": result.inference_ms,
-        "postprocess": (time.perf_counter() - postprocess_started) * 1e3,
-    }
-    timing["total"] = (time.perf_counter() - started) * 1e3
-    return Prediction(
-        request_id=request.state.request_id,
-        instance=prepared.instance,
-        findings=findings_json(detections, pack.local_labels),
-        diseases=diseases_json(probabilities, pack.global_labels, pack.thresholds),
-        warnings=[],
-        model={"pack": pack.name, "version": pack.version,
-               "detector_sha256": pack.manifest["detector"]["sha256"], "classifier_sha256": pack.manifest["classifier"]["sha256"]},
-        timing_ms={name: round(value, 2) for name, value in timing.items()},
-    )
+    prediction, prepared = await predict_instance(body, state, settings, request.state.request_id, keep_display=output == "png")
+    del body  # nothing uploaded is kept
+    if output == "json":
+        return JSONResponse(Prediction.model_validate(prediction).model_dump(mode="json"))
+    from service.viewer_outputs import render
+
+    content, media_type = await run_in_threadpool(render, output, prepared, prediction)
+    return Response(content, media_type=media_type, headers={"X-Request-ID": request.state.request_id})

@@ -1,0 +1,84 @@
+"""Decoding and preprocessing off the event loop, in worker processes, each image bounded in time.
+
+Compressed pixel data (JPEG 2000 above all) is CPU-bound Python-extension work that holds the GIL,
+so it runs in processes to use every core. A hostile or pathological file cannot hold a worker
+forever: the task's run time (not its wait for a free worker) is bounded, and a worker that
+overruns is killed and the pool replaced, so the next request is served normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from service.decode import DecodeLimits
+from service.errors import ApiError, Overloaded
+from service.pipeline import InputSpec, PreparedImage, prepare
+
+log = logging.getLogger(__name__)
+
+
+class DecodeTimeout(ApiError):
+    status_code, code = 422, "decode_timeout"
+
+
+class DecodePool:
+    def __init__(self, workers: int, timeout_s: float, max_waiting: int, use_processes: bool = True) -> None:
+        self.workers = workers
+        self.timeout_s = timeout_s
+        self.max_waiting = max_waiting
+        self.use_processes = use_processes
+        self.replaced_workers = 0
+        self._slots = asyncio.Semaphore(workers)
+        self._waiting = 0
+        self._executor = self._new_executor()
+
+    def _new_executor(self) -> Executor:
+        if not self.use_processes:
+            return ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
+        # forkserver: forking a process that already runs threads (uvicorn, ONNX Runtime) is unsafe.
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
+
+    def _replace_executor(self, broken: Executor) -> None:
+        if broken is not self._executor:
+            return  # another request already replaced it
+        self._executor = self._new_executor()
+        self.replaced_workers += 1
+        processes = list(getattr(broken, "_processes", {}).values() or [])
+        for process in processes:
+            process.kill()
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    async def prepare(self, body: bytes, spec: InputSpec, limits: DecodeLimits, id_algorithm: str,
+                      keep_display: bool = False) -> PreparedImage:
+        if self._waiting >= self.max_waiting:
+            raise Overloaded("Too many images are waiting to be decoded; retry shortly.", headers={"Retry-After": "1"})
+        self._waiting += 1
+        try:
+            async with self._slots:
+                return await self._run(body, spec, limits, id_algorithm, keep_display, retry=True)
+        finally:
+            self._waiting -= 1
+
+    async def _run(self, body, spec, limits, id_algorithm, keep_display, retry: bool) -> PreparedImage:
+        executor = self._executor
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(executor, prepare, body, spec, limits, id_algorithm, keep_display)
+        try:
+            return await asyncio.wait_for(future, self.timeout_s)
+        except TimeoutError:
+            log.warning("decode exceeded %.1f s; replacing the decode workers", self.timeout_s)
+            self._replace_executor(executor)
+            raise DecodeTimeout(f"Decoding the image took longer than {self.timeout_s:g} s and was stopped.") from None
+        except BrokenProcessPool:
+            # A worker died (killed for another request's timeout, or crashed): one retry on a fresh pool.
+            self._replace_executor(executor)
+            if not retry:
+                raise
+            return await self._run(body, spec, limits, id_algorithm, keep_display, retry=False)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

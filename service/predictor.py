@@ -1,0 +1,46 @@
+"""One instance through the whole service: decode pool -> intended-use gate -> batcher -> postprocess."""
+
+from __future__ import annotations
+
+import time
+
+from service.decode import DecodeLimits
+from service.errors import OutOfDistribution
+from service.intended_use import IntendedPopulation, out_of_distribution_reasons
+from service.pipeline import PreparedImage
+from service.postprocess import diseases_json, findings_json, select_detections, to_original_space
+from service.settings import Settings
+from service.state import ServingState
+
+
+async def predict_instance(body: bytes, state: ServingState, settings: Settings, request_id: str,
+                           keep_display: bool = False) -> tuple[dict, PreparedImage]:
+    """The JSON result of DESIGN §4 for one DICOM body, and the prepared image it came from."""
+    started = time.perf_counter()
+    pack = state.pack
+    prepared = await state.decoder.prepare(body, pack.input_spec, DecodeLimits(max_pixels=settings.max_pixels),
+                                           settings.image_id_hash, keep_display)
+    warnings = out_of_distribution_reasons(prepared.header, IntendedPopulation.from_manifest(pack.manifest))
+    if warnings and settings.strict_intended_use:
+        raise OutOfDistribution("The image is outside the model's intended use: " + " ".join(warnings))
+    result = await state.batcher.submit(prepared.input)
+    postprocess_started = time.perf_counter()
+    boxes, scores, probabilities = result.outputs
+    detections = to_original_space(select_detections(boxes, scores, pack.detection_params), prepared.geometry)
+    timing = prepared.timing_ms | {
+        "queue": result.queue_ms,
+        "inference": result.inference_ms,
+        "postprocess": (time.perf_counter() - postprocess_started) * 1e3,
+    }
+    timing["total"] = (time.perf_counter() - started) * 1e3
+    prediction = {
+        "request_id": request_id,
+        "instance": prepared.instance,
+        "findings": findings_json(detections, pack.local_labels),
+        "diseases": diseases_json(probabilities, pack.global_labels, pack.thresholds),
+        "warnings": warnings,
+        "model": {"pack": pack.name, "version": pack.version, "detector_sha256": pack.manifest["detector"]["sha256"],
+                  "classifier_sha256": pack.manifest["classifier"]["sha256"]},
+        "timing_ms": {name: round(value, 2) for name, value in timing.items()},
+    }
+    return prediction, prepared
