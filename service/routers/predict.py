@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service.dependencies import ReadyStateDep, SettingsDep
 from service.errors import NotAcceptable
 from service.predictor import predict_instance
+from service.render import render
 from service.schemas import ErrorResponse, Prediction
 from service.upload import check_declared_length, read_single_dicom
 
@@ -64,7 +65,5 @@ async def predict(request: Request, state: ReadyStateDep, settings: SettingsDep,
     del body  # nothing uploaded is kept
     if output == "json":
         return JSONResponse(Prediction.model_validate(prediction).model_dump(mode="json"))
-    from service.viewer_outputs import render
-
     content, media_type = await run_in_threadpool(render, output, prepared, prediction)
     return Response(content, media_type=media_type, headers={"X-Request-ID": request.state.request_id})

@@ -1,0 +1,31 @@
+"""Serialise one prediction as the representation the client asked for (SR, GSPS or PNG)."""
+
+from __future__ import annotations
+
+import io
+
+from pydicom.filewriter import dcmwrite
+
+from service.pipeline import PreparedImage
+from service.viewer_outputs.gsps import build_gsps
+from service.viewer_outputs.png import render_png
+from service.viewer_outputs.sr import build_sr
+
+DICOM_MEDIA_TYPE = "application/dicom"
+
+
+def _part10(dataset) -> bytes:
+    buffer = io.BytesIO()
+    dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def render(output: str, prepared: PreparedImage, prediction: dict) -> tuple[bytes, str]:
+    """(body, media type) for output "sr", "gsps" or "png"."""
+    if output == "sr":
+        return _part10(build_sr(prepared.header, prediction)), DICOM_MEDIA_TYPE
+    if output == "gsps":
+        return _part10(build_gsps(prepared.header, prediction)), DICOM_MEDIA_TYPE
+    if output == "png":
+        return render_png(prepared.display, prediction), "image/png"
+    raise ValueError(f"unknown output {output!r}")

@@ -1,0 +1,67 @@
+"""Viewer outputs: one JSON result -> DICOM SR (TID 1500), DICOM GSPS, or an annotated PNG.
+
+Pure functions of (source header, JSON result); no FastAPI. Import the builders from their
+modules: ``sr.build_sr``, ``gsps.build_gsps``, ``png.render_png``.
+
+Box convention (shared with the JSON and the VinDr CSVs): x = column, y = row, in the original
+image's pixels, edges not centres. DICOM SCOORD and GSPS PIXEL coordinates use the same
+convention (PS3.3 C.18.6.1.1 and C.10.5.1.2: (0, 0) is the top left corner of the top left
+pixel), so boxes are written unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+DISCLAIMER = "RESEARCH - NOT FOR DIAGNOSTIC USE"
+MANUFACTURER = "Pediatric CXR inference service"
+
+# Type 2 attributes highdicom reads from the referenced image as plain attributes; an upload may
+# lack any of them, and an empty value is what the standard asks for when unknown.
+_TYPE2_DEFAULTS = {
+    "PatientName": "", "PatientID": "", "PatientBirthDate": "", "PatientSex": "",
+    "StudyDate": "", "StudyTime": "", "StudyID": "", "AccessionNumber": "",
+    "ReferringPhysicianName": "",
+}
+
+
+def reference_header(source: Dataset) -> Dataset:
+    """The uploaded image's header without pixel data, with empty Type 2 attributes filled in.
+
+    highdicom copies patient/study attributes and builds references from this; it is a new
+    dataset, so the caller's `source` is never modified and no pixel data is deep-copied.
+    """
+    header = Dataset()
+    for element in source:
+        if element.tag.group != 0x7FE0:  # Pixel Data and its float/double variants
+            header.add(element)
+    for keyword, value in _TYPE2_DEFAULTS.items():
+        if keyword not in header:
+            setattr(header, keyword, value)
+    if "SamplesPerPixel" not in header:
+        header.SamplesPerPixel = 1  # the decoder only accepts single-sample greyscale images
+    if (str(header.get("PatientIdentityRemoved", "")).upper() == "YES"
+            and "DeidentificationMethod" not in header
+            and "DeidentificationMethodCodeSequence" not in header):
+        # Copied as is, "identity removed" without a method is invalid (PS3.3 C.7.1.1, Type 1C).
+        # Say that the method is unknown rather than drop the flag or invent a method.
+        header.DeidentificationMethod = "Not stated in the source image"
+    return header
+
+
+def box_polygon(box: dict) -> np.ndarray:
+    """Closed 5-point (column, row) outline of a JSON box, clockwise from the top left corner."""
+    x0, y0, x1, y1 = (float(box[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
+
+
+def finding_text(finding: dict) -> str:
+    """The "label score" caption drawn next to a box."""
+    return f"{finding['label']} {float(finding['score']):.2f}"
+
+
+def disease_text(disease: dict) -> str:
+    """One disease line: label, probability and whether it is over the pack's threshold."""
+    mark = " +" if disease.get("positive") else ""
+    return f"{disease['label']} {float(disease['probability']):.2f}{mark}"

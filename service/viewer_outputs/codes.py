@@ -1,0 +1,113 @@
+"""Coded concepts for the label names a model pack reports (SR finding types and evaluations).
+
+Each label maps to one code. Standard codes are used only where the concept is the label's
+meaning and the code was checked:
+
+- SCT codes present in pydicom's bundled DICOM code dictionary (PS3.16) are marked "pydicom";
+- SCT codes absent from it were checked against published terminology material (SNOMED
+  editorial guide, FHIR value sets, OHDSI/OpenSAFELY code lists) and are marked "checked";
+- DCM codes come from the Chest CAD context groups (CID 6102-6106) in pydicom's dictionary.
+
+Every other label, and any label a future pack is trained on that is not listed here, gets a code
+in the private scheme ``99PCXR`` (declared in each object's Coding Scheme Identification
+Sequence). Listed private codes are fixed (``PCXR<id>`` from the VinDr-PCXR table id,
+``VCXR<id>`` for VinDr-CXR-only labels); unlisted labels get ``T`` + 12 hex digits of the SHA-1 of
+the normalised label text, so the same text always gets the same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.sr.coding import Code
+from pydicom.sr.codedict import codes
+
+PRIVATE_SCHEME = "99PCXR"
+PRIVATE_SCHEME_NAME = "Pediatric CXR inference service labels (VinDr-PCXR and VinDr-CXR names)"
+
+_SCT = "SCT"
+_DCM = "DCM"
+
+# label -> (scheme, code value, code meaning). Meanings are the coding scheme's own terms.
+_STANDARD: dict[str, tuple[str, str, str]] = {
+    "Cardiomegaly": (_SCT, "8186001", "Cardiomegaly"),  # checked (PS3.16 lists 287272002 in CID 12248)
+    "Consolidation": (_SCT, "95436008", "Lung consolidation"),  # checked
+    "Pleural effusion": (_SCT, "60046008", "Pleural effusion"),  # pydicom
+    "Pneumothorax": (_SCT, "36118008", "Pneumothorax"),  # pydicom
+    "Atelectasis": (_SCT, "46621007", "Atelectasis"),  # checked
+    "Edema": (_SCT, "19242006", "Pulmonary edema"),  # pydicom; VinDr "Edema" is pulmonary edema
+    "Dextro cardia": (_SCT, "27637000", "Dextrocardia"),  # pydicom
+    "Emphysema": (_SCT, "87433001", "Pulmonary emphysema"),  # checked
+    "Bronchiectasis": (_SCT, "12295008", "Bronchiectasis"),  # checked
+    "Pulmonary fibrosis": (_SCT, "51615001", "Fibrosis of lung"),  # checked
+    "Interstitial lung disease - ILD": (_SCT, "233703007", "Interstitial lung disease"),  # checked
+    "Interstitial lung disease (ILD)": (_SCT, "233703007", "Interstitial lung disease"),  # checked
+    "Pneumonia": (_SCT, "233604007", "Pneumonia"),  # checked (SNOMED editorial guide)
+    "Bronchitis": (_SCT, "32398004", "Bronchitis"),  # checked
+    "Bronchiolitis": (_SCT, "4120002", "Bronchiolitis"),  # checked
+    "Tuberculosis": (_SCT, "56717001", "Tuberculosis"),  # checked
+    "COPD": (_SCT, "13645005", "Chronic obstructive lung disease"),  # checked
+    "Diaphragmatic hernia": (_SCT, "39839004", "Diaphragmatic hernia"),  # checked
+    # Hyaline membrane disease is the radiological name of neonatal respiratory distress syndrome.
+    "Hyaline membrane disease": (_SCT, "46775006", "Respiratory distress syndrome in the newborn"),  # checked
+    "Reticulonodular opacity": (_DCM, "112065", "Reticulonodular pattern"),  # pydicom, CID 6103
+    "Infiltration": (_DCM, "112121", "Infiltrate"),  # pydicom, CID 6104
+    "Lung opacity": (_DCM, "112001", "Opacity"),  # pydicom, CID 6104
+}
+
+# Labels without a standard code we are sure of, keyed to the paper's table id (stable).
+_PCXR_IDS: dict[str, int] = {
+    "Boot-shaped heart": 1, "Peribronchovascular interstitial opacity or PIO": 2,
+    "Bronchial thickening": 4, "Enlarged PA": 5, "Other opacity": 7,
+    "Intrathoracic digestive structure": 8, "Diffuse aveolar opacity": 9, "Other lesion": 10,
+    "Mediastinal shift": 12, "Anterior mediastinal mass": 13, "Other nodule/mass": 14,
+    "Aortic enlargement": 16, "Stomach on the right side": 18, "Calcification": 20,
+    "Lung hyperinflation": 22, "Egg on string sign": 23, "Lung cavity": 26,
+    "Pleural thickening": 29, "Clavicle fracture": 30, "Chest wall mass": 31, "Lung cyst": 32,
+    "Expanded edges of the anterior ribs": 35, "Paravertebral mass": 36, "No finding": 37,
+    "Brocho-pneumonia": 40, "Other diseases": 41, "Situs inversus": 43, "Pleuro-pneumonia": 45,
+    "Congenital emphysema": 48, "CPAM": 49, "Mediastinal tumor": 51, "Lung tumor": 52,
+}
+_CXR_ONLY_IDS: dict[str, int] = {"Nodule/Mass": 16, "Rib fracture": 21}
+
+_PRIVATE: dict[str, str] = {
+    **{label: f"PCXR{i:02d}" for label, i in _PCXR_IDS.items()},
+    **{label: f"VCXR{i:02d}" for label, i in _CXR_ONLY_IDS.items()},
+}
+
+PRESENT: Code = codes.SCT.Present  # 52101004, CID 241 "Present-Absent Only"
+ABSENT: Code = codes.SCT.Absent  # 272519000
+NONE_DETECTED: Code = codes.SCT.None_  # 260413007 "None"
+
+
+def private_code_value(label: str) -> str:
+    """The fallback code value of a label: stable across runs, machines and Python versions."""
+    normalised = " ".join(label.split()).casefold()
+    return "T" + hashlib.sha1(normalised.encode("utf-8")).hexdigest()[:12].upper()
+
+
+def code_for(label: str) -> Code:
+    """The coded concept reported for a finding or disease label (never fails)."""
+    if label in _STANDARD:
+        scheme, value, meaning = _STANDARD[label]
+        return Code(value, scheme, meaning)
+    value = _PRIVATE.get(label) or private_code_value(label)
+    # Code Meaning is LO (64 characters); the label text itself is the meaning of a private code.
+    return Code(value, PRIVATE_SCHEME, label.strip()[:64] or value)
+
+
+def known_labels() -> list[str]:
+    """Every label with a fixed entry in the table (standard or private)."""
+    return sorted(set(_STANDARD) | set(_PRIVATE))
+
+
+def coding_scheme_items(used: list[Code]) -> list[CodingSchemeIdentificationItem] | None:
+    """Coding Scheme Identification items for the private scheme, when any code uses it."""
+    if not any(code.scheme_designator == PRIVATE_SCHEME for code in used):
+        return None
+    return [CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME,
+        name=PRIVATE_SCHEME_NAME,
+        responsible_organization="Pediatric CXR inference service (local, not registered)",
+    )]
