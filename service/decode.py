@@ -112,4 +112,6 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
         raise MalformedDicom(f"The pixel data could not be decoded ({type(exc).__name__}).") from None
     if pixels.ndim != 2:
         raise UnusableImage(f"Expected a single 2-D frame, decoded an array of shape {pixels.shape}.")
+    if not pixels.dtype.isnative:  # Explicit VR Big Endian decodes to a big-endian view ('>u2')
+        pixels = pixels.astype(pixels.dtype.newbyteorder("="))
     return pixels
