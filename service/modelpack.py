@@ -69,6 +69,16 @@ class ModelPack:
     def thresholds(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.manifest["classifier"]["thresholds"].items()}
 
+    def finding_thresholds(self, floor: float | None = None) -> np.ndarray:
+        """Per-class reporting thresholds (index = detector class); `floor` replaces them all when given.
+
+        Packs without thresholds report every detection the postprocess keeps.
+        """
+        if floor is not None:
+            return np.full(len(self.local_labels), floor, dtype=np.float32)
+        chosen = self.manifest["detector"].get("thresholds") or {}
+        return np.array([chosen.get(label, 0.0) for label in self.local_labels], dtype=np.float32)
+
     @property
     def detection_params(self) -> DetectionParams:
         return DetectionParams(**self.manifest["detector"].get("postprocess", {}))

@@ -8,7 +8,7 @@ from service.decode import DecodeLimits
 from service.errors import OutOfDistribution
 from service.intended_use import IntendedPopulation, out_of_distribution_reasons
 from service.pipeline import PreparedImage
-from service.postprocess import diseases_json, findings_json, select_detections, to_original_space
+from service.postprocess import at_operating_points, diseases_json, findings_json, select_detections, to_original_space
 from service.settings import Settings
 from service.state import ServingState
 
@@ -26,7 +26,9 @@ async def predict_instance(body: bytes, state: ServingState, settings: Settings,
     result = await state.batcher.submit(prepared.input)
     postprocess_started = time.perf_counter()
     boxes, scores, probabilities = result.outputs
-    detections = to_original_space(select_detections(boxes, scores, pack.detection_params), prepared.geometry)
+    detections = at_operating_points(select_detections(boxes, scores, pack.detection_params),
+                                     pack.finding_thresholds(settings.finding_score_floor))
+    detections = to_original_space(detections, prepared.geometry)
     timing = prepared.timing_ms | {
         "queue": result.queue_ms,
         "inference": result.inference_ms,

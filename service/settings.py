@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     decode_workers: int = Field(max(1, os.cpu_count() or 1), ge=1, description="processes decoding DICOMs")
     decode_in_processes: bool = Field(True, description="decode in worker processes (False: threads, no hard time bound)")
     decode_timeout_s: float = Field(30.0, gt=0, description="longest one image may take to decode and preprocess")
+    finding_score_floor: float | None = Field(
+        None, ge=0, le=1,
+        description="report findings scoring at least this, for every label, instead of the pack's per-label operating points")
     strict_intended_use: bool = Field(False, description="reject (422) images outside the pack's intended population instead of warning")
     max_instances_per_request: int = Field(64, ge=1, description="instances accepted in one STOW-RS request")
     max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="largest accepted upload (bytes)")

@@ -85,3 +85,17 @@ def test_demo_pack_answers_a_1643x1349_dicom():
     assert response.status_code == 200, response.text
     _assert_valid_prediction(response.json(), 1643, 1349, pack)
     assert json.loads((DEFAULT_PACK / "manifest.json").read_text())["intended_use"].startswith("Research use only")
+
+
+def test_findings_are_reported_at_the_packs_operating_points(client, tiny_dataset, tiny_pack, tiny_settings):
+    """Each reported finding scores at least its label's validation-chosen threshold; a floor setting overrides them."""
+    pack = ModelPack.load(tiny_pack)
+    thresholds = pack.manifest["detector"]["thresholds"]
+    assert set(thresholds) == set(pack.local_labels)
+    data = sorted((tiny_dataset / "test").glob("*.dicom"))[0].read_bytes()
+    headers = {"Content-Type": "application/dicom"}
+    reported = client.post("/v1/predict", content=data, headers=headers).json()["findings"]
+    assert all(f["score"] >= thresholds[f["label"]] for f in reported)
+    with TestClient(create_app(tiny_settings.model_copy(update={"finding_score_floor": 0.0}))) as everything:
+        every = everything.post("/v1/predict", content=data, headers=headers).json()["findings"]
+    assert [f for f in every if f["score"] >= thresholds[f["label"]]] == reported

@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from service.modelpack import ModelPack, PackError
+from service.postprocess import at_operating_points
 from training.data import load_tensors, read_split
 from training.evaluate import predict_records, torch_infer_from_run
 from training.export import Tolerances, check_parity, export_onnx, load_run
@@ -77,16 +78,17 @@ def test_tampered_pack_is_rejected(tiny_pack, tmp_path):
         ModelPack.load(copy)
 
 
-def test_evaluation_in_pytorch_equals_service_json(client, tiny_run, tiny_dataset):
+def test_evaluation_in_pytorch_equals_service_json(client, tiny_run, tiny_dataset, tiny_pack):
     """For a test DICOM, the evaluation code (PyTorch) and the service (ONNX, from the DICOM bytes) give the
     same boxes and probabilities."""
     infer, spec, local_labels, global_labels, _, params = torch_infer_from_run(tiny_run)
+    reporting = ModelPack.load(tiny_pack).finding_thresholds()
     records = read_split(tiny_dataset, "test")[:3]
     evaluation = predict_records(records, spec, infer, params, batch_size=3, threads=1)
     for index, record in enumerate(records):
         served = client.post("/v1/predict", content=record.path.read_bytes(), headers={"Content-Type": "application/dicom"}).json()
         np.testing.assert_allclose([d["probability"] for d in served["diseases"]], evaluation.probabilities[index], atol=1e-4)
-        expected = evaluation.detections[index]
+        expected = at_operating_points(evaluation.detections[index], reporting)
         assert [f["label"] for f in served["findings"]] == [local_labels[c] for c in expected.classes]
         served_boxes = np.array([[f["box"][k] for k in ("x_min", "y_min", "x_max", "y_max")] for f in served["findings"]]).reshape(-1, 4)
         np.testing.assert_allclose(served_boxes, expected.boxes, atol=0.011)  # the JSON rounds boxes to 0.01 px

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from training.metrics import ImageDetections, auroc, mean_average_precision, operating_point, youden_threshold
+from training.metrics import (
+    ImageDetections, auroc, finding_threshold, mean_average_precision, operating_point, youden_threshold,
+)
 
 
 def _image(pred, scores, pred_classes, gt, gt_classes) -> ImageDetections:
@@ -53,3 +56,11 @@ def test_operating_point_and_youden_threshold():
     threshold = youden_threshold(targets, scores)
     assert threshold == 0.6
     assert operating_point(targets, scores, threshold) == {"sensitivity": 1.0, "specificity": 1.0, "f1": 1.0}
+
+
+def test_finding_threshold_maximises_f1():
+    """The finding threshold keeps the true boxes and cuts the lower-scored false positives (best F1)."""
+    image = _image([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60], [70, 70, 80, 80]], [0.9, 0.7, 0.3, 0.2], [0] * 4,
+                   [[0, 0, 10, 10], [20, 20, 30, 30]], [0, 0])
+    assert finding_threshold([image], 0) == pytest.approx(0.7)
+    assert finding_threshold([image], 1) is None  # no ground truth for class 1

@@ -131,8 +131,11 @@ def predict(detector: Detector, classifier: Classifier, images: np.ndarray, devi
 
 
 def evaluate(detector: Detector, classifier: Classifier, data: TensorSet, local_labels: list[str], global_labels: list[str],
-             device: torch.device, params: DetectionParams = DetectionParams()) -> tuple[dict, np.ndarray]:
-    """Validation metrics in model-input space (fast, for model selection); returns (metrics, probabilities)."""
+             device: torch.device, params: DetectionParams = DetectionParams()) -> tuple[dict, np.ndarray, list[ImageDetections]]:
+    """Validation metrics in model-input space (fast, for model selection).
+
+    Returns (metrics, probabilities, per-image detections against the ground truth).
+    """
     boxes, scores, probabilities = predict(detector, classifier, data.images, device)
     images = []
     for i in range(len(data.image_ids)):
@@ -145,4 +148,4 @@ def evaluate(detector: Detector, classifier: Classifier, data: TensorSet, local_
         "mean_auroc": float(np.mean(defined)) if defined else None,
         "auroc": per_label_auroc,
     }
-    return metrics, probabilities
+    return metrics, probabilities, images

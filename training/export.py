@@ -148,7 +148,9 @@ def main(args: argparse.Namespace) -> Path:
                   "preprocessing": "modality LUT -> window (or min-max) -> MONOCHROME1 inverted -> top-left letterbox (PIL bilinear) -> (x - mean) / std"},
         "detector": {"file": "detector.onnx", "sha256": sha256_of(args.out / "detector.onnx"),
                      "backbone": run_args["detector_backbone"], "outputs": list(DETECTOR_OUTPUTS), "labels": local_labels,
-                     "postprocess": DetectionParams().__dict__},
+                     "postprocess": DetectionParams().__dict__,
+                     # Findings are reported at these per-label operating points; evaluation uses all boxes.
+                     "thresholds": thresholds["finding_thresholds"]},
         "classifier": {"file": "classifier.onnx", "sha256": sha256_of(args.out / "classifier.onnx"),
                        "backbone": run_args["classifier_backbone"], "outputs": list(CLASSIFIER_OUTPUTS), "labels": global_labels,
                        "thresholds": thresholds["thresholds"], "threshold_method": thresholds["method"]},

@@ -34,11 +34,13 @@ def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
 
 
-def class_average_precision(images: list[ImageDetections], label: int, iou_threshold: float) -> float | None:
-    """AP of one class over a set of images; None when the class has no ground truth."""
+def ranked_matches(images: list[ImageDetections], label: int, iou_threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """One class's predictions over all images, best score first: (scores, is-true-positive, ground-truth count).
+
+    Predictions are matched greedily per image in score order, each ground-truth box at most once
+    (PASCAL VOC), so every prefix of the ranking is the result of one score threshold.
+    """
     num_gt = sum(int((image.gt_classes == label).sum()) for image in images)
-    if num_gt == 0:
-        return None
     scores, hits = [], []
     for image in images:
         gt = image.gt_boxes[image.gt_classes == label]
@@ -55,14 +57,39 @@ def class_average_precision(images: list[ImageDetections], label: int, iou_thres
             matched = overlaps[best] >= iou_threshold
             taken[best] |= matched
             hits.append(bool(matched))
-    if not scores:
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return np.asarray(scores, dtype=np.float64)[order], np.asarray(hits, dtype=bool)[order], num_gt
+
+
+def class_average_precision(images: list[ImageDetections], label: int, iou_threshold: float) -> float | None:
+    """AP of one class over a set of images; None when the class has no ground truth."""
+    scores, hits, num_gt = ranked_matches(images, label, iou_threshold)
+    if num_gt == 0:
+        return None
+    if not len(scores):
         return 0.0
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    true_positives = np.cumsum(np.asarray(hits)[order])
-    false_positives = np.cumsum(~np.asarray(hits)[order])
+    true_positives = np.cumsum(hits)
+    false_positives = np.cumsum(~hits)
     recall = true_positives / num_gt
     precision = true_positives / np.maximum(true_positives + false_positives, 1e-9)
     return average_precision(recall, precision)
+
+
+def finding_threshold(images: list[ImageDetections], label: int, iou_threshold: float = 0.4) -> float | None:
+    """The score threshold whose reported boxes have the best F1 against the ground truth.
+
+    None when the class has no ground truth or no prediction (no operating point can be chosen).
+    """
+    scores, hits, num_gt = ranked_matches(images, label, iou_threshold)
+    if num_gt == 0 or not len(scores):
+        return None
+    true_positives = np.cumsum(hits)
+    reported = np.arange(1, len(scores) + 1)
+    f1 = 2 * true_positives / (reported + num_gt)
+    # Only cut between distinct scores: a threshold keeps every box scoring at least as much.
+    last_of_score = np.append(scores[1:] != scores[:-1], True)
+    best = int(np.argmax(np.where(last_of_score, f1, -1.0)))
+    return float(scores[best])
 
 
 def mean_average_precision(images: list[ImageDetections], labels: list[str], iou_threshold: float) -> dict:

@@ -25,10 +25,11 @@ from service.pipeline import InputSpec
 from training.data import Record, load_tensors, read_split
 from training.engine import Augment, cosine_with_warmup, evaluate, train_one_epoch
 from training.labels import LABEL_SETS, LabelSet
-from training.metrics import youden_threshold
+from training.metrics import finding_threshold, youden_threshold
 from training.models import BACKBONES, Classifier, Detector
 
 DEFAULT_NORMALIZATION = Normalization(mean=0.5, std=0.25)
+FALLBACK_FINDING_THRESHOLD = 0.5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -174,12 +175,12 @@ def main(args: argparse.Namespace) -> dict:
         print(f"resumed from {checkpoint_path} at epoch {start_epoch}")
 
     normalization = (spec.normalization.mean, spec.normalization.std)
-    val_probabilities = None
+    val_probabilities = val_detections = None
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
         train_stats = train_one_epoch(detector, classifier, train_data, optimizer, scheduler, pos_weight, Augment(),
                                       generator, args.batch_size, device, epoch, normalization, args.max_steps, scaler)
-        val_metrics, val_probabilities = evaluate(detector, classifier, val_data, local_labels, global_labels, device)
+        val_metrics, val_probabilities, val_detections = evaluate(detector, classifier, val_data, local_labels, global_labels, device)
         entry = {"epoch": epoch, "train": train_stats, "val": val_metrics, "seconds": round(time.time() - started, 1),
                  "lr": optimizer.param_groups[0]["lr"]}
         log.append(entry)
@@ -198,11 +199,16 @@ def main(args: argparse.Namespace) -> dict:
         }, checkpoint_path)
 
     if val_probabilities is None:  # resumed a finished run: recompute validation outputs
-        _, val_probabilities = evaluate(detector, classifier, val_data, local_labels, global_labels, device)
+        _, val_probabilities, val_detections = evaluate(detector, classifier, val_data, local_labels, global_labels, device)
     thresholds = {name: youden_threshold(val_data.image_labels[:, k], val_probabilities[:, k])
                   for k, name in enumerate(global_labels)}
-    (args.out / "thresholds.json").write_text(json.dumps(
-        {"method": "Youden's J on the validation split", "validation_images": len(val_records), "thresholds": thresholds}, indent=2))
+    # A label the validation split cannot pick an operating point for reports only confident boxes.
+    finding_thresholds = {name: finding_threshold(val_detections, k) or FALLBACK_FINDING_THRESHOLD
+                          for k, name in enumerate(local_labels)}
+    (args.out / "thresholds.json").write_text(json.dumps({
+        "method": "diseases: Youden's J; findings: best F1 of boxes at IoU 0.4 "
+                  f"({FALLBACK_FINDING_THRESHOLD} where undefined); both on the validation split",
+        "validation_images": len(val_records), "thresholds": thresholds, "finding_thresholds": finding_thresholds}, indent=2))
     if log:
         plot_curves(log, args.out / "loss_curves.png")
     summary = {"epochs": len(log), "final_val": log[-1]["val"] if log else None,
