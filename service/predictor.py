@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from service.decode import DecodeLimits
@@ -12,6 +13,8 @@ from service.postprocess import at_operating_points, diseases_json, findings_jso
 from service.settings import Settings
 from service.state import ServingState
 
+log = logging.getLogger(__name__)
+
 
 async def predict_instance(body: bytes, state: ServingState, settings: Settings, request_id: str,
                            keep_display: bool = False) -> tuple[dict, PreparedImage]:
@@ -20,6 +23,9 @@ async def predict_instance(body: bytes, state: ServingState, settings: Settings,
     pack = state.pack
     prepared = await state.decoder.prepare(body, pack.input_spec, DecodeLimits(max_pixels=settings.max_pixels),
                                            settings.image_id_hash, keep_display)
+    # Only the hashed SOP Instance UID (the VinDr image_id) identifies the image in the log.
+    log.info("request_id=%s image_id=%s %dx%d", request_id, prepared.instance["image_id"],
+             prepared.instance["rows"], prepared.instance["columns"])
     warnings = out_of_distribution_reasons(prepared.header, IntendedPopulation.from_manifest(pack.manifest))
     if warnings and settings.strict_intended_use:
         raise OutOfDistribution("The image is outside the model's intended use: " + " ".join(warnings))
