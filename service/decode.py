@@ -24,6 +24,7 @@ SUPPORTED_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 @dataclass(frozen=True)
 class DecodeLimits:
     max_pixels: int = 100_000_000  # rows x columns x frames
+    max_pixel_bytes: int = 256 * 1024 * 1024  # the decoded array: rows x columns x frames x samples x bytes
     max_rows_or_columns: int = 16_384
     min_rows_or_columns: int = 32
 
@@ -72,6 +73,9 @@ def check_image_header(ds: Dataset, limits: DecodeLimits) -> None:
         raise UnusableImage(f"Image size {rows}x{columns} is outside the accepted range.")
     if rows * columns * frames > limits.max_pixels:
         raise UnusableImage(f"Image of {rows * columns} pixels exceeds the limit of {limits.max_pixels}.")
+    decoded_bytes = rows * columns * frames * samples * (bits_allocated // 8)
+    if decoded_bytes > limits.max_pixel_bytes:
+        raise UnusableImage(f"The decoded image would take {decoded_bytes} bytes; the limit is {limits.max_pixel_bytes}.")
 
 
 def check_decodable(ds: Dataset) -> None:

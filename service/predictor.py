@@ -21,7 +21,7 @@ async def predict_instance(body: bytes, state: ServingState, settings: Settings,
     """The JSON result of DESIGN §4 for one DICOM body, and the prepared image it came from."""
     started = time.perf_counter()
     pack = state.pack
-    prepared = await state.decoder.prepare(body, pack.input_spec, DecodeLimits(max_pixels=settings.max_pixels),
+    prepared = await state.decoder.prepare(body, pack.input_spec, DecodeLimits(settings.max_pixels, max_pixel_bytes=settings.max_pixel_bytes),
                                            settings.image_id_hash, keep_display)
     # Only the hashed SOP Instance UID (the VinDr image_id) identifies the image in the log.
     log.info("request_id=%s image_id=%s %dx%d", request_id, prepared.instance["image_id"],

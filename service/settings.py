@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     max_instances_per_request: int = Field(64, ge=1, description="instances accepted in one STOW-RS request")
     max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="largest accepted upload (bytes)")
     max_pixels: int = Field(60_000_000, ge=1024, description="largest accepted Rows x Columns")
+    max_pixel_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest decoded pixel array (bytes)")
     image_id_hash: str = Field("md5", description="hashlib algorithm turning SOP Instance UIDs into image ids")
 
 

@@ -63,3 +63,11 @@ def test_image_above_pixel_limit_gets_422(tiny_settings):
     with TestClient(create_app(tiny_settings.model_copy(update={"max_pixels": 100_000}))) as capped:
         response = _post(capped, dicom_bytes(ds))
         assert response.status_code == 422 and "exceeds" in response.json()["error"]["message"]
+
+
+def test_decoded_size_above_byte_limit_gets_422(tiny_settings):
+    """Rows x Columns x bytes per pixel above the byte cap is rejected from the header, before decoding."""
+    ds, _ = synthesize_instance(seed=16, rows=600, cols=500, bits_stored=16)
+    with TestClient(create_app(tiny_settings.model_copy(update={"max_pixel_bytes": 500_000}))) as capped:
+        response = _post(capped, dicom_bytes(ds))  # 600 x 500 x 2 bytes = 600,000
+        assert response.status_code == 422 and "bytes" in response.json()["error"]["message"]
