@@ -1,4 +1,4 @@
-"""FastAPI application factory: routers, error handlers, request ids and the model's lifespan."""
+"""FastAPI application factory: routers, error handlers, request ids, access control and the model's lifespan."""
 
 from __future__ import annotations
 
@@ -10,18 +10,33 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
 
+from service.auth import KeyRing, authenticate, requires_key
 from service.errors import ApiError
-from service.routers import health, predict, studies
+from service.metrics import ServiceMetrics
+from service.routers import health, metrics, predict, studies
 from service.settings import Settings, get_settings
 from service.state import ServingState, load_serving_state
 
 log = logging.getLogger("service")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+# API answers (JSON, DICOM, PNG) never need to run or load anything, nor be framed.
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
+# FastAPI's /docs (Swagger UI) and /redoc pages load their script and styles from jsDelivr (fonts from
+# Google for ReDoc) and start them with an inline script, so the strict policy would leave them blank.
+# These pages hold no patient data; their policy still allows no other origin, and calls only to this one.
+DOCS_CSP = ("default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "style-src 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+            "font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com; "
+            "connect-src 'self'; worker-src blob:; frame-ancestors 'none'")
+DOCS_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")
+CORS_HEADERS = ["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"]
 
 
 def error_response(status: int, code: str, message: str, request_id: str, headers: dict | None = None) -> JSONResponse:
@@ -33,14 +48,48 @@ def _request_id(request: Request) -> str:
     return getattr(request.state, "request_id", "unknown")
 
 
+def security_headers(path: str, settings: Settings) -> dict[str, str]:
+    """Headers every response carries; a route that sets its own Content-Security-Policy keeps it."""
+    headers = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+               "Content-Security-Policy": DOCS_CSP if path in DOCS_PAGES else API_CSP}
+    if path.startswith("/v1/"):
+        # Results (and errors about uploads) are about a patient: no browser or proxy may keep a copy.
+        headers["Cache-Control"] = "no-store"
+    if settings.hsts:
+        # Only when TLS terminates in front: HSTS over plain HTTP is ignored, and a wrong one locks browsers out.
+        # No includeSubDomains: other hosts of the hospital's domain are not ours to pin to HTTPS.
+        headers["Strict-Transport-Security"] = "max-age=31536000"
+    return headers
+
+
+def document_api_keys(app: FastAPI, settings: Settings) -> None:
+    """Declare the key schemes in OpenAPI (so /docs offers "Authorize"), and mark the paths left open as such."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()  # caches itself in app.openapi_schema
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+            schema["security"] = [{"bearer": []}, {"apiKey": []}]
+            for path, operations in schema.get("paths", {}).items():
+                if not requires_key(path, settings):
+                    for operation in operations.values():
+                        operation["security"] = []
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.serving = ServingState()
+        app.state.serving = ServingState(metrics=app.state.metrics)
         # Loading and warm-up block for seconds: keep them off the event loop so /healthz answers.
-        state = await run_in_threadpool(load_serving_state, settings)
+        state = await run_in_threadpool(load_serving_state, settings, app.state.metrics)
         if state.batcher is not None:
             state.batcher.start()
         app.state.serving = state
@@ -57,26 +106,57 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "disease probabilities. Research use only: not for diagnostic use.",
         lifespan=lifespan,
     )
-    app.state.serving = ServingState()
+    app.state.metrics = ServiceMetrics()
+    app.state.serving = ServingState(metrics=app.state.metrics)
     app.dependency_overrides[get_settings] = lambda: settings
+    # Built here, not per request, so a wrong digest or a missing keys file stops startup instead of every call.
+    keys = KeyRing(settings.api_key_sha256s, settings.api_keys_file) if settings.auth_enabled else None
+    if keys is not None:
+        document_api_keys(app, settings)
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(studies.router)
+    app.include_router(metrics.router)
 
     @app.middleware("http")
     async def request_context(request: Request, call_next):
         supplied = request.headers.get("x-request-id", "")
         request.state.request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
         started = time.perf_counter()
-        response = await call_next(request)
+        path = request.url.path
+        key_name = None
+        denied: ApiError | None = None
+        # Rules by path in this middleware rather than route dependencies: they must also cover /docs,
+        # /openapi.json and unknown paths (no route, so no dependency runs), and run before any body is read.
+        # Error handlers sit inside the middleware stack, so the refusal is rendered here, in the same JSON shape.
+        if keys is not None and requires_key(path, settings):
+            try:
+                key_name = request.state.api_key_name = authenticate(request.headers, keys)
+            except ApiError as error:
+                denied = error
+        if denied is not None:
+            response = error_response(denied.status_code, denied.code, denied.message, request.state.request_id,
+                                      denied.headers)
+        else:
+            response = await call_next(request)
+        for name, value in security_headers(path, settings).items():
+            response.headers.setdefault(name, value)
         response.headers["X-Request-ID"] = request.state.request_id
-        # Method, path, status and time only: never headers, bodies or DICOM values (PHI).
-        log.info("%s %s %d %.1f ms request_id=%s", request.method, request.url.path, response.status_code,
-                 (time.perf_counter() - started) * 1e3, request.state.request_id)
+        # Method, path, status, time and the key's configured name only: never the key, other headers,
+        # bodies or DICOM values (PHI).
+        log.info("%s %s %d %.1f ms request_id=%s%s", request.method, path, response.status_code,
+                 (time.perf_counter() - started) * 1e3, request.state.request_id,
+                 f" key={key_name}" if key_name else "")
         return response
+
+    if settings.cors_allow_origins:
+        # Added last, so outermost: a preflight carries no key and is answered here, before authentication.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET", "POST"],
+                           allow_headers=CORS_HEADERS, expose_headers=["X-Request-ID"])
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        app.state.metrics.observe_error(exc.code, exc.status_code)
         return error_response(exc.status_code, exc.code, exc.message, _request_id(request), exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -93,6 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         # A 500 is a bug in this service: log the type and stack (no request content) under the request id.
         log.error("unhandled %s request_id=%s", type(exc).__name__, _request_id(request), exc_info=exc)
+        app.state.metrics.observe_error("internal_error", 500)
         return error_response(500, "internal_error", "An internal error occurred; report the request id.",
                               _request_id(request))
 

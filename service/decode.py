@@ -7,6 +7,7 @@ rejected for the price of parsing a few hundred bytes.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,11 +15,23 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import RE_VALID_UID, UID
 
 from service.errors import MalformedDicom, NotDicom, UnsupportedTransferSyntax, UnusableImage
 
 SUPPORTED_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
+
+# The elements the decoder and the preprocessing read, with the VR PS3.6 gives them. An explicit VR
+# file that writes one with another VR (Rows as DS, RescaleSlope as IS, ...) gets values of the
+# wrong Python type, which fail far from here (in the pixel decoder, highdicom, the SR writer).
+PIXEL_ELEMENT_VRS = {
+    "Rows": "US", "Columns": "US", "BitsAllocated": "US", "BitsStored": "US", "HighBit": "US",
+    "SamplesPerPixel": "US", "PixelRepresentation": "US", "PhotometricInterpretation": "CS",
+    "NumberOfFrames": "IS", "RescaleSlope": "DS", "RescaleIntercept": "DS", "WindowCenter": "DS",
+    "WindowWidth": "DS",
+}
+# What a DICOM SR or GSPS needs to reference the image: one valid UID each.
+REFERENCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,13 @@ def read_dataset(body: bytes) -> Dataset:
     try:
         # The 128-byte preamble is ignored by the parser; only 'DICM' and what follows is read.
         ds = pydicom.dcmread(io.BytesIO(body), force=body[128:132] != b"DICM")
+        # pydicom converts element values lazily, on first access: an unknown VR or an undecodable
+        # value would otherwise surface later, wherever the header happens to be read (the summary,
+        # the gate, the SR). Converting every element here, nested sequences included, makes
+        # every parse failure a parse error.
+        ds.walk(lambda dataset, element: None)
+        if getattr(ds, "file_meta", None) is not None:
+            ds.file_meta.walk(lambda dataset, element: None)
     except InvalidDicomError as exc:
         raise NotDicom(f"The body is not DICOM: {exc}") from None
     except Exception as exc:  # pydicom raises many types on truncated or corrupt input
@@ -51,6 +71,9 @@ def read_dataset(body: bytes) -> Dataset:
 
 def check_image_header(ds: Dataset, limits: DecodeLimits) -> None:
     """Reject images this service cannot read as one grayscale radiograph, before decoding."""
+    for keyword, vr in PIXEL_ELEMENT_VRS.items():
+        if keyword in ds and ds[keyword].VR != vr:
+            raise MalformedDicom(f"{keyword} has VR {ds[keyword].VR}; PS3.6 defines it as {vr}.")
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -76,6 +99,42 @@ def check_image_header(ds: Dataset, limits: DecodeLimits) -> None:
     decoded_bytes = rows * columns * frames * samples * (bits_allocated // 8)
     if decoded_bytes > limits.max_pixel_bytes:
         raise UnusableImage(f"The decoded image would take {decoded_bytes} bytes; the limit is {limits.max_pixel_bytes}.")
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        # The modality LUT needs these as numbers; an unreadable value (several values, text,
+        # NaN) would otherwise fail or poison every pixel only after decoding.
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise MalformedDicom(f"{keyword} is not a single decimal number.") from None
+        if not math.isfinite(number):
+            raise MalformedDicom(f"{keyword} is not a finite number.")
+
+
+def check_referenceable(ds: Dataset) -> None:
+    """Refuse (422) an SR or GSPS for an image that lacks a UID they must reference it by.
+
+    The JSON answer needs none of these (a missing SOP Instance UID just gives no image_id), so
+    this runs only when a DICOM output is asked for.
+    """
+    from highdicom.enum import SpecificCharacterSetValues  # the builders' own list of defined terms
+
+    for keyword in REFERENCE_UIDS:
+        value = ds.get(keyword)
+        if not isinstance(value, str) or len(value) > 64 or not RE_VALID_UID.match(value):
+            raise UnusableImage(f"A DICOM SR or GSPS must reference the image by its {keyword}, which is "
+                                f"{'missing' if value in (None, '') else 'not one valid UID'}; ask for JSON instead.")
+    if UID(ds.SOPClassUID).type != "SOP Class":
+        raise UnusableImage("A DICOM SR or GSPS can only reference an image of a standard SOP class; ask for JSON instead.")
+    # The SR and GSPS copy the patient and study attributes, in the source's character set.
+    charsets = ds.get("SpecificCharacterSet") or []
+    known = {term.value for term in SpecificCharacterSetValues}
+    for charset in [charsets] if isinstance(charsets, str) else charsets:
+        if charset and charset not in known:
+            raise UnusableImage(f"SpecificCharacterSet {charset!r} is not a defined term, so the header cannot be "
+                                f"copied into a DICOM SR or GSPS; ask for JSON instead.")
 
 
 def check_decodable(ds: Dataset) -> None:
@@ -102,6 +161,11 @@ def check_decodable(ds: Dataset) -> None:
             f"Transfer syntax {uid.name} cannot be decoded by this installation ({missing}).")
 
 
+def _is_rust_panic(exc: BaseException) -> bool:
+    """pyo3's PanicException lives in a `pyo3_runtime` module that cannot be imported, so match it by type."""
+    return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
+
+
 def decode_pixels(ds: Dataset) -> np.ndarray:
     """Decode the single frame into a 2-D array of stored values."""
     check_decodable(ds)
@@ -114,6 +178,14 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
         ) from None
     except Exception as exc:  # truncated or corrupt pixel data
         raise MalformedDicom(f"The pixel data could not be decoded ({type(exc).__name__}).") from None
+    except BaseException as exc:
+        if not _is_rust_panic(exc):
+            raise
+        # pylibjpeg-rle (Rust, via pyo3) panics instead of raising when the RLE segments do not
+        # fit Rows x Columns; pyo3 turns the panic into pyo3_runtime.PanicException, a
+        # BaseException that `except Exception` misses and that cannot be pickled back from a
+        # decode worker (which breaks the whole pool). It is corrupt pixel data like any other.
+        raise MalformedDicom("The pixel data could not be decoded (the decoder rejected the compressed data).") from None
     if pixels.ndim != 2:
         raise UnusableImage(f"Expected a single 2-D frame, decoded an array of shape {pixels.shape}.")
     if not pixels.dtype.isnative:  # Explicit VR Big Endian decodes to a big-endian view ('>u2')

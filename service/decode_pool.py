@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -26,8 +27,10 @@ class DecodeTimeout(ApiError):
 
 
 class DecodePool:
-    def __init__(self, workers: int, timeout_s: float, max_waiting: int, use_processes: bool = True) -> None:
+    def __init__(self, workers: int, timeout_s: float, max_waiting: int, use_processes: bool = True,
+                 on_replace: Callable[[], None] | None = None) -> None:
         self.workers = workers
+        self._on_replace = on_replace
         self.timeout_s = timeout_s
         self.max_waiting = max_waiting
         self.use_processes = use_processes
@@ -42,11 +45,17 @@ class DecodePool:
         # forkserver: forking a process that already runs threads (uvicorn, ONNX Runtime) is unsafe.
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
 
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
     def _replace_executor(self, broken: Executor) -> None:
         if broken is not self._executor:
             return  # another request already replaced it
         self._executor = self._new_executor()
         self.replaced_workers += 1
+        if self._on_replace is not None:
+            self._on_replace()
         processes = list(getattr(broken, "_processes", {}).values() or [])
         for process in processes:
             process.kill()
@@ -66,8 +75,9 @@ class DecodePool:
     async def _run(self, body, spec, limits, id_algorithm, keep_display, retry: bool) -> PreparedImage:
         executor = self._executor
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(executor, prepare, body, spec, limits, id_algorithm, keep_display)
         try:
+            # Inside the try: a pool whose worker died refuses new work right at submission.
+            future = loop.run_in_executor(executor, prepare, body, spec, limits, id_algorithm, keep_display)
             return await asyncio.wait_for(future, self.timeout_s)
         except TimeoutError:
             log.warning("decode exceeded %.1f s; replacing the decode workers", self.timeout_s)

@@ -57,3 +57,18 @@ class OutOfDistribution(ApiError):
     """The image is outside the pack's intended population and the gate is strict."""
 
     status_code, code = 422, "out_of_intended_use"
+
+
+class Unauthorized(ApiError):
+    """Authentication is on and no API key was sent; `WWW-Authenticate` names the scheme to use."""
+
+    status_code, code = 401, "unauthorized"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer", **(headers or {})})
+
+
+class Forbidden(ApiError):
+    """An API key was sent but matches no configured digest."""
+
+    status_code, code = 403, "forbidden"

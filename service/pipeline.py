@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.decode import DecodeLimits, check_image_header, decode_pixels, read_dataset
 from pydicom.dataset import Dataset
 
-from service.preprocess import Letterbox, Normalization, PixelParams, display_image, model_input
+from service.decode import DecodeLimits, check_image_header, decode_pixels, read_dataset
+from service.errors import UnusableImage
+from service.preprocess import Letterbox, Normalization, PixelParams, apply_modality_lut, display_image, model_input
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,20 @@ def prepare(body: bytes, spec: InputSpec, limits: DecodeLimits = DecodeLimits(),
     pixels = decode_pixels(ds)
     del ds.PixelData  # decoded; the header alone travels on
     decoded = time.perf_counter()
-    display = display_image(pixels, PixelParams.from_dataset(ds))
+    params = PixelParams.from_dataset(ds)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # The modality LUT is linear, so the stored extremes bound the physical values. Finite but
+        # extreme rescale values overflow float32 (RescaleSlope 1e38 on 16-bit data) into inf, which
+        # the window then clips into a binary image, or into NaN without a window.
+        extremes = apply_modality_lut(np.array([pixels.min(), pixels.max()]), params.rescale_slope,
+                                      params.rescale_intercept)
+    if not np.isfinite(extremes).all():
+        raise UnusableImage("RescaleSlope and RescaleIntercept take the pixel values out of the representable range.")
+    with np.errstate(over="ignore", invalid="ignore"):
+        display = display_image(pixels, params)
+    if not np.isfinite(display).all():
+        # The same for window values beyond float32 (WindowCenter and WindowWidth 1e39): NaN pixels.
+        raise UnusableImage("The VOI window values turn the pixels into non-finite numbers.")
     tensor, geometry = model_input(display, spec.size, spec.normalization)
     done = time.perf_counter()
     return PreparedImage(

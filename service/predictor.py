@@ -41,6 +41,8 @@ async def predict_instance(body: bytes, state: ServingState, settings: Settings,
         "postprocess": (time.perf_counter() - postprocess_started) * 1e3,
     }
     timing["total"] = (time.perf_counter() - started) * 1e3
+    if state.metrics is not None:
+        state.metrics.observe_prediction(timing, result.batch_size)
     prediction = {
         "request_id": request_id,
         "instance": prepared.instance,

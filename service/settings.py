@@ -37,6 +37,19 @@ class Settings(BaseSettings):
     max_pixel_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest decoded pixel array (bytes)")
     image_id_hash: str = Field("md5", description="hashlib algorithm turning SOP Instance UIDs into image ids")
 
+    # Access (README "Deploying safely"). Off by default so the local demo needs no key.
+    auth_enabled: bool = Field(False, description="require an API key (Authorization: Bearer or X-API-Key)")
+    api_key_sha256s: list[str] = Field(
+        [], description="accepted keys as sha256 hex digests, each optionally `name:digest`; never the keys themselves")
+    api_keys_file: Path | None = Field(
+        None, description="file of `name:sha256hex` lines, re-read when it changes (rotation without restart)")
+    auth_protect_health: bool = Field(False, description="require a key for /healthz and /readyz (orchestrator probes)")
+    auth_protect_metrics: bool = Field(True, description="require a key for /metrics")
+    auth_protect_docs: bool = Field(False, description="require a key for /docs, /redoc and /openapi.json")
+    hsts: bool = Field(False, description="send Strict-Transport-Security (only when TLS terminates in front)")
+    cors_allow_origins: list[str] = Field(
+        [], description="browser origins allowed to call the API (CORS); empty: CORS off")
+
 
 @lru_cache
 def get_settings() -> Settings:

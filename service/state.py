@@ -10,6 +10,7 @@ import numpy as np
 
 from service.batcher import Batcher
 from service.decode_pool import DecodePool
+from service.metrics import ServiceMetrics
 from service.modelpack import ModelPack, OnnxModels, PackError
 from service.settings import Settings
 
@@ -22,6 +23,7 @@ class ServingState:
     models: OnnxModels | None = None
     batcher: Batcher | None = None
     decoder: DecodePool | None = None
+    metrics: ServiceMetrics | None = None
     not_ready_reason: str = "starting"
     started: float = field(default_factory=time.time)
 
@@ -36,9 +38,9 @@ def warm_up(models: OnnxModels, size: int, max_batch_size: int) -> None:
         models.run(np.zeros((batch, 1, size, size), dtype=np.float32))
 
 
-def load_serving_state(settings: Settings) -> ServingState:
+def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None) -> ServingState:
     """Verify and load the pack; on failure the state says why and the service stays unready."""
-    state = ServingState()
+    state = ServingState(metrics=metrics)
     try:
         state.pack = ModelPack.load(settings.models)
         state.models = OnnxModels(state.pack, settings.providers, settings.intra_op_threads)
@@ -58,6 +60,7 @@ def load_serving_state(settings: Settings) -> ServingState:
     state.batcher = Batcher(state.models.run, settings.max_batch_size, settings.max_queue_delay_ms / 1e3,
                             settings.max_queue_size)
     state.decoder = DecodePool(settings.decode_workers, settings.decode_timeout_s, settings.max_queue_size,
-                               settings.decode_in_processes)
+                               settings.decode_in_processes,
+                               on_replace=metrics.decode_workers_replaced.inc if metrics is not None else None)
     state.not_ready_reason = ""
     return state

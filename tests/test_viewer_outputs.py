@@ -277,3 +277,21 @@ def test_sparse_header_is_enough_and_left_untouched(phantom, result, tmp_path):
     sr_ds, gsps = build_sr(source, result), build_gsps(source, result)
     assert source == before and "StudyID" not in source
     assert _dciodvfy_errors(sr_ds, tmp_path) == [] and _dciodvfy_errors(gsps, tmp_path) == []
+
+
+
+@pytest.mark.parametrize("keyword,value", [("StudyDate", "2019-99-99"), ("StudyTime", "25:61"), ("PatientBirthDate", "yesterday"),
+                                           ("StudyID", "X" * 40)])
+def test_unreadable_type2_values_are_blanked_not_fatal(keyword, value):
+    """A copied patient/study attribute whose value is invalid for its VR is emptied, and SR and GSPS still build."""
+    from service.viewer_outputs.gsps import build_gsps
+    from service.viewer_outputs.sr import build_sr
+
+    ds, case = synthesize_instance(seed=31, rows=300, cols=260, findings=["Consolidation"])
+    with pydicom.config.disable_value_validation():
+        setattr(ds, keyword, value)
+    result = {"findings": [{"label": f.label, "score": 0.9, "box": {"x_min": f.x_min, "y_min": f.y_min, "x_max": f.x_max,
+                                                                      "y_max": f.y_max}} for f in case.findings],
+              "diseases": [], "model": {"pack": "p", "version": "1", "detector_sha256": "0" * 64, "classifier_sha256": "0" * 64}}
+    for build in (build_sr, build_gsps):
+        assert getattr(build(ds, result), keyword) == ""

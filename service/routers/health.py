@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.dependencies import ReadyStateDep, SettingsDep, StateDep
-from service.schemas import ModelsResponse
+from service.schemas import ErrorResponse, ModelsResponse
 
 router = APIRouter()
 
@@ -16,8 +16,14 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
+READINESS = {"type": "object", "properties": {"status": {"type": "string"}, "reason": {"type": "string"}},
+             "required": ["status"]}
+
+
 @router.get("/readyz", summary="Readiness: the model pack is verified, loaded and warmed up",
-            responses={503: {"description": "not ready, with the reason"}})
+            responses={200: {"content": {"application/json": {"schema": READINESS}}},
+                       503: {"description": "not ready, with the reason (Retry-After)",
+                             "content": {"application/json": {"schema": READINESS}}}})
 async def readyz(state: StateDep) -> JSONResponse:
     if state.ready:
         return JSONResponse({"status": "ready"})
@@ -25,7 +31,8 @@ async def readyz(state: StateDep) -> JSONResponse:
                         headers={"Retry-After": "5"})
 
 
-@router.get("/v1/models", response_model=ModelsResponse, summary="The model pack being served")
+@router.get("/v1/models", response_model=ModelsResponse, summary="The model pack being served",
+            responses={503: {"model": ErrorResponse, "description": "model not ready (Retry-After)"}})
 async def models(state: ReadyStateDep, settings: SettingsDep) -> ModelsResponse:
     pack = state.pack
     return ModelsResponse(

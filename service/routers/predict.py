@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from service.decode import check_referenceable
 from service.dependencies import ReadyStateDep, SettingsDep
 from service.errors import NotAcceptable
 from service.predictor import predict_instance
@@ -65,5 +66,7 @@ async def predict(request: Request, state: ReadyStateDep, settings: SettingsDep,
     del body  # nothing uploaded is kept
     if output == "json":
         return JSONResponse(Prediction.model_validate(prediction).model_dump(mode="json"))
+    if output in ("sr", "gsps"):
+        check_referenceable(prepared.header)
     content, media_type = await run_in_threadpool(render, output, prepared, prediction)
     return Response(content, media_type=media_type, headers={"X-Request-ID": request.state.request_id})

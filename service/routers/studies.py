@@ -76,9 +76,15 @@ def store_response(successes: list[tuple[str | None, str | None]], failures: lis
     return response.to_json_dict()
 
 
-@router.post("/studies", responses=ERRORS | {200: {"model": StudiesResponse, "description": "all instances processed"},
-                                            202: {"description": "some instances failed (listed)"},
-                                            409: {"description": "no instance could be processed (listed)"}},
+# Every outcome comes in both representations: the DICOMweb store response by default, the
+# predictions themselves with `Accept: application/json`.
+DICOM_JSON = {"application/dicom+json": {"schema": {
+    "type": "object", "description": "DICOM JSON store response: ReferencedSOPSequence (00081199) and FailedSOPSequence (00081198)"}}}
+OUTCOMES = {status: {"model": StudiesResponse, "description": text, "content": DICOM_JSON} for status, text in {
+    200: "all instances processed", 202: "some instances failed (listed)", 409: "no instance could be processed (listed)"}.items()}
+
+
+@router.post("/studies", responses=ERRORS | OUTCOMES,
              openapi_extra=STOW_BODY, summary="DICOMweb STOW-RS style: predictions for every instance of a multipart/related body")
 async def store_instances(request: Request, state: ReadyStateDep, settings: SettingsDep) -> JSONResponse:
     kind, options = media_type(request.headers.get("content-type"))
@@ -101,6 +107,8 @@ async def store_instances(request: Request, state: ReadyStateDep, settings: Sett
             prediction, prepared = await predict_instance(body, state, settings, f"{request_id}-{index}")
             return prediction, str(prepared.header.get("SOPClassUID", "") or "") or None
         except ApiError as error:
+            if state.metrics is not None:
+                state.metrics.observe_error(error.code, error.status_code)
             return error
 
     outcomes = await asyncio.gather(*(one(i, bytes(part.body)) for i, part in enumerate(parts)))

@@ -12,7 +12,9 @@ pixel), so boxes are written unchanged.
 from __future__ import annotations
 
 import numpy as np
+from pydicom import config
 from pydicom.dataset import Dataset
+from pydicom.valuerep import validate_value
 
 DISCLAIMER = "RESEARCH - NOT FOR DIAGNOSTIC USE"
 MANUFACTURER = "Pediatric CXR inference service"
@@ -26,6 +28,15 @@ _TYPE2_DEFAULTS = {
 }
 
 
+def _valid(element) -> bool:
+    """Whether an element's value is readable and valid for its VR (pydicom's strict validation)."""
+    try:
+        validate_value(element.VR, element.value, config.RAISE)
+    except (ValueError, TypeError, KeyError):
+        return False
+    return True
+
+
 def reference_header(source: Dataset) -> Dataset:
     """The uploaded image's header without pixel data, with empty Type 2 attributes filled in.
 
@@ -37,7 +48,9 @@ def reference_header(source: Dataset) -> Dataset:
         if element.tag.group != 0x7FE0:  # Pixel Data and its float/double variants
             header.add(element)
     for keyword, value in _TYPE2_DEFAULTS.items():
-        if keyword not in header:
+        if keyword not in header or not _valid(header[keyword]):
+            # Missing or unreadable (a PACS may send "2019-99-99" as a DA): the reference carries
+            # an empty value, which Type 2 allows, rather than failing the whole output.
             setattr(header, keyword, value)
     if "SamplesPerPixel" not in header:
         header.SamplesPerPixel = 1  # the decoder only accepts single-sample greyscale images

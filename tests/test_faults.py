@@ -1,0 +1,82 @@
+"""Faults: a killed decode worker is replaced, and SIGTERM drains requests in flight before exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+
+
+def _dicom(tiny_dataset, index: int = 0) -> bytes:
+    return sorted((tiny_dataset / "test").glob("*.dicom"))[index].read_bytes()
+
+
+def test_killed_decode_worker_is_replaced(tiny_settings, tiny_dataset):
+    """Killing a decode worker process mid-life does not fail the next requests: the pool is replaced."""
+    headers = {"Content-Type": "application/dicom"}
+    with TestClient(create_app(tiny_settings.model_copy(update={"decode_workers": 1}))) as local:
+        assert local.post("/v1/predict", content=_dicom(tiny_dataset), headers=headers).status_code == 200
+        pool = local.app.state.serving.decoder
+        for process in list(pool._executor._processes.values()):
+            os.kill(process.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        assert local.post("/v1/predict", content=_dicom(tiny_dataset, 1), headers=headers).status_code == 200
+        assert pool.replaced_workers == 1
+        assert "cxr_decode_workers_replaced_total 1.0" in local.get("/metrics").text
+
+
+def test_sigterm_drains_requests_in_flight(tiny_pack, tiny_dataset):
+    """With requests parked in the batcher, SIGTERM lets every one finish with 200 before the process exits."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | {"CXR_MAX_QUEUE_DELAY_MS": "2000", "CXR_MAX_BATCH_SIZE": "16",
+                        "CXR_PROVIDERS": '["CPUExecutionProvider"]', "CXR_DECODE_WORKERS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--models", str(tiny_pack),
+                               "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        data = _dicom(tiny_dataset)
+
+        def post(_):
+            return httpx.post(f"{base}/v1/predict", content=data, headers={"Content-Type": "application/dicom"}, timeout=30).status_code
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(post, i) for i in range(4)]
+            time.sleep(1.0)  # decoded and waiting out the 2 s batch delay: in flight
+            server.send_signal(signal.SIGTERM)
+            statuses = [future.result() for future in futures]
+        assert statuses == [200] * 4
+        # uvicorn re-raises the captured SIGTERM once its graceful shutdown is done, so a clean drain
+        # ends with -SIGTERM (older uvicorn: 0); the four 200s above are what prove the drain.
+        assert server.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_metrics_expose_stage_latency_batches_and_errors(client, tiny_dataset):
+    """/metrics serves Prometheus text with per-stage histograms, batch sizes, readiness and errors by code."""
+    client.post("/v1/predict", content=_dicom(tiny_dataset), headers={"Content-Type": "application/dicom"})
+    client.post("/v1/predict", content=b"", headers={"Content-Type": "application/dicom"})
+    text = client.get("/metrics").text
+    for stage in ("decode", "preprocess", "queue", "inference", "postprocess", "total"):
+        assert f'cxr_stage_duration_ms_count{{stage="{stage}"}}' in text
+    assert "cxr_inference_batch_size_count" in text and "cxr_ready 1.0" in text
+    assert 'cxr_errors_total{code="not_dicom",status="400"}' in text
