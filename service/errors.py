@@ -72,3 +72,9 @@ class Forbidden(ApiError):
     """An API key was sent but matches no configured digest."""
 
     status_code, code = 403, "forbidden"
+
+
+class RequestTimeout(ApiError):
+    """The whole request (upload, decoding, queueing, inference) outlasted the configured limit."""
+
+    status_code, code = 503, "request_timeout"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from service.decode import DecodeLimits
-from service.errors import OutOfDistribution
+from service.errors import OutOfDistribution, RequestTimeout
 from service.intended_use import IntendedPopulation, out_of_distribution_reasons
 from service.pipeline import PreparedImage
 from service.postprocess import at_operating_points, diseases_json, findings_json, select_detections, to_original_space
@@ -14,6 +17,23 @@ from service.settings import Settings
 from service.state import ServingState
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def request_time_limit(seconds: float) -> AsyncIterator[None]:
+    """Bound a whole request; on expiry the work is cancelled and the client gets 503 request_timeout.
+
+    Also stops slow uploads (a client trickling bytes) from holding a connection forever.
+    """
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            yield
+    except TimeoutError:
+        if not deadline.expired():
+            raise  # some other timeout inside: not ours to relabel
+        raise RequestTimeout(f"The request took longer than {seconds:g} s and was stopped.",
+                             headers={"Retry-After": "1"}) from None
 
 
 async def predict_instance(body: bytes, state: ServingState, settings: Settings, request_id: str,

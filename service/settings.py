@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     finding_score_floor: float | None = Field(
         None, ge=0, le=1,
         description="report findings scoring at least this, for every label, instead of the pack's per-label operating points")
+    request_timeout_s: float = Field(120.0, gt=0, description="longest a request may take, upload included (503 request_timeout)")
+    strict_providers: bool = Field(False, description="stay unready instead of falling back when the first provider is unusable")
     strict_intended_use: bool = Field(False, description="reject (422) images outside the pack's intended population instead of warning")
     max_instances_per_request: int = Field(64, ge=1, description="instances accepted in one STOW-RS request")
     max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="largest accepted upload (bytes)")

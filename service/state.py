@@ -44,6 +44,11 @@ def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None
     try:
         state.pack = ModelPack.load(settings.models)
         state.models = OnnxModels(state.pack, settings.providers, settings.intra_op_threads)
+        if settings.strict_providers and settings.providers and state.models.providers[0] != settings.providers[0]:
+            state.not_ready_reason = (f"execution provider {settings.providers[0]} is not usable on this machine "
+                                      f"(only {state.models.providers[0]}) and CXR_STRICT_PROVIDERS is on")
+            log.error("%s", state.not_ready_reason)
+            return state
         started = time.perf_counter()
         warm_up(state.models, state.pack.input_spec.size, settings.max_batch_size)
         log.info("model pack %s %s loaded from %s on %s; warm-up of batch sizes 1..%d took %.1f s",

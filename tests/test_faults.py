@@ -80,3 +80,24 @@ def test_metrics_expose_stage_latency_batches_and_errors(client, tiny_dataset):
         assert f'cxr_stage_duration_ms_count{{stage="{stage}"}}' in text
     assert "cxr_inference_batch_size_count" in text and "cxr_ready 1.0" in text
     assert 'cxr_errors_total{code="not_dicom",status="400"}' in text
+
+
+def test_request_time_is_bounded(tiny_settings, tiny_dataset):
+    """A request still waiting when the request time limit passes gets 503 request_timeout with Retry-After, as a metric too."""
+    slow = tiny_settings.model_copy(update={"max_queue_delay_ms": 3000, "request_timeout_s": 0.5})
+    with TestClient(create_app(slow)) as local:
+        response = local.post("/v1/predict", content=_dicom(tiny_dataset), headers={"Content-Type": "application/dicom"})
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert response.json()["error"]["code"] == "request_timeout"
+        assert 'cxr_errors_total{code="request_timeout",status="503"} 1.0' in local.get("/metrics").text
+        assert local.get("/readyz").status_code == 200
+
+
+def test_unusable_preferred_provider_fails_clearly_in_strict_mode(tiny_settings):
+    """Asking for an accelerator provider this machine lacks: CPU fallback by default, unready with the reason when strict."""
+    wanted = ["MIGraphXExecutionProvider", "CPUExecutionProvider"]  # AMD's provider: absent from this build anywhere
+    with TestClient(create_app(tiny_settings.model_copy(update={"providers": wanted}))) as lenient:
+        assert lenient.get("/v1/models").json()["providers"] == ["CPUExecutionProvider"]
+    with TestClient(create_app(tiny_settings.model_copy(update={"providers": wanted, "strict_providers": True}))) as strict:
+        ready = strict.get("/readyz")
+        assert ready.status_code == 503 and "MIGraphXExecutionProvider is not usable" in ready.json()["reason"]

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service.decode import check_referenceable
 from service.dependencies import ReadyStateDep, SettingsDep
 from service.errors import NotAcceptable
-from service.predictor import predict_instance
+from service.predictor import predict_instance, request_time_limit
 from service.render import render
 from service.schemas import ErrorResponse, Prediction
 from service.upload import check_declared_length, read_single_dicom
@@ -24,7 +24,7 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
     400: "not DICOM, or malformed", 406: "the Accept header asks for a representation not offered",
     413: "body too large", 415: "unsupported media type or transfer syntax",
     422: "valid DICOM but not a usable radiograph, outside the intended use (strict mode), or too slow to decode",
-    429: "queue full (Retry-After)", 503: "model not ready (Retry-After)"}.items()}
+    429: "queue full (Retry-After)", 503: "model not ready, or the request outlasted CXR_REQUEST_TIMEOUT_S (Retry-After)"}.items()}
 
 DICOM_BODY = {"requestBody": {"content": {
     "application/dicom": {"schema": {"type": "string", "format": "binary"}},
@@ -61,8 +61,10 @@ async def predict(request: Request, state: ReadyStateDep, settings: SettingsDep,
                   format: OutputFormat | None = Query(None, description="json (default), sr, gsps or png; overrides Accept")):
     output = negotiate_format(format, request.headers.get("accept"))
     check_declared_length(request.headers.get("content-length"), settings.max_body_bytes)
-    body = await read_single_dicom(request.stream(), request.headers.get("content-type"), settings.max_body_bytes)
-    prediction, prepared = await predict_instance(body, state, settings, request.state.request_id, keep_display=output == "png")
+    async with request_time_limit(settings.request_timeout_s):
+        body = await read_single_dicom(request.stream(), request.headers.get("content-type"), settings.max_body_bytes)
+        prediction, prepared = await predict_instance(body, state, settings, request.state.request_id,
+                                                      keep_display=output == "png")
     del body  # nothing uploaded is kept
     if output == "json":
         return JSONResponse(Prediction.model_validate(prediction).model_dump(mode="json"))

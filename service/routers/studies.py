@@ -17,10 +17,12 @@ from pydicom.dataset import Dataset
 
 from service.dependencies import ReadyStateDep, SettingsDep
 from service.errors import ApiError, MalformedDicom, UnsupportedMediaType
-from service.predictor import predict_instance
+from service.predictor import predict_instance, request_time_limit
 from service.routers.predict import ERRORS
 from service.schemas import StudiesResponse
-from service.upload import DICOM_MEDIA_TYPES, check_declared_length, media_type, read_multipart
+from service.settings import Settings
+from service.state import ServingState
+from service.upload import DICOM_MEDIA_TYPES, Part, check_declared_length, media_type, read_multipart
 
 router = APIRouter(prefix="/v1")
 
@@ -93,7 +95,13 @@ async def store_instances(request: Request, state: ReadyStateDep, settings: Sett
     if options.get("type", "application/dicom").lower() != "application/dicom":
         raise UnsupportedMediaType(f"multipart/related type {options['type']!r} is not supported; use application/dicom.")
     check_declared_length(request.headers.get("content-length"), settings.max_body_bytes)
-    parts = await read_multipart(request.stream(), options["boundary"], settings.max_body_bytes)
+    async with request_time_limit(settings.request_timeout_s):
+        parts = await read_multipart(request.stream(), options["boundary"], settings.max_body_bytes)
+        return await _store(parts, request, state, settings)
+
+
+async def _store(parts: list[Part], request: Request, state: ServingState, settings: Settings) -> JSONResponse:
+    """Predict every part concurrently and answer with STOW-RS status semantics."""
     if not parts:
         raise MalformedDicom("The multipart body holds no instance.")
     if len(parts) > settings.max_instances_per_request:
