@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import httpx
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from tests.live import free_port, wait_until_ready
 
 
 def _dicom(tiny_dataset, index: int = 0) -> bytes:
@@ -36,22 +36,14 @@ def test_killed_decode_worker_is_replaced(tiny_settings, tiny_dataset):
 
 def test_sigterm_drains_requests_in_flight(tiny_pack, tiny_dataset):
     """With requests parked in the batcher, SIGTERM lets every one finish with 200 before the process exits."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = os.environ | {"CXR_MAX_QUEUE_DELAY_MS": "2000", "CXR_MAX_BATCH_SIZE": "16",
                         "CXR_PROVIDERS": '["CPUExecutionProvider"]', "CXR_DECODE_WORKERS": "1"}
     server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--models", str(tiny_pack),
                                "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        wait_until_ready(base)
         data = _dicom(tiny_dataset)
 
         def post(_):

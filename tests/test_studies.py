@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
-import uuid
 
 import pydicom
 import pytest
 import uvicorn
 
 from service.app import create_app
+from tests.live import free_port, wait_until_ready
 
 BOUNDARY = "c0ffee-boundary"
 
@@ -79,24 +77,11 @@ def test_chunked_upload_without_content_length_is_accepted(client, tiny_dataset)
 @pytest.fixture(scope="module")
 def live_server(tiny_settings):
     """The app served by uvicorn on a free loopback port, as a real client would reach it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(tiny_settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.time() + 60
-    import httpx
-
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        pytest.fail("the live server did not become ready")
+    wait_until_ready(f"http://127.0.0.1:{port}", 60)
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
