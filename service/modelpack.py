@@ -10,11 +10,13 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from service.intended_use import IntendedPopulation
 from service.pipeline import InputSpec
 from service.postprocess import DetectionParams
 from service.preprocess import Normalization
@@ -52,22 +54,38 @@ class ModelPack:
     def version(self) -> str:
         return self.manifest["version"]
 
-    @property
+    # Everything below is derived from the manifest, which never changes once a pack is loaded:
+    # computed on first use, not again for every image.
+
+    @cached_property
     def input_spec(self) -> InputSpec:
         spec = self.manifest["input"]
         return InputSpec(size=int(spec["size"]), normalization=Normalization(**spec["normalization"]))
 
-    @property
+    @cached_property
     def local_labels(self) -> list[str]:
         return list(self.manifest["detector"]["labels"])
 
-    @property
+    @cached_property
     def global_labels(self) -> list[str]:
         return list(self.manifest["classifier"]["labels"])
 
-    @property
+    @cached_property
     def thresholds(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.manifest["classifier"]["thresholds"].items()}
+
+    @cached_property
+    def detection_params(self) -> DetectionParams:
+        return DetectionParams(**self.manifest["detector"].get("postprocess", {}))
+
+    @cached_property
+    def intended_population(self) -> IntendedPopulation:
+        return IntendedPopulation.from_manifest(self.manifest)
+
+    @cached_property
+    def _chosen_finding_thresholds(self) -> np.ndarray:
+        chosen = self.manifest["detector"].get("thresholds") or {}
+        return np.array([chosen.get(label, 0.0) for label in self.local_labels], dtype=np.float32)
 
     def finding_thresholds(self, floor: float | None = None) -> np.ndarray:
         """Per-class reporting thresholds (index = detector class); `floor` replaces them all when given.
@@ -76,12 +94,7 @@ class ModelPack:
         """
         if floor is not None:
             return np.full(len(self.local_labels), floor, dtype=np.float32)
-        chosen = self.manifest["detector"].get("thresholds") or {}
-        return np.array([chosen.get(label, 0.0) for label in self.local_labels], dtype=np.float32)
-
-    @property
-    def detection_params(self) -> DetectionParams:
-        return DetectionParams(**self.manifest["detector"].get("postprocess", {}))
+        return self._chosen_finding_thresholds
 
     def model_file(self, model: str) -> Path:
         return self.path / self.manifest[model]["file"]

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from service.decode import DecodeLimits
 from service.errors import OutOfDistribution, RequestTimeout
-from service.intended_use import IntendedPopulation, out_of_distribution_reasons
+from service.intended_use import out_of_distribution_reasons
 from service.pipeline import PreparedImage
 from service.postprocess import at_operating_points, diseases_json, findings_json, select_detections, to_original_space
 from service.settings import Settings
@@ -46,7 +46,7 @@ async def predict_instance(body: bytes, state: ServingState, settings: Settings,
     # Only the hashed SOP Instance UID (the VinDr image_id) identifies the image in the log.
     log.info("request_id=%s image_id=%s %dx%d", request_id, prepared.instance["image_id"],
              prepared.instance["rows"], prepared.instance["columns"])
-    warnings = out_of_distribution_reasons(prepared.header, IntendedPopulation.from_manifest(pack.manifest))
+    warnings = out_of_distribution_reasons(prepared.header, pack.intended_population)
     if warnings and settings.strict_intended_use:
         raise OutOfDistribution("The image is outside the model's intended use: " + " ".join(warnings))
     result = await state.batcher.submit(prepared.input)
