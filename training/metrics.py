@@ -1,17 +1,34 @@
-"""Detection and classification metrics (numpy only).
+"""Detection and classification metrics, and their bootstrap over images (numpy only).
 
-Detection: the VinBigData challenge metric, PASCAL VOC (2010+, all-point interpolated) average
-precision per class at an IoU threshold of 0.4, averaged over the classes that have ground truth.
-Classification: AUROC (Mann-Whitney, ties counted half), and per-label operating points.
+Detection: the VinBigData challenge metric, average precision per class at an IoU threshold of 0.4
+with PASCAL VOC 2010+ all-point interpolation, averaged over the classes that have ground truth.
+Within an image, a class's predictions are matched in score order, each to the best-overlapping
+ground-truth box of its class that is still unmatched, when that IoU is >= the threshold (the rule
+pycocotools uses; IoU in float64 with no "+1 pixel"). `interpolation="coco"` gives COCO's 101-point
+interpolated AP from the same matches, so tests can compare with pycocotools exactly.
+
+Classification: AUROC (Mann-Whitney, ties counted half), ROC curves and per-label operating points.
+
+Bootstrap: images are resampled with replacement. Matching never looks across images, so a
+resample only re-weights each image's precomputed matches (`ClassMatches`): an image drawn c times
+counts every one of its predictions and ground-truth boxes c times. A resample where a metric is
+undefined (no ground truth of a class, no positive or no negative for a label) gives NaN for that
+metric; `percentile_interval` skips those resamples and reports how many were valid.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from service.postprocess import box_iou
+
+Interpolation = Literal["voc", "coco"]
+
+# COCO's recall thresholds, built exactly as pycocotools builds them so 101-point AP agrees to the bit.
+COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
 
 
 @dataclass(frozen=True)
@@ -25,54 +42,112 @@ class ImageDetections:
     gt_classes: np.ndarray  # (G,)
 
 
-def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
-    """Area under the precision envelope (VOC 2010+ all-point interpolation)."""
+@dataclass(frozen=True)
+class ClassMatches:
+    """One class's predictions over a list of images, best score first, each marked hit or miss.
+
+    Rows of tied scores keep image order, then score order within an image (as pycocotools does).
+    """
+
+    scores: np.ndarray  # (P,) float64, non-increasing
+    hits: np.ndarray  # (P,) bool: matched a ground-truth box
+    image_index: np.ndarray  # (P,) int: which image each prediction came from
+    gt_per_image: np.ndarray  # (N,) int: ground-truth boxes of the class in each image
+
+    @property
+    def num_gt(self) -> int:
+        return int(self.gt_per_image.sum())
+
+
+def precision_envelope(precision: np.ndarray) -> np.ndarray:
+    """Running maximum from the right along the last axis (the interpolated precision)."""
+    return np.maximum.accumulate(precision[..., ::-1], axis=-1)[..., ::-1]
+
+
+def average_precision(recall: np.ndarray, precision: np.ndarray, interpolation: Interpolation = "voc") -> float:
+    """AP of one ranked list of predictions, from its cumulative recall and precision.
+
+    "voc": the area under the precision envelope (VOC 2010+ all-point interpolation).
+    "coco": the mean of the envelope at 101 recall thresholds 0, 0.01, ..., 1, reading the envelope
+    at the first prediction reaching each threshold and 0 beyond the last recall (pycocotools).
+    """
+    recall, precision = np.asarray(recall, dtype=np.float64), np.asarray(precision, dtype=np.float64)
+    if interpolation == "coco":
+        if not len(recall):
+            return 0.0
+        first = np.searchsorted(recall, COCO_RECALL_THRESHOLDS, side="left")
+        reached = first < len(recall)
+        sampled = np.where(reached, precision_envelope(precision)[np.minimum(first, len(recall) - 1)], 0.0)
+        return float(sampled.mean())
+    if interpolation != "voc":
+        raise ValueError(f"interpolation must be 'voc' or 'coco', not {interpolation!r}")
     recall = np.concatenate([[0.0], recall, [1.0]])
-    precision = np.concatenate([[0.0], precision, [0.0]])
-    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    precision = precision_envelope(np.concatenate([[0.0], precision, [0.0]]))
     steps = np.nonzero(recall[1:] != recall[:-1])[0]
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
 
 
-def ranked_matches(images: list[ImageDetections], label: int, iou_threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """One class's predictions over all images, best score first: (scores, is-true-positive, ground-truth count).
-
-    Predictions are matched greedily per image in score order, each ground-truth box at most once
-    (PASCAL VOC), so every prefix of the ranking is the result of one score threshold.
-    """
-    num_gt = sum(int((image.gt_classes == label).sum()) for image in images)
-    scores, hits = [], []
-    for image in images:
-        gt = image.gt_boxes[image.gt_classes == label]
-        taken = np.zeros(len(gt), dtype=bool)
-        mine = np.nonzero(image.pred_classes == label)[0]
-        for index in mine[np.argsort(-image.pred_scores[mine], kind="stable")]:
-            scores.append(float(image.pred_scores[index]))
-            if len(gt) == 0:
-                hits.append(False)
-                continue
-            overlaps = box_iou(image.pred_boxes[index], gt)
-            overlaps[taken] = -1.0  # each ground-truth box matches at most one prediction
-            best = int(np.argmax(overlaps))
-            matched = overlaps[best] >= iou_threshold
-            taken[best] |= matched
-            hits.append(bool(matched))
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    return np.asarray(scores, dtype=np.float64)[order], np.asarray(hits, dtype=bool)[order], num_gt
-
-
-def class_average_precision(images: list[ImageDetections], label: int, iou_threshold: float) -> float | None:
-    """AP of one class over a set of images; None when the class has no ground truth."""
-    scores, hits, num_gt = ranked_matches(images, label, iou_threshold)
-    if num_gt == 0:
-        return None
-    if not len(scores):
-        return 0.0
+def precision_recall(hits: np.ndarray, num_gt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative (recall, precision) after each prediction of a ranked list."""
     true_positives = np.cumsum(hits)
-    false_positives = np.cumsum(~hits)
-    recall = true_positives / num_gt
-    precision = true_positives / np.maximum(true_positives + false_positives, 1e-9)
-    return average_precision(recall, precision)
+    return true_positives / max(num_gt, 1), true_positives / np.arange(1, len(hits) + 1)
+
+
+def image_matches(image: ImageDetections, label: int, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, hits) of one image's predictions of a class, best score first.
+
+    Greedy in score order, each ground-truth box matched at most once, so every prefix of a ranking
+    built from these is the result of one score threshold.
+    """
+    mine = np.nonzero(np.asarray(image.pred_classes) == label)[0]
+    mine = mine[np.argsort(-np.asarray(image.pred_scores)[mine], kind="stable")]
+    hits = np.zeros(len(mine), dtype=bool)
+    # float64: float32 IoUs could land on the other side of the threshold than pycocotools' doubles.
+    gt = np.asarray(image.gt_boxes, dtype=np.float64)[np.asarray(image.gt_classes) == label]
+    taken = np.zeros(len(gt), dtype=bool)
+    boxes = np.asarray(image.pred_boxes, dtype=np.float64)
+    for rank, index in enumerate(mine):
+        if taken.all():  # also true when the image has no ground truth of the class
+            break
+        overlaps = box_iou(boxes[index], gt)
+        overlaps[taken] = -1.0  # each ground-truth box matches at most one prediction
+        best = int(np.argmax(overlaps))
+        if overlaps[best] >= iou_threshold:
+            taken[best] = hits[rank] = True
+    return np.asarray(image.pred_scores, dtype=np.float64)[mine], hits
+
+
+def class_matches(images: list[ImageDetections], label: int, iou_threshold: float) -> ClassMatches:
+    """Match one class in every image once; AP and every bootstrap resample are computed from this."""
+    per_image = [image_matches(image, label, iou_threshold) for image in images]
+    scores = np.concatenate([np.zeros(0)] + [scores for scores, _ in per_image])
+    hits = np.concatenate([np.zeros(0, dtype=bool)] + [hits for _, hits in per_image])
+    image_index = np.concatenate([np.zeros(0, dtype=np.int64)]
+                                 + [np.full(len(scores), i, dtype=np.int64) for i, (scores, _) in enumerate(per_image)])
+    order = np.argsort(-scores, kind="stable")
+    gt_per_image = np.array([int((np.asarray(image.gt_classes) == label).sum()) for image in images], dtype=np.int64)
+    return ClassMatches(scores[order], hits[order], image_index[order], gt_per_image)
+
+
+def ranked_matches(images: list[ImageDetections], label: int, iou_threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """One class's predictions over all images, best score first: (scores, is-true-positive, ground-truth count)."""
+    matches = class_matches(images, label, iou_threshold)
+    return matches.scores, matches.hits, matches.num_gt
+
+
+def matches_average_precision(matches: ClassMatches, interpolation: Interpolation = "voc") -> float | None:
+    """AP of one class's matches; None when the class has no ground truth, 0 when it has no prediction."""
+    if matches.num_gt == 0:
+        return None
+    if not len(matches.scores):
+        return 0.0
+    return average_precision(*precision_recall(matches.hits, matches.num_gt), interpolation)
+
+
+def class_average_precision(images: list[ImageDetections], label: int, iou_threshold: float,
+                            interpolation: Interpolation = "voc") -> float | None:
+    """AP of one class over a set of images; None when the class has no ground truth."""
+    return matches_average_precision(class_matches(images, label, iou_threshold), interpolation)
 
 
 def finding_threshold(images: list[ImageDetections], label: int, iou_threshold: float = 0.4) -> float | None:
@@ -92,9 +167,10 @@ def finding_threshold(images: list[ImageDetections], label: int, iou_threshold: 
     return float(scores[best])
 
 
-def mean_average_precision(images: list[ImageDetections], labels: list[str], iou_threshold: float) -> dict:
+def mean_average_precision(images: list[ImageDetections], labels: list[str], iou_threshold: float,
+                           interpolation: Interpolation = "voc") -> dict:
     """{"map": mean over classes with ground truth, "per_class": {label: AP or None}}."""
-    per_class = {name: class_average_precision(images, i, iou_threshold) for i, name in enumerate(labels)}
+    per_class = {name: class_average_precision(images, i, iou_threshold, interpolation) for i, name in enumerate(labels)}
     present = [ap for ap in per_class.values() if ap is not None]
     return {"map": float(np.mean(present)) if present else None, "per_class": per_class}
 
@@ -113,6 +189,25 @@ def auroc(targets: np.ndarray, scores: np.ndarray) -> float | None:
     for start, count in zip(first, counts):
         ranks[order[start:start + count]] = start + (count + 1) / 2.0
     return float((ranks[targets].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
+
+
+def roc_curve(targets: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(false-positive rate, true-positive rate, threshold) from the strictest threshold to the most lenient.
+
+    One point per distinct score (a threshold keeps every score >= it) after a first point (0, 0) at
+    threshold +inf. None when only one class is present.
+    """
+    targets = np.asarray(targets).astype(bool)
+    positives, negatives = int(targets.sum()), int((~targets).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
+    sorted_scores, sorted_targets = np.asarray(scores, dtype=np.float64)[order], targets[order]
+    last_of_score = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
+    true_positives = np.cumsum(sorted_targets)[last_of_score]
+    false_positives = np.cumsum(~sorted_targets)[last_of_score]
+    return (np.concatenate([[0.0], false_positives / negatives]), np.concatenate([[0.0], true_positives / positives]),
+            np.concatenate([[np.inf], sorted_scores[last_of_score]]))
 
 
 def youden_threshold(targets: np.ndarray, scores: np.ndarray) -> float:
@@ -142,3 +237,90 @@ def operating_point(targets: np.ndarray, scores: np.ndarray, threshold: float) -
         "specificity": tn / (tn + fp) if tn + fp else None,
         "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
     }
+
+
+# ---- bootstrap over images -------------------------------------------------------------------
+
+def resample_counts(num_images: int, num_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(B, N) how often each image is drawn in each resample of N images with replacement."""
+    if num_images == 0:
+        return np.zeros((num_resamples, 0), dtype=np.int64)
+    draws = rng.integers(0, num_images, size=(num_resamples, num_images))
+    # One bincount for all rows: shift row b's image indices into the range [b*N, (b+1)*N).
+    flat = (draws + np.arange(num_resamples)[:, None] * num_images).ravel()
+    return np.bincount(flat, minlength=num_resamples * num_images).reshape(num_resamples, num_images)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, NaN where the denominator is 0 (the metric is undefined there)."""
+    return np.where(denominator > 0, numerator / np.maximum(denominator, 1), np.nan)
+
+
+def bootstrap_average_precision(matches: ClassMatches, counts: np.ndarray) -> np.ndarray:
+    """All-point (VOC) AP of the class in each resample: (B,), NaN where a resample has no ground truth of it.
+
+    The copies of a prediction from an image drawn c times are all hits or all misses and share one
+    rank, so they count as one row of weight c: the precision envelope of a run of hits is its value
+    at the run's end, and a run of misses never sets the envelope, so this equals the AP of the
+    expanded ranking (copies kept together among tied scores).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    num_gt = counts @ matches.gt_per_image
+    weights = counts[:, matches.image_index]  # (B, P)
+    true_positives = np.cumsum(weights * matches.hits, axis=1)
+    reported = np.cumsum(weights, axis=1)
+    # Rows of weight 0 (image not drawn) repeat the previous precision and add no recall.
+    envelope = precision_envelope(true_positives / np.maximum(reported, 1e-12))
+    area = np.sum(weights * matches.hits * envelope, axis=1)  # recall steps are weight / num_gt
+    return _ratio(area, num_gt)
+
+
+def bootstrap_auroc(targets: np.ndarray, scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """AUROC (ties count half) in each resample: (B,), NaN where a resample lacks positives or negatives."""
+    targets = np.asarray(targets).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    if not len(scores):
+        return np.full(len(counts), np.nan)
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    group_starts = np.flatnonzero(np.append(True, sorted_scores[1:] != sorted_scores[:-1]))
+    weights = counts[:, order]
+    # Drawn positives and negatives per distinct score, lowest score first: (B, U).
+    positives = np.add.reduceat(weights * targets[order], group_starts, axis=1)
+    negatives = np.add.reduceat(weights * ~targets[order], group_starts, axis=1)
+    negatives_below = np.cumsum(negatives, axis=1) - negatives
+    wins = np.sum(positives * (negatives_below + 0.5 * negatives), axis=1)
+    return _ratio(wins, positives.sum(axis=1) * negatives.sum(axis=1))
+
+
+def bootstrap_operating_point(targets: np.ndarray, scores: np.ndarray, threshold: float,
+                              counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Sensitivity, specificity and F1 at a fixed threshold in each resample: (B,) each, NaN where undefined."""
+    targets = np.asarray(targets).astype(bool)
+    predicted = np.asarray(scores) >= threshold
+    counts = np.asarray(counts, dtype=np.float64)
+    tp, fp = counts @ (predicted & targets), counts @ (predicted & ~targets)
+    fn, tn = counts @ (~predicted & targets), counts @ (~predicted & ~targets)
+    return {"sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
+
+
+def nan_mean_rows(values: np.ndarray) -> np.ndarray:
+    """Mean of each row over its defined (non-NaN) entries; NaN for a row with none (no RuntimeWarning)."""
+    values = np.asarray(values, dtype=np.float64)
+    defined = ~np.isnan(values)
+    return _ratio(np.where(defined, values, 0.0).sum(axis=1), defined.sum(axis=1))
+
+
+def percentile_interval(samples: np.ndarray, confidence: float = 0.95) -> dict[str, float | int | None]:
+    """Percentile bootstrap interval over the resamples where the metric is defined (NaN = skipped).
+
+    {"low", "high", "valid_resamples"}; low/high are None when no resample was valid.
+    """
+    valid = np.asarray(samples, dtype=np.float64)
+    valid = valid[~np.isnan(valid)]
+    if not len(valid):
+        return {"low": None, "high": None, "valid_resamples": 0}
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.percentile(valid, [tail, 100.0 - tail])
+    return {"low": float(low), "high": float(high), "valid_resamples": int(len(valid))}
