@@ -23,6 +23,7 @@ paper's label names (training/labels.py) are mapped onto them (`CLASS_NAME_ALIAS
 
 from __future__ import annotations
 
+import argparse
 import csv
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -259,6 +260,32 @@ def read_split(root: Path, split: str, layout: Layout | Literal["auto"] = "auto"
     if layout == "kaggle":
         return read_kaggle_split(root, split, fusion)
     raise ValueError(f"unknown dataset layout {layout!r}; expected 'auto' or one of {LAYOUTS}")
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    """The dataset-layout and rater-fusion flags shared by train, evaluate and export."""
+    parser.add_argument("--layout", choices=("auto", *LAYOUTS), default="auto",
+                        help="dataset folder layout; auto detects it from the files present")
+    parser.add_argument("--fusion-iou", type=float, default=FusionConfig.iou_threshold,
+                        help="IoU at or above which boxes of one class from different raters are fused "
+                             "(weighted box fusion)")
+    parser.add_argument("--min-raters", type=int, default=FusionConfig.min_raters,
+                        help="drop fused boxes marked by fewer raters; capped at the raters who read the image")
+    parser.add_argument("--vote-threshold", type=float, default=FusionConfig.vote_threshold,
+                        help="an image label is positive when strictly more than this fraction of its raters "
+                             "marked it (0.5: strict majority, a tie is negative)")
+
+
+def fusion_from_args(args: argparse.Namespace | dict) -> FusionConfig:
+    """FusionConfig from parsed flags, or from a run's saved args (older runs predate the flags)."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else args
+    defaults = FusionConfig()
+    try:
+        return FusionConfig(values.get("fusion_iou", defaults.iou_threshold),
+                            values.get("min_raters", defaults.min_raters),
+                            values.get("vote_threshold", defaults.vote_threshold))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from service.postprocess import DetectionParams, select_detections
 from training.data import TensorSet
+from training.distributed import rank_generator, shard
 from training.metrics import ImageDetections, auroc, mean_average_precision
 from training.models import Classifier, Detector, detection_loss
 
@@ -31,10 +32,20 @@ class Augment:
     noise: float = 0.03
 
 
-def batches(data: TensorSet, batch_size: int, generator: torch.Generator, shuffle: bool = True) -> Iterator[np.ndarray]:
+def batches(data: TensorSet, batch_size: int, generator: torch.Generator, shuffle: bool = True,
+            rank: int = 0, world_size: int = 1) -> Iterator[np.ndarray]:
+    """Index batches of one epoch; under DDP, this rank's shard of the order all ranks draw alike."""
     order = torch.randperm(len(data.image_ids), generator=generator).numpy() if shuffle else np.arange(len(data.image_ids))
+    order = shard(order, rank, world_size)
     for start in range(0, len(order), batch_size):
         yield order[start:start + batch_size]
+
+
+def steps_per_epoch(num_images: int, batch_size: int, world_size: int = 1, max_steps: int | None = None) -> int:
+    """Optimizer steps each rank takes per epoch (equal on every rank: see `shard`)."""
+    images_per_rank = -(-num_images // world_size)  # ceil: the shard is padded
+    steps = -(-images_per_rank // batch_size)  # ceil: the last batch may be short
+    return steps if max_steps is None else min(steps, max_steps)
 
 
 def augment_batch(images: torch.Tensor, boxes: list[torch.Tensor], augment: Augment, generator: torch.Generator,
@@ -70,31 +81,63 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], f
     return factor
 
 
-def train_one_epoch(detector: Detector, classifier: Classifier, data: TensorSet, optimizer: torch.optim.Optimizer,
+class JointModel(nn.Module):
+    """The detector and the classifier as one module whose forward() returns the training losses.
+
+    DDP synchronises gradients only for work done inside the wrapped module's forward(), and the
+    losses go through Detector.dense and Classifier.logits, not their forward(). Computing both
+    losses here lets one DDP wrapper (one gradient all-reduce per step) cover the two models that
+    one optimizer trains; a single process calls it unwrapped, with the same arithmetic.
+    """
+
+    def __init__(self, detector: Detector, classifier: Classifier, every_parameter_in_graph: bool = False) -> None:
+        super().__init__()
+        self.detector = detector
+        self.classifier = classifier
+        self.every_parameter_in_graph = every_parameter_in_graph
+
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]], labels: torch.Tensor,
+                pos_weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses = detection_loss(self.detector, images, targets)
+        losses["classifier"] = nn.functional.binary_cross_entropy_with_logits(
+            self.classifier.logits(images).float(), labels, pos_weight=pos_weight)
+        if self.every_parameter_in_graph:
+            # DDP waits for a gradient of every parameter each step, but a batch without a positive
+            # location leaves the detector's box and centerness heads out of the graph (see
+            # models.detection_loss) and the next step fails. Zero times one element of each
+            # parameter brings them in: their gradient is 0 there, and exactly unchanged elsewhere.
+            # (find_unused_parameters=True would also work, at an extra graph traversal per step.)
+            losses["box"] = losses["box"] + 0.0 * sum(p.reshape(-1)[0] for p in self.parameters())
+        return losses
+
+
+def train_one_epoch(model: nn.Module, data: TensorSet, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, pos_weight: torch.Tensor, augment: Augment,
                     generator: torch.Generator, batch_size: int, device: torch.device, epoch: int,
                     normalization: tuple[float, float], max_steps: int | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    detector.train()
-    classifier.train()
+                    scaler: torch.amp.GradScaler | None = None, rank: int = 0, world_size: int = 1,
+                    show_progress: bool = True) -> dict[str, float]:
+    """One pass over this rank's shard; `model` is a JointModel, or one wrapped in DDP."""
+    model.train()
     totals: dict[str, float] = {}
     steps = 0
-    progress = tqdm(list(batches(data, batch_size, generator)), desc=f"epoch {epoch}", leave=False)
+    order = list(batches(data, batch_size, generator, rank=rank, world_size=world_size))
+    # A single process keeps drawing augmentation from the shared stream, exactly as before DDP.
+    augment_generator = generator if world_size == 1 else rank_generator(generator, rank)
+    progress = tqdm(order, desc=f"epoch {epoch}", leave=False, disable=not show_progress)
     for indices in progress:
         if max_steps is not None and steps >= max_steps:
             break
         images = torch.from_numpy(data.images[indices])
         boxes = [torch.from_numpy(data.boxes[i]) for i in indices]
-        images, boxes = augment_batch(images, boxes, augment, generator, *normalization)
+        images, boxes = augment_batch(images, boxes, augment, augment_generator, *normalization)
         keep = [(b[:, 2] - b[:, 0] > 1) & (b[:, 3] - b[:, 1] > 1) for b in boxes]  # shifted off-canvas
         targets = [{"boxes": b[k].to(device), "labels": torch.from_numpy(data.box_labels[i])[k].to(device)}
                    for b, k, i in zip(boxes, keep, indices)]
         images = images.to(device, non_blocking=True)
         labels = torch.from_numpy(data.image_labels[indices]).to(device)
         with torch.autocast(device.type, enabled=scaler is not None):
-            losses = detection_loss(detector, images, targets)
-            losses["classifier"] = nn.functional.binary_cross_entropy_with_logits(
-                classifier.logits(images).float(), labels, pos_weight=pos_weight)
+            losses = model(images, targets, labels, pos_weight)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

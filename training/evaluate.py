@@ -31,7 +31,7 @@ from tqdm import tqdm
 from service.modelpack import ModelPack, OnnxModels
 from service.pipeline import InputSpec, prepare
 from service.postprocess import DetectionParams, Detections, select_detections, to_original_space
-from training.data import Record, read_split
+from training.data import Record, add_layout_arguments, fusion_from_args, read_split
 from training.metrics import (
     ClassMatches, ImageDetections, auroc, bootstrap_auroc, bootstrap_average_precision, bootstrap_operating_point,
     class_matches, matches_average_precision, nan_mean_rows, operating_point, precision_envelope, precision_recall,
@@ -91,6 +91,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="bootstrap resamples of the images for the confidence intervals (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the percentile intervals")
+    add_layout_arguments(parser)
     return parser
 
 
@@ -406,7 +407,7 @@ def main(args: argparse.Namespace) -> dict:
         infer, spec, local_labels, global_labels, thresholds, params = torch_infer_from_run(args.run)
         source, folder = f"run {args.run}", args.run
     out = args.out or folder
-    records = read_split(args.data, args.split)[: args.limit]
+    records = read_split(args.data, args.split, args.layout, fusion_from_args(args))[: args.limit]
     started = time.perf_counter()
     predictions = predict_records(records, spec, infer, params, args.batch_size, args.threads)
     inference_seconds = time.perf_counter() - started

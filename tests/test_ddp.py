@@ -1,0 +1,117 @@
+"""Multi-process training: torchrun with two CPU ranks on the gloo backend, launched as users launch it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.live import free_port
+from training.distributed import shard
+from training.engine import steps_per_epoch
+from training.models import Classifier, Detector
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD_SIZE = 2
+BATCH_SIZE = 4
+MAX_STEPS = 2
+LAUNCH_TIMEOUT_S = 180  # two fresh interpreters importing torch on a loaded 2-core runner
+
+
+def _torchrun(dataset: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node=2 -m training.train ...` on CPU, as a user runs it."""
+    # Drop any torchrun variables of an enclosing launcher so the child job sets up its own world.
+    env = {key: value for key, value in os.environ.items()
+           if key not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}}
+    env |= {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks, one thread each: two cores suffice
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD_SIZE}",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        "-m", "training.train", "--data", str(dataset), "--out", str(run),
+        "--max-steps", str(MAX_STEPS), "--batch-size", str(BATCH_SIZE), "--input-size", "64",
+        "--min-examples", "1", "--workers", "1", "--seed", "5", "--dist-backend", "gloo", *extra,
+    ]
+    # A session of its own, so a timeout can kill the ranks too and not only the launcher.
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as launcher:
+        try:
+            stdout, stderr = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            stdout, stderr = launcher.communicate()
+            pytest.fail(f"torchrun did not finish within {LAUNCH_TIMEOUT_S} s (a rank stuck in a collective?)\n"
+                        f"{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
+
+
+def _assert_ranks_in_step(run: Path) -> dict:
+    summary = json.loads((run / "run.json").read_text())
+    ddp = summary["distributed"]
+    assert ddp["world_size"] == WORLD_SIZE and ddp["backend"] == "gloo"
+    assert ddp["effective_batch_size"] == BATCH_SIZE * WORLD_SIZE
+    digests = ddp["parameter_sha256_per_rank"]
+    assert len(digests) == WORLD_SIZE and len(set(digests)) == 1, digests
+    return summary
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_dataset, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ddp-run")
+    # One rare finding (one boxed image of 40, or none) makes most batches free of positive locations,
+    # the case where DDP would wait forever for the detector heads' gradients.
+    result = _torchrun(tiny_dataset, run, "--epochs", "1", "--local-labels", "Cardiomegaly")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("epoch 0:") == 1, result.stdout  # rank 0 alone reports
+    assert result.stderr.count("preprocess train:   0%") == 1, result.stderr  # and alone draws progress bars
+    return run
+
+
+def test_shard_splits_one_order_into_equal_disjoint_strides():
+    """Each rank gets ceil(N/W) indices, strided from the shared order and padded from its start."""
+    order = np.array([7, 3, 9, 0, 4, 8, 1])
+    parts = [shard(order, rank, 3) for rank in range(3)]
+    assert [p.tolist() for p in parts] == [[7, 0, 1], [3, 4, 7], [9, 8, 3]]
+    assert set(np.concatenate(parts)) == set(order)
+    assert shard(order, 0, 1) is order
+    assert steps_per_epoch(34, 4, world_size=2) == 5 and steps_per_epoch(34, 4) == 9
+    assert steps_per_epoch(34, 4, world_size=2, max_steps=2) == 2
+
+
+def test_two_gloo_ranks_train_in_step_and_rank_0_writes_the_run(ddp_run):
+    """torchrun with 2 CPU ranks exits 0, both ranks end with bit-identical parameters, and rank 0 wrote every output."""
+    for name in ("checkpoint.pt", "log.jsonl", "thresholds.json", "loss_curves.png", "run.json"):
+        assert (ddp_run / name).exists(), name
+    _assert_ranks_in_step(ddp_run)
+    log = [json.loads(line) for line in (ddp_run / "log.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [0]  # one writer: a second rank would duplicate the line
+    assert log[0]["train"]["steps"] == MAX_STEPS
+
+
+def test_ddp_checkpoint_loads_into_single_process_models(ddp_run):
+    """The checkpoint holds unwrapped state dicts (no 'module.' prefix) that load strictly into the plain models."""
+    checkpoint = torch.load(ddp_run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    args = checkpoint["args"]
+    detector = Detector(len(checkpoint["local_labels"]), args["detector_backbone"], args["fpn_channels"])
+    classifier = Classifier(len(checkpoint["global_labels"]), args["classifier_backbone"])
+    detector.load_state_dict(checkpoint["detector"])
+    classifier.load_state_dict(checkpoint["classifier"])
+    assert checkpoint["input_size"] == 64 and checkpoint["epoch"] == 0
+
+
+def test_resume_under_ddp_continues_from_the_checkpoint(ddp_run, tiny_dataset, tmp_path):
+    """--resume under torchrun: every rank loads the checkpoint, training goes on at epoch 1, and the ranks stay in step."""
+    run = tmp_path / "resumed"
+    shutil.copytree(ddp_run, run)
+    result = _torchrun(tiny_dataset, run, "--epochs", "2", "--resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from" in result.stdout and result.stdout.count("epoch 1:") == 1, result.stdout
+    assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [0, 1]
+    assert _assert_ranks_in_step(run)["epochs"] == 2
