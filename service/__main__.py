@@ -1,4 +1,4 @@
-"""python -m service --host 127.0.0.1 --port 8000 --models models/demo-synthetic"""
+"""python -m service --host 127.0.0.1 --port 8000 --models models/demo-synthetic [--workers N]"""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import uvicorn
 
-from service.app import create_app
+from service.multiworker import run_workers
 from service.settings import Settings
 
 
@@ -18,11 +18,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--models", type=Path, default=None, help="model pack folder (default: CXR_MODELS or the demo pack)")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="HTTP worker processes; above 1 they share one inference server (one set of ONNX "
+                             "sessions) and each gets max(1, cores // N) decode processes unless CXR_DECODE_WORKERS is set")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(**({"models": args.models} if args.models else {}))
     if not (settings.models / "manifest.json").is_file():
         parser.error(f"no model pack at {settings.models} (expected manifest.json there)")
+    if args.workers > 1:
+        run_workers(args, settings)
+        return
+    # Imported here: the launcher of N workers never serves itself, and would hold ONNX Runtime and the app for nothing.
+    from service.app import create_app
+
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
 
 

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from service.auth import KeyRing, authenticate, requires_key
 from service.errors import ApiError
 from service.metrics import ServiceMetrics
+from service.remote_inference import load_remote_serving_state
 from service.routers import health, metrics, predict, studies
 from service.settings import Settings, get_settings
 from service.state import ServingState, load_serving_state
@@ -89,7 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         app.state.serving = ServingState(metrics=app.state.metrics)
         # Loading and warm-up block for seconds: keep them off the event loop so /healthz answers.
-        state = await run_in_threadpool(load_serving_state, settings, app.state.metrics)
+        # With a shared inference server (python -m service --workers N) the sessions live there instead.
+        load = load_remote_serving_state if settings.inference_socket else load_serving_state
+        state = await run_in_threadpool(load, settings, app.state.metrics)
         if state.batcher is not None:
             state.batcher.start()
         app.state.serving = state

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -90,5 +91,17 @@ class DecodePool:
                 raise
             return await self._run(body, spec, limits, id_algorithm, keep_display, retry=False)
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 2.0) -> None:
+        """Stop the workers, and make sure they are gone: the caller may exit right after.
+
+        uvicorn ends a SIGTERM shutdown by re-raising the signal, so no atexit hook runs to send the workers
+        their stop message; a worker also holds its own call queue's write end, so it never sees EOF either.
+        Left alone, each worker (and the forkserver it keeps alive) outlives the server as an orphan.
+        """
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
         self._executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + grace_s
+        for process in processes:
+            process.join(max(deadline - time.monotonic(), 0))
+            if process.is_alive():
+                process.kill()

@@ -1,7 +1,9 @@
-"""Model packs: a self-describing folder with manifest.json, detector.onnx and classifier.onnx.
+"""Model packs: a self-describing folder with manifest.json, detector.onnx and classifier.onnx
+(float32) and, in packs exported since, their float16 variants (manifest `<model>.variants.fp16`).
 
-A pack is verified (every file present, sha256 as in the manifest) before any session is created,
-so a truncated or tampered model never serves.
+A pack is verified (every listed file present, sha256 as in the manifest) before any session is
+created, so a truncated or tampered model never serves. `OnnxModels` runs both models with the
+ONNX Runtime configuration that `service.runtime` derives from the settings.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -16,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service import runtime
 from service.intended_use import IntendedPopulation
 from service.pipeline import InputSpec
 from service.postprocess import DetectionParams
 from service.preprocess import Normalization
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,7 @@ MANIFEST_FORMAT = "cxr-model-pack/1"
 INPUT_NAME = "images"
 DETECTOR_OUTPUTS = ("boxes", "scores")
 CLASSIFIER_OUTPUTS = ("probabilities",)
+MODELS = ("detector", "classifier")
 
 
 class PackError(RuntimeError):
@@ -96,8 +102,26 @@ class ModelPack:
             return np.full(len(self.local_labels), floor, dtype=np.float32)
         return self._chosen_finding_thresholds
 
-    def model_file(self, model: str) -> Path:
-        return self.path / self.manifest[model]["file"]
+    @cached_property
+    def precisions(self) -> tuple[str, ...]:
+        """Precision variants every model of the pack has: "fp32" always, "fp16" when exported."""
+        shared = set.intersection(*(set(self.manifest[model].get("variants") or {}) for model in MODELS))
+        return ("fp32", *sorted(shared))
+
+    def _file_entry(self, model: str, precision: str) -> dict:
+        entry = self.manifest[model]
+        if precision == entry.get("precision", "fp32"):
+            return entry
+        variants = entry.get("variants") or {}
+        if precision not in variants:
+            raise PackError(f"pack {self.name} has no {precision} {model} (it has {', '.join(self.precisions)})")
+        return variants[precision]
+
+    def model_file(self, model: str, precision: str = "fp32") -> Path:
+        return self.path / self._file_entry(model, precision)["file"]
+
+    def model_sha256(self, model: str, precision: str = "fp32") -> str:
+        return self._file_entry(model, precision)["sha256"]
 
     @classmethod
     def load(cls, path: Path) -> ModelPack:
@@ -112,35 +136,106 @@ class ModelPack:
             raise PackError(f"{manifest_path} is not valid JSON: {exc}") from None
         if manifest.get("format") != MANIFEST_FORMAT:
             raise PackError(f"{manifest_path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-        for model in ("detector", "classifier"):
+        for model in MODELS:
             entry = manifest.get(model) or {}
-            file = path / entry.get("file", f"{model}.onnx")
-            if not file.is_file():
-                raise PackError(f"{model} file {file} is missing")
-            actual = sha256_of(file)
-            if actual != entry.get("sha256"):
-                raise PackError(f"{model} file {file.name} has sha256 {actual[:12]}…, the manifest says "
-                                f"{str(entry.get('sha256'))[:12]}…: the file is truncated or was replaced")
+            # Every listed file, variants included: a tampered fp16 file must not serve on a GPU either.
+            files = [("", {"file": entry.get("file", f"{model}.onnx"), "sha256": entry.get("sha256")})]
+            files += [(f"{precision} ", variant) for precision, variant in (entry.get("variants") or {}).items()]
+            for label, listed in files:
+                _verify_file(path, f"{label}{model}", listed)
         return cls(path=path, manifest=manifest)
 
 
-class OnnxModels:
-    """ONNX Runtime sessions for both models of a pack, run together on each batch."""
+def _verify_file(pack: Path, what: str, entry: dict) -> None:
+    if not entry.get("file"):
+        raise PackError(f"the manifest names no file for the {what}")
+    file = pack / entry["file"]
+    if not file.is_file():
+        raise PackError(f"{what} file {file} is missing")
+    actual = sha256_of(file)
+    if actual != entry.get("sha256"):
+        raise PackError(f"{what} file {file.name} has sha256 {actual[:12]}…, the manifest says "
+                        f"{str(entry.get('sha256'))[:12]}…: the file is truncated or was replaced")
 
-    def __init__(self, pack: ModelPack, providers: list[str], intra_op_threads: int = 0) -> None:
-        available = ort.get_available_providers()
-        wanted = [p for p in providers if p in available] or ["CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads
-        self.detector = ort.InferenceSession(str(pack.model_file("detector")), options, providers=wanted)
-        self.classifier = ort.InferenceSession(str(pack.model_file("classifier")), options, providers=wanted)
+
+class OnnxModels:
+    """ONNX Runtime sessions for both models of a pack, run together on each batch.
+
+    Providers, their options, the precision variant and IO binding come from `settings` through the
+    pure functions of `service.runtime`; `runtime` says what is actually in effect. `providers` and
+    `intra_op_threads` override the settings (for callers that predate them).
+    """
+
+    def __init__(self, pack: ModelPack, providers: Sequence[str] | None = None, intra_op_threads: int | None = None,
+                 *, settings: Settings | None = None, machine: runtime.Machine | None = None) -> None:
+        settings = _with_overrides(settings or Settings(), providers, intra_op_threads)
+        plan = runtime.plan_providers(settings.providers, machine or runtime.probe_machine(settings.providers))
+        for provider, reason in plan.skipped.items():
+            log.info("execution provider %s left out: %s", provider, reason)
+        precision, warning = runtime.choose_precision(settings.precision, plan.attempt[0], pack.precisions)
+        self._open(pack, settings, plan.attempt, precision)
+        in_use = self.detector.get_providers()[0]
+        if in_use != plan.attempt[0]:
+            # ONNX Runtime fell back while creating the session (e.g. CUDA libraries missing): pick the
+            # variant for what actually runs, so auto does not leave fp16 on CPU.
+            fallback_precision, warning = runtime.choose_precision(settings.precision, in_use, pack.precisions)
+            if fallback_precision != precision:
+                precision = fallback_precision
+                self._open(pack, settings, tuple(self.detector.get_providers()), precision)
+        if self.classifier.get_providers()[0] != in_use:
+            raise RuntimeError(f"the detector runs on {in_use} but the classifier on {self.classifier.get_providers()[0]}")
         self.providers = self.detector.get_providers()
-        if providers and providers[0] not in self.providers:
-            log.warning("execution provider %s is not usable here; running on %s", providers[0], self.providers[0])
+        self._io_device = runtime.io_binding_device(in_use, settings)
+        fallback = runtime.fallback_reason(plan, in_use)
+        self.runtime = runtime.RuntimeDescription(
+            provider=in_use, providers=list(self.providers), requested_providers=list(settings.providers),
+            precision=precision, files={model: pack.model_file(model, precision).name for model in MODELS},
+            io_binding=self._io_device is not None,
+            provider_options={p: dict(o) for p, o in self.detector.get_provider_options().items() if p in self.providers},
+            session_options=runtime.session_settings(settings), fallback=fallback,
+            warnings=[message for message in (fallback, warning) if message])
+        if fallback:
+            log.warning("%s", fallback)
+        if warning:
+            log.warning("%s", warning)
+
+    def _open(self, pack: ModelPack, settings: Settings, providers: Sequence[str], precision: runtime.Precision) -> None:
+        options = runtime.session_options(settings)
+        sessions = []
+        for model in MODELS:
+            sha256 = pack.model_sha256(model, precision)
+            per_provider = runtime.provider_options(providers, settings, precision, INPUT_NAME, pack.input_spec.size, sha256)
+            if runtime.TENSORRT in providers and settings.trt_engine_cache:
+                runtime.tensorrt_cache_dir(settings.trt_engine_cache_dir, sha256).mkdir(parents=True, exist_ok=True)
+            sessions.append(ort.InferenceSession(str(pack.model_file(model, precision)), options,
+                                                 providers=list(providers), provider_options=per_provider))
+        self.detector, self.classifier = sessions
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """images (N, 1, S, S) float32 -> boxes (N, L, 4), scores (N, L, C), probabilities (N, K)."""
+        if self._io_device is not None:
+            return self.run_bound(images, *self._io_device)
         boxes, scores = self.detector.run(list(DETECTOR_OUTPUTS), {INPUT_NAME: images})
         (probabilities,) = self.classifier.run(list(CLASSIFIER_OUTPUTS), {INPUT_NAME: images})
         return boxes, scores, probabilities
+
+    def run_bound(self, images: np.ndarray, device: str, device_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`run` through IO binding: the batch is copied to `device` once and both models read it there;
+        outputs are bound to host memory, where postprocessing needs them."""
+        batch = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images, dtype=np.float32), device, device_id)
+        outputs: list[np.ndarray] = []
+        for session, names in ((self.detector, DETECTOR_OUTPUTS), (self.classifier, CLASSIFIER_OUTPUTS)):
+            binding = session.io_binding()
+            binding.bind_ortvalue_input(INPUT_NAME, batch)
+            for name in names:
+                binding.bind_output(name, "cpu")
+            session.run_with_iobinding(binding)
+            outputs += binding.copy_outputs_to_cpu()
+        boxes, scores, probabilities = outputs
+        return boxes, scores, probabilities
+
+
+def _with_overrides(settings: Settings, providers: Sequence[str] | None, intra_op_threads: int | None) -> Settings:
+    updates = {"providers": list(providers) if providers is not None else None, "intra_op_threads": intra_op_threads}
+    updates = {key: value for key, value in updates.items() if value is not None}
+    return settings.model_copy(update=updates) if updates else settings

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -76,6 +78,21 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class RuntimeInfo(BaseModel):
+    """How ONNX Runtime runs the models in this process (service/runtime.py)."""
+
+    provider: str = Field(description="execution provider running the models")
+    providers: list[str] = Field(description="the sessions' providers in order (CPU takes what the first cannot)")
+    requested_providers: list[str] = Field(description="CXR_PROVIDERS")
+    precision: Literal["fp32", "fp16"] = Field(description="variant of the pack loaded (CXR_PRECISION)")
+    files: dict[str, str] = Field(description="model -> ONNX file loaded")
+    io_binding: bool = Field(description="each batch is copied to the GPU once for both models")
+    provider_options: dict[str, dict[str, str]] = Field(description="provider options in effect, as ONNX Runtime reports them")
+    session_options: dict[str, Any] = Field(description="threads, execution mode, graph optimisation level")
+    fallback: str | None = Field(description="why the preferred provider is not the one in use")
+    warnings: list[str]
+
+
 class ModelsResponse(BaseModel):
     pack: str
     version: str
@@ -86,6 +103,9 @@ class ModelsResponse(BaseModel):
     thresholds: dict[str, float]
     providers: list[str] = Field(description="ONNX Runtime execution providers actually in use")
     max_batch_size: int
+    precisions: list[str] = Field(description="precision variants the pack ships")
+    runtime: RuntimeInfo | None = Field(
+        None, description="ONNX Runtime configuration in effect; null when a shared inference server runs the models")
 
 
 class InstanceFailure(BaseModel):

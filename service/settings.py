@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,16 +18,51 @@ class Settings(BaseSettings):
 
     models: Path = Field(DEFAULT_PACK, description="model pack folder (manifest.json + ONNX files)")
     providers: list[str] = Field(
-        ["CUDAExecutionProvider", "CPUExecutionProvider"],
-        description="ONNX Runtime execution providers in order of preference; unavailable ones are skipped",
+        ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="ONNX Runtime execution providers in order of preference; unusable ones are skipped (TensorRT "
+                    "before CUDA only when its libraries are installed) and running on any but the first usable one "
+                    "is a fallback: a warning, or unready with CXR_STRICT_PROVIDERS",
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session (0: one per core)")
+    inter_op_threads: int = Field(
+        1, ge=0, description="ONNX Runtime threads running graph nodes side by side (0: one per core); the sessions "
+                             "run nodes sequentially, so more than 1 only idles")
+    precision: Literal["auto", "fp32", "fp16"] = Field(
+        "auto", description="model variant to serve: auto = the pack's fp16 variant on CUDA/TensorRT, fp32 on CPU "
+                            "(fp16 on CPU works but is slower; a pack without fp16 serves fp32)")
+    io_binding: bool = Field(
+        True, description="on CUDA/TensorRT, copy each batch to the GPU once for both models and bind the outputs to "
+                          "host memory; no effect on CPU")
+    cuda_device_id: int = Field(0, ge=0, description="GPU the CUDA and TensorRT providers run on")
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "EXHAUSTIVE", description="how cuDNN picks convolution kernels; EXHAUSTIVE benchmarks them once per batch "
+                                  "shape, during warm-up")
+    cuda_gpu_mem_limit_mb: int | None = Field(
+        None, ge=1, description="cap of each session's CUDA memory arena in MiB (two sessions: detector, classifier); "
+                                "unset: no cap")
+    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
+        "kSameAsRequested", description="how the CUDA arena grows; kSameAsRequested fits the fixed batch shapes "
+                                        "without doubling")
+    cuda_copy_in_default_stream: bool = Field(
+        True, description="CUDA copies on the compute stream (ONNX Runtime's default; separate streams can race)")
+    cudnn_conv_use_max_workspace: bool = Field(
+        True, description="let cuDNN use its largest workspace when searching for the fastest convolution kernels")
+    cuda_use_tf32: bool = Field(
+        False, description="let float32 convolutions use TF32 tensor cores (10-bit mantissa); off so that fp32 "
+                           "means float32 (the fp16 variant is the fast path)")
+    trt_engine_cache: bool = Field(True, description="keep built TensorRT engines on disk (a build takes minutes)")
+    trt_engine_cache_dir: Path = Field(
+        Path("~/.cache/pediatric-cxr/tensorrt"), description="TensorRT engine and timing caches, one folder per model file")
+    trt_max_workspace_mb: int = Field(2048, ge=1, description="TensorRT builder workspace in MiB")
     max_batch_size: int = Field(16, ge=1, le=1024, description="images per inference batch")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill up")
     max_queue_size: int = Field(256, ge=1, description="images waiting for inference before 429")
     decode_workers: int = Field(max(1, os.cpu_count() or 1), ge=1, description="processes decoding DICOMs")
     decode_in_processes: bool = Field(True, description="decode in worker processes (False: threads, no hard time bound)")
     decode_timeout_s: float = Field(30.0, gt=0, description="longest one image may take to decode and preprocess")
+    inference_socket: Path | None = Field(
+        None, description="Unix socket of a shared inference server (service/inference_server.py) to run the models; "
+                          "unset: ONNX Runtime in this process. `python -m service --workers N` sets it for its workers")
     finding_score_floor: float | None = Field(
         None, ge=0, le=1,
         description="report findings scoring at least this, for every label, instead of the pack's per-label operating points")

@@ -43,16 +43,15 @@ def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None
     state = ServingState(metrics=metrics)
     try:
         state.pack = ModelPack.load(settings.models)
-        state.models = OnnxModels(state.pack, settings.providers, settings.intra_op_threads)
-        if settings.strict_providers and settings.providers and state.models.providers[0] != settings.providers[0]:
-            state.not_ready_reason = (f"execution provider {settings.providers[0]} is not usable on this machine "
-                                      f"(only {state.models.providers[0]}) and CXR_STRICT_PROVIDERS is on")
+        state.models = OnnxModels(state.pack, settings=settings)
+        if settings.strict_providers and state.models.runtime.fallback:
+            state.not_ready_reason = f"{state.models.runtime.fallback}, and CXR_STRICT_PROVIDERS is on"
             log.error("%s", state.not_ready_reason)
             return state
         started = time.perf_counter()
         warm_up(state.models, state.pack.input_spec.size, settings.max_batch_size)
         log.info("model pack %s %s loaded from %s on %s; warm-up of batch sizes 1..%d took %.1f s",
-                 state.pack.name, state.pack.version, settings.models, state.models.providers[0],
+                 state.pack.name, state.pack.version, settings.models, state.models.runtime.summary(),
                  settings.max_batch_size, time.perf_counter() - started)
     except PackError as exc:
         state.not_ready_reason = f"model pack rejected: {exc}"
@@ -64,8 +63,13 @@ def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None
         return state
     state.batcher = Batcher(state.models.run, settings.max_batch_size, settings.max_queue_delay_ms / 1e3,
                             settings.max_queue_size)
-    state.decoder = DecodePool(settings.decode_workers, settings.decode_timeout_s, settings.max_queue_size,
-                               settings.decode_in_processes,
-                               on_replace=metrics.decode_workers_replaced.inc if metrics is not None else None)
+    state.decoder = new_decode_pool(settings, metrics)
     state.not_ready_reason = ""
     return state
+
+
+def new_decode_pool(settings: Settings, metrics: ServiceMetrics | None = None) -> DecodePool:
+    """The decode pool of an HTTP process; the same for local inference and the shared inference server's workers."""
+    return DecodePool(settings.decode_workers, settings.decode_timeout_s, settings.max_queue_size,
+                      settings.decode_in_processes,
+                      on_replace=metrics.decode_workers_replaced.inc if metrics is not None else None)

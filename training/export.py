@@ -1,11 +1,16 @@
 """Export a training run to a model pack the service loads.
 
-    python -m training.export --run runs/demo --out models/demo-synthetic
+    python -m training.export --run runs/demo --out models/demo-synthetic [--evaluation runs/demo/evaluation_test.json]
 
-Writes detector.onnx and classifier.onnx (dynamic batch axis, fixed input size, metadata stamped
-into the files), copies the run's plots, and writes manifest.json with the sha256 of every model
-file. Nothing is written unless ONNX Runtime reproduces the PyTorch outputs on real images from the
-dataset within the tolerances below, at batch sizes 1 and > 1.
+Writes detector.onnx and classifier.onnx (float32; dynamic batch axis, fixed input size, metadata
+stamped into the files) and their float16 variants detector.fp16.onnx and classifier.fp16.onnx
+(float32 inputs and outputs, so the service feeds either the same tensors), copies the run's plots
+and the evaluation report, and writes manifest.json with the sha256 of every model file.
+
+Nothing is written unless ONNX Runtime reproduces the PyTorch outputs on real images from the
+dataset, at batch sizes 1 and > 1: float32 within `FP32_TOLERANCES`, float16 within
+`FP16_TOLERANCES` and with the same top detections after the service's postprocessing. The measured
+differences go into the manifest (`export_parity`).
 """
 
 from __future__ import annotations
@@ -15,33 +20,65 @@ import datetime as dt
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import TensorProto
 
 from service.modelpack import CLASSIFIER_OUTPUTS, DETECTOR_OUTPUTS, INPUT_NAME, MANIFEST_FORMAT, ModelPack, sha256_of
 from service.pipeline import InputSpec
-from service.postprocess import DetectionParams
+from service.postprocess import DetectionParams, Detections, box_iou, select_detections
 from service.preprocess import Normalization
-from training.data import load_tensors, read_split
+from service.runtime import GPU_PROVIDERS, preload_gpu_libraries
+from training.data import Record, load_tensors, read_split
 from training.engine import predict
+from training.labels import LABEL_SETS
 from training.models import Classifier, Detector
 
 INTENDED_USE = ("Research use only; not for diagnostic use. Frontal (PA/AP) pediatric chest radiographs "
                 "(patients under 10 years), CR/DX modality.")
+MODELS = ("detector", "classifier")
+PRECISIONS = ("fp32", "fp16")
+# The service's postprocessing, as written into the manifest: the top-detection check uses the same.
+POSTPROCESS = DetectionParams()
 
 
 @dataclass(frozen=True)
 class Tolerances:
-    """How far ONNX Runtime may drift from PyTorch (float32 kernels differ in summation order)."""
+    """How far ONNX Runtime may drift from PyTorch before the export refuses to write a pack."""
 
     box_pixels: float = 0.05  # absolute, in model-input pixels
     score: float = 1e-4
     probability: float = 1e-4
+    # Boxes are compared only at locations where PyTorch scores at least this for some class (the
+    # only boxes postprocessing can report); None compares every location.
+    box_min_score: float | None = None
+    # This many of PyTorch's best detections per image (after NMS, scoring clear of the score
+    # threshold by more than `score`) must come back: same class, IoU >= 0.5, score within `score`.
+    top_detections: int = 0
+
+
+# float32 kernels differ from PyTorch's only in summation order.
+FP32_TOLERANCES = Tolerances()
+# float16 keeps 11 significant bits (relative rounding 4.9e-4 per op); over ~60 layers logits drift by
+# ~1e-2, which moves probabilities by at most a quarter of that and box edges (exp of a log-distance,
+# x stride) by ~1% of their distance: under 1 px for the findings' sizes at the model input. Boxes are
+# checked where a finding could be reported; far-off background locations may regress boxes of
+# thousands of pixels whose 1% means nothing.
+FP16_TOLERANCES = Tolerances(box_pixels=1.0, score=2e-2, probability=2e-2,
+                             box_min_score=POSTPROCESS.score_threshold, top_detections=5)
+TOLERANCES = {"fp32": FP32_TOLERANCES, "fp16": FP16_TOLERANCES}
+
+# Nodes from these ops on stay float32 in the fp16 variant: exp(distance logits) x stride overflows
+# float16 (max 65504) at far-off locations, and the sigmoids turn logits into the reported scores.
+# They are a handful of elementwise nodes on small tensors, so float32 there costs nothing.
+FP16_FLOAT32_TAIL_OPS = ("Exp", "Sigmoid")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,6 +89,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="pack name (default: the folder name)")
     parser.add_argument("--version", default="0.1.0")
     parser.add_argument("--parity-images", type=int, default=8)
+    parser.add_argument("--parity-providers", nargs="+", default=["CPUExecutionProvider"],
+                        help="ONNX Runtime providers the parity gate runs each variant on; on a GPU machine add "
+                             "CUDAExecutionProvider so float16 is checked with the kernels that will serve it")
+    parser.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
+                        help="also write the float16 variants (GPU serving); --no-fp16 for a float32-only pack")
+    parser.add_argument("--evaluation", type=Path, default=None,
+                        help="evaluation report (training.evaluate's evaluation_<split>.json) to summarise in the manifest "
+                             "and copy beside the pack (default: the run's evaluation_test.json when present)")
     parser.add_argument("--training-data", default=None, help="one line describing the training data, for the manifest")
     return parser
 
@@ -77,26 +122,314 @@ def export_onnx(model: torch.nn.Module, size: int, outputs: tuple[str, ...], pat
                       verbose=False)
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
-    onnx.helper.set_model_props(graph, metadata)
+    onnx.helper.set_model_props(graph, metadata | {"precision": "fp32"})
     onnx.save(graph, str(path))
 
 
+# ---------------------------------------------------------------------------------------------------
+# float16 variant
+
+
+def float32_tail(graph: onnx.GraphProto, roots: Sequence[str] = FP16_FLOAT32_TAIL_OPS) -> list[str]:
+    """Names of the nodes of op type `roots` and of every node computing from their outputs."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    tail: set[str] = set()
+    pending = [node for node in graph.node if node.op_type in roots]
+    while pending:
+        node = pending.pop()
+        if node.name in tail:
+            continue
+        tail.add(node.name)
+        for name in node.output:
+            pending.extend(consumers.get(name, []))
+    return sorted(tail)
+
+
+def _is_cast_to(node: onnx.NodeProto, elem_type: int) -> bool:
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == elem_type for a in node.attribute)
+
+
+def _float32_tensors(graph: onnx.GraphProto) -> set[str]:
+    typed = [*graph.input, *graph.value_info, *graph.output]
+    return ({v.name for v in typed if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+            | {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT})
+
+
+def _tidy_mixed_precision(graph: onnx.GraphProto) -> None:
+    """Repair and trim what onnxruntime's float16 converter leaves around float32 nodes.
+
+    The converter wraps each float32 node in its own casts, so a float32 chain round-trips
+    through float16 between every two nodes (losing the precision and range it was kept for), and a
+    tensor feeding two float32 nodes gets two identical Cast nodes under one name (an invalid graph).
+    Here duplicates are merged, float32 -> float16 -> float32 round trips (and "casts" of float32
+    initializers to float32) become Identity, which ONNX Runtime folds away, casts nobody reads are
+    dropped, value_info agrees with the types again and the nodes are back in topological order.
+    """
+    unique: dict[str, onnx.NodeProto] = {}
+    for node in graph.node:
+        if node.name and node.name in unique:
+            if unique[node.name] != node:
+                raise ValueError(f"float16 conversion made two different nodes named {node.name}")
+            continue
+        unique[node.name or f"\0unnamed {len(unique)}"] = node
+    nodes = list(unique.values())
+
+    # An initializer only float32 nodes read stays float32, but the converter retypes its value_info to
+    # float16: drop such entries, the initializer carries its own type.
+    initializers = {tensor.name for tensor in graph.initializer}
+    kept_value_info = [v for v in graph.value_info if v.name not in initializers]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_value_info)
+
+    producer = {output: node for node in nodes for output in node.output}
+    float32 = _float32_tensors(graph)
+    for node in nodes:
+        if not _is_cast_to(node, TensorProto.FLOAT):
+            continue
+        source = producer.get(node.input[0])
+        if node.input[0] in float32:  # a float32 -> float32 "cast" of a float32 initializer
+            original = node.input[0]
+        elif source is not None and _is_cast_to(source, TensorProto.FLOAT16) and source.input[0] in float32:
+            original = source.input[0]  # a float32 -> float16 -> float32 round trip
+        else:
+            continue
+        node.op_type = "Identity"
+        node.input[0] = original
+        del node.attribute[:]
+
+    graph_outputs = {output.name for output in graph.output}
+    while True:  # drop nodes whose outputs nobody reads, until none is left
+        read = {name for node in nodes for name in node.input} | graph_outputs
+        kept = [node for node in nodes if any(output in read for output in node.output)]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}  # "": an omitted optional input
+    ordered: list[onnx.NodeProto] = []
+    remaining = nodes
+    while remaining:
+        ready = [all(name in available for name in node.input) for node in remaining]
+        if not any(ready):
+            raise ValueError("float16 conversion left a graph with a cycle or an undefined input")
+        for node, is_ready in zip(remaining, ready):
+            if is_ready:
+                available.update(node.output)
+                ordered.append(node)
+        remaining = [node for node, is_ready in zip(remaining, ready) if not is_ready]
+    ordered = [onnx.NodeProto.FromString(node.SerializeToString()) for node in ordered]  # detached from graph.node
+    kept_value_info = [v for v in graph.value_info if v.name in available]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    del graph.value_info[:]
+    graph.value_info.extend(kept_value_info)
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The float16 variant of a float32 graph: float32 inputs and outputs, float32 decoding tail."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # ships with onnxruntime
+
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=float32_tail(model.graph))
+    _tidy_mixed_precision(converted.graph)
+    onnx.checker.check_model(converted, full_check=True)  # full: types must also agree with shape inference
+    return converted
+
+
+def export_float16(fp32_path: Path, path: Path, metadata: dict[str, str]) -> None:
+    model = to_float16(onnx.load(str(fp32_path)))
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, metadata | {"precision": "fp16"})
+    onnx.save(model, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parity gate
+
+
+def missed_top_detections(reference: Detections, candidate: Detections, count: int, min_score: float,
+                          score_tolerance: float) -> tuple[int, int]:
+    """(checked, missed): of the reference's `count` best detections scoring at least `min_score`,
+    how many have no candidate detection of the same class with IoU >= 0.5 and a score within tolerance."""
+    order = np.argsort(-reference.scores, kind="stable")[:count]
+    order = order[reference.scores[order] >= min_score]
+    missed = 0
+    for index in order:
+        same_class = candidate.classes == reference.classes[index]
+        if not same_class.any():
+            missed += 1
+            continue
+        overlaps = box_iou(reference.boxes[index], candidate.boxes[same_class]) >= 0.5
+        close = np.abs(candidate.scores[same_class] - reference.scores[index]) <= score_tolerance
+        missed += int(not (overlaps & close).any())
+    return len(order), missed
+
+
+def compare_outputs(reference: tuple[np.ndarray, np.ndarray, np.ndarray], candidate: tuple[np.ndarray, np.ndarray, np.ndarray],
+                    tolerances: Tolerances, params: DetectionParams = POSTPROCESS) -> dict[str, float]:
+    """Largest differences between two (boxes, scores, probabilities) triples, and the top-detection check."""
+    boxes, scores, probabilities = reference
+    other_boxes, other_scores, other_probabilities = candidate
+    box_difference = np.abs(other_boxes - boxes).max(axis=-1)  # (N, L)
+    if tolerances.box_min_score is not None:
+        box_difference = box_difference[scores.max(axis=-1) >= tolerances.box_min_score]
+    result = {"box_pixels": float(box_difference.max(initial=0.0)),
+              "score": float(np.abs(other_scores - scores).max()),
+              "probability": float(np.abs(other_probabilities - probabilities).max())}
+    if tolerances.top_detections:
+        checked = missed = 0
+        for image in range(len(boxes)):
+            counts = missed_top_detections(select_detections(boxes[image], scores[image], params),
+                                           select_detections(other_boxes[image], other_scores[image], params),
+                                           tolerances.top_detections, params.score_threshold + tolerances.score,
+                                           tolerances.score)
+            checked, missed = checked + counts[0], missed + counts[1]
+        result |= {"top_detections_checked": checked, "top_detections_missed": missed}
+    return result
+
+
+def parity_failures(worst: dict, tolerances: Tolerances) -> dict[str, float]:
+    failed = {name: worst[name] for name in ("box_pixels", "score", "probability") if worst[name] > getattr(tolerances, name)}
+    if worst.get("top_detections_missed"):
+        failed["top_detections_missed"] = worst["top_detections_missed"]
+    return failed
+
+
 def check_parity(detector: Detector, classifier: Classifier, detector_path: Path, classifier_path: Path,
-                 images: np.ndarray, tolerances: Tolerances) -> dict[str, float]:
-    """Largest ONNX-vs-PyTorch differences over batches of 1 and of all images; raises if too large."""
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (detector_path, classifier_path)]
-    worst = {"box_pixels": 0.0, "score": 0.0, "probability": 0.0}
+                 images: np.ndarray, tolerances: Tolerances, providers: Sequence[str] = ("CPUExecutionProvider",)) -> dict:
+    """Largest ONNX-vs-PyTorch differences over batches of 1 and of all images; raises if too large.
+
+    Returns the differences (and the top-detection counts when checked) and the provider that ran.
+    """
+    sessions = [ort.InferenceSession(str(p), providers=list(providers)) for p in (detector_path, classifier_path)]
+    worst: dict = {"box_pixels": 0.0, "score": 0.0, "probability": 0.0}
     for batch in ([images[:1]] + ([images] if len(images) > 1 else [])):
-        boxes, scores, probabilities = predict(detector, classifier, batch, torch.device("cpu"))
+        reference = predict(detector, classifier, batch, torch.device("cpu"))
         onnx_boxes, onnx_scores = sessions[0].run(list(DETECTOR_OUTPUTS), {INPUT_NAME: batch})
         (onnx_probabilities,) = sessions[1].run(list(CLASSIFIER_OUTPUTS), {INPUT_NAME: batch})
-        worst["box_pixels"] = max(worst["box_pixels"], float(np.abs(onnx_boxes - boxes).max()))
-        worst["score"] = max(worst["score"], float(np.abs(onnx_scores - scores).max()))
-        worst["probability"] = max(worst["probability"], float(np.abs(onnx_probabilities - probabilities).max()))
-    failed = {name: value for name, value in worst.items() if value > getattr(tolerances, name)}
+        measured = compare_outputs(reference, (onnx_boxes, onnx_scores, onnx_probabilities), tolerances)
+        for name, value in measured.items():
+            # Top-detection counts are of the largest batch (all images); differences are the worst of both.
+            worst[name] = value if name.startswith("top_detections") else max(worst[name], value)
+    failed = parity_failures(worst, tolerances)
     if failed:
-        raise SystemExit(f"error: ONNX and PyTorch disagree beyond tolerance {tolerances}: {failed}; no pack written")
-    return worst
+        raise SystemExit(f"error: ONNX ({detector_path.name}, {classifier_path.name}) and PyTorch disagree beyond "
+                         f"tolerance {tolerances}: {failed}; no pack written")
+    return worst | {"provider": sessions[0].get_providers()[0]}
+
+
+def parity_record(worst: dict) -> dict:
+    """check_parity's result as the manifest states it."""
+    record: dict = {"max_abs_difference": {name: worst[name] for name in ("box_pixels", "score", "probability")}}
+    if "top_detections_checked" in worst:
+        record["top_detections"] = {"checked": worst["top_detections_checked"], "missed": worst["top_detections_missed"]}
+    return record
+
+
+def check_variant(detector: Detector, classifier: Classifier, paths: dict[str, Path], images: np.ndarray,
+                  precision: str, providers: Sequence[str]) -> dict:
+    """One variant's parity on each provider (a provider that falls back is reported once, as what ran)."""
+    if any(provider in GPU_PROVIDERS for provider in providers):
+        preload_gpu_libraries()  # what the service does before its GPU sessions
+    results: dict[str, dict] = {}
+    for provider in providers:
+        worst = check_parity(detector, classifier, paths["detector"], paths["classifier"], images,
+                             TOLERANCES[precision], providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
+        results.setdefault(worst["provider"], parity_record(worst))
+    return {"tolerances": asdict(TOLERANCES[precision]), "providers": results}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifest parts
+
+
+def label_counts(records: list[Record]) -> tuple[Counter, Counter]:
+    """(images with a box of each local label, images positive for each global label): training's counting."""
+    local = Counter(label for record in records for label in {box.label for box in record.boxes})
+    global_ = Counter(label for record in records for label, value in record.image_labels.items() if value)
+    return local, global_
+
+
+def label_selection(run_args: dict, local_labels: list[str], global_labels: list[str], records: list[Record]) -> dict:
+    """Which labels of the dataset's label set were trained, and why each of the others was not."""
+    label_set = LABEL_SETS[run_args["dataset"]]
+    min_examples = int(run_args.get("min_examples") or 0)
+    local_counts, global_counts = label_counts(records)
+
+    def kind(names: tuple[str, ...], trained: list[str], counts: Counter, requested: list[str] | None) -> dict:
+        not_trained = {}
+        for name in names:
+            if name in trained:
+                continue
+            if requested:
+                not_trained[name] = "not among the labels requested for training"
+            elif counts.get(name, 0) < min_examples:
+                not_trained[name] = f"fewer than {min_examples} examples ({counts.get(name, 0)} in the training split)"
+            else:
+                not_trained[name] = "not trained by the run this one was initialised from"
+        return {"trained": list(trained), "not_trained": not_trained}
+
+    return {
+        "rule": (f"labels with at least {min_examples} training examples (the VinDr-PCXR paper notes rarer labels "
+                 "are not reliably learnable), unless labels were named explicitly"),
+        "min_examples": min_examples,
+        "local": kind(tuple(label.name for label in label_set.local), local_labels, local_counts, run_args.get("local_labels")),
+        "global": kind(tuple(label.name for label in label_set.global_), global_labels, global_counts,
+                       run_args.get("global_labels")),
+    }
+
+
+def _headline(section: dict) -> dict:
+    """A report section's own numbers and intervals, without its per-label tables."""
+    return {key: value for key, value in section.items() if not isinstance(value, dict) or key.endswith("_ci")}
+
+
+def evaluation_summary(report: dict, file_name: str) -> dict:
+    """The manifest's summary of an evaluation report: headline metrics with intervals, per-label AP / AUROC."""
+    detection, classification = report.get("detection") or {}, report.get("classification") or {}
+    return {
+        "report": file_name,
+        "source": report.get("source"), "data": report.get("data"), "split": report.get("split"),
+        "images": report.get("images"),
+        "detection": _headline(detection) | {
+            "per_class": {label: {key: value for key, value in entry.items() if key.startswith("ap40")}
+                          for label, entry in (detection.get("per_class") or {}).items()}},
+        "classification": _headline(classification) | {
+            "per_label": {label: {key: value for key, value in entry.items() if key.startswith("auroc")}
+                          for label, entry in (classification.get("per_label") or {}).items()}},
+    }
+
+
+def copy_evaluation(report_path: Path, out: Path) -> dict:
+    """Copy the report (.json, its .md and any <stem>* plots) and the matching curves beside the pack."""
+    if not report_path.is_file():
+        raise SystemExit(f"error: evaluation report {report_path} not found")
+    report = json.loads(report_path.read_text())
+    split = report.get("split")
+    companions = set(report_path.parent.glob(f"{report_path.stem}*"))
+    if split:  # training.evaluate's curves: pr_curves_<split>.png, roc_curves_<split>.png
+        companions |= set(report_path.parent.glob(f"*_curves_{split}.png"))
+    for file in sorted(companions):
+        if file.is_file() and file.resolve() != (out / file.name).resolve():
+            shutil.copy(file, out / file.name)
+    return evaluation_summary(report, report_path.name)
+
+
+def model_entry(out: Path, model: str, precisions: Sequence[str]) -> dict:
+    """The manifest's file entry of one model: float32 at the top (what older readers load), other variants below."""
+    entry: dict = {"file": f"{model}.onnx", "sha256": sha256_of(out / f"{model}.onnx"), "precision": "fp32"}
+    variants = {precision: {"file": f"{model}.{precision}.onnx", "sha256": sha256_of(out / f"{model}.{precision}.onnx")}
+                for precision in precisions if precision != "fp32"}
+    if variants:
+        entry["variants"] = variants
+    return entry
+
+
+def variant_paths(folder: Path, precision: str) -> dict[str, Path]:
+    suffix = ".onnx" if precision == "fp32" else f".{precision}.onnx"
+    return {model: folder / f"{model}{suffix}" for model in MODELS}
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -109,11 +442,16 @@ def main(args: argparse.Namespace) -> Path:
     if not thresholds_path.is_file():
         raise SystemExit(f"error: {thresholds_path} is missing; the run did not finish")
     thresholds = json.loads(thresholds_path.read_text())
+    evaluation_path = args.evaluation or (args.run / "evaluation_test.json")
+    if args.evaluation is None and not evaluation_path.is_file():
+        evaluation_path = None
 
     data_root = args.data or Path(run_args["data"])
-    records = read_split(data_root, "train")[: args.parity_images]
+    training_records = read_split(data_root, "train")
+    records = training_records[: args.parity_images]
     spec = InputSpec(size=size, normalization=normalization)
     images = load_tensors(records, spec, local_labels, global_labels, description="parity images").images
+    precisions = PRECISIONS if args.fp16 else ("fp32",)
 
     name = args.name or args.out.name
     metadata = {
@@ -121,18 +459,28 @@ def main(args: argparse.Namespace) -> Path:
         "normalization": json.dumps({"mean": normalization.mean, "std": normalization.std}),
         "intended_use": INTENDED_USE,
     }
+    labels = {"detector": local_labels, "classifier": global_labels}
+    outputs = {"detector": DETECTOR_OUTPUTS, "classifier": CLASSIFIER_OUTPUTS}
     with tempfile.TemporaryDirectory() as scratch:
         staging = Path(scratch)
-        detector_path, classifier_path = staging / "detector.onnx", staging / "classifier.onnx"
-        export_onnx(detector, size, DETECTOR_OUTPUTS, detector_path, metadata | {"model": "detector", "labels": json.dumps(local_labels)})
-        export_onnx(classifier, size, CLASSIFIER_OUTPUTS, classifier_path, metadata | {"model": "classifier", "labels": json.dumps(global_labels)})
-        parity = check_parity(detector, classifier, detector_path, classifier_path, images, Tolerances())
+        fp32 = variant_paths(staging, "fp32")
+        for model, module in (("detector", detector), ("classifier", classifier)):
+            model_metadata = metadata | {"model": model, "labels": json.dumps(labels[model])}
+            export_onnx(module, size, outputs[model], fp32[model], model_metadata)
+            if "fp16" in precisions:
+                export_float16(fp32[model], variant_paths(staging, "fp16")[model], model_metadata)
+        parity = {precision: check_variant(detector, classifier, variant_paths(staging, precision), images, precision,
+                                           args.parity_providers)
+                  for precision in precisions}
         args.out.mkdir(parents=True, exist_ok=True)
-        for file in (detector_path, classifier_path):
-            shutil.move(str(file), args.out / file.name)
+        for precision in precisions:
+            for file in variant_paths(staging, precision).values():
+                shutil.move(str(file), args.out / file.name)
     for extra in ("loss_curves.png", "thresholds.json", "run.json"):
         if (args.run / extra).exists():
             shutil.copy(args.run / extra, args.out / extra)
+    evaluation = copy_evaluation(evaluation_path, args.out) if evaluation_path is not None else None
+    run_summary = json.loads((args.run / "run.json").read_text()) if (args.run / "run.json").is_file() else {}
 
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -141,25 +489,33 @@ def main(args: argparse.Namespace) -> Path:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "intended_use": INTENDED_USE,
         "intended_population": {"modalities": ["CR", "DX"], "body_part": "CHEST", "views": ["PA", "AP"], "max_age_years": 10},
-        "training_data": args.training_data or f"{run_args['dataset']} layout at {data_root.name}",
+        "training_data": args.training_data or (f"{run_args['dataset']} layout at {data_root.name} "
+                                                f"({len(training_records)} images in its train split)"),
         "label_set": run_args["dataset"],
+        "label_selection": label_selection(run_args, local_labels, global_labels, training_records),
         "input": {"name": INPUT_NAME, "layout": "NCHW", "channels": 1, "size": size,
                   "normalization": {"mean": normalization.mean, "std": normalization.std},
                   "preprocessing": "modality LUT -> window (or min-max) -> MONOCHROME1 inverted -> top-left letterbox (PIL bilinear) -> (x - mean) / std"},
-        "detector": {"file": "detector.onnx", "sha256": sha256_of(args.out / "detector.onnx"),
-                     "backbone": run_args["detector_backbone"], "outputs": list(DETECTOR_OUTPUTS), "labels": local_labels,
-                     "postprocess": DetectionParams().__dict__,
-                     # Findings are reported at these per-label operating points; evaluation uses all boxes.
-                     "thresholds": thresholds["finding_thresholds"]},
-        "classifier": {"file": "classifier.onnx", "sha256": sha256_of(args.out / "classifier.onnx"),
-                       "backbone": run_args["classifier_backbone"], "outputs": list(CLASSIFIER_OUTPUTS), "labels": global_labels,
-                       "thresholds": thresholds["thresholds"], "threshold_method": thresholds["method"]},
-        "training": {"epochs": checkpoint["epoch"] + 1, "seed": run_args["seed"], "final_validation": checkpoint["log"][-1]["val"] if checkpoint["log"] else None},
-        "export_parity": {"max_abs_difference": parity, "tolerances": Tolerances().__dict__, "images": len(images)},
+        "precisions": list(precisions),
+        "detector": model_entry(args.out, "detector", precisions) | {
+            "backbone": run_args["detector_backbone"], "outputs": list(DETECTOR_OUTPUTS), "labels": local_labels,
+            "postprocess": asdict(POSTPROCESS),
+            # Findings are reported at these per-label operating points; evaluation uses all boxes.
+            "thresholds": thresholds["finding_thresholds"]},
+        "classifier": model_entry(args.out, "classifier", precisions) | {
+            "backbone": run_args["classifier_backbone"], "outputs": list(CLASSIFIER_OUTPUTS), "labels": global_labels,
+            "thresholds": thresholds["thresholds"], "threshold_method": thresholds["method"]},
+        "training": {"epochs": checkpoint["epoch"] + 1, "seed": run_args["seed"],
+                     "train_images": run_summary.get("train_images"), "validation_images": run_summary.get("val_images"),
+                     "final_validation": checkpoint["log"][-1]["val"] if checkpoint["log"] else None},
+        "evaluation": evaluation,
+        "export_parity": {"images": len(images), "batch_sizes": sorted({1, len(images)}),
+                          "reference": "PyTorch float32 on CPU", "postprocess": asdict(POSTPROCESS)} | parity,
     }
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     ModelPack.load(args.out)  # the pack we wrote must verify like the service will verify it
-    print(f"wrote {args.out}: parity max |diff| {parity}")
+    for precision in precisions:
+        print(f"wrote {args.out} {precision}: parity {parity[precision]['providers']}")
     return args.out
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.dependencies import ReadyStateDep, SettingsDep, StateDep
+from service.modelpack import OnnxModels
 from service.schemas import ErrorResponse, ModelsResponse
 
 router = APIRouter()
@@ -35,8 +38,11 @@ async def readyz(state: StateDep) -> JSONResponse:
             responses={503: {"model": ErrorResponse, "description": "model not ready (Retry-After)"}})
 async def models(state: ReadyStateDep, settings: SettingsDep) -> ModelsResponse:
     pack = state.pack
+    # In-process sessions describe themselves; a shared inference server's stand-in only knows its providers.
+    runtime = asdict(state.models.runtime) if isinstance(state.models, OnnxModels) else None
     return ModelsResponse(
         pack=pack.name, version=pack.version, intended_use=pack.manifest["intended_use"],
         input_size=pack.input_spec.size, detector_labels=pack.local_labels, classifier_labels=pack.global_labels,
         thresholds=pack.thresholds, providers=state.models.providers, max_batch_size=settings.max_batch_size,
+        precisions=list(pack.precisions), runtime=runtime,
     )
