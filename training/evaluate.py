@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from service.modelpack import ModelPack, OnnxModels
+from service.settings import Settings
 from service.pipeline import InputSpec, prepare
 from service.postprocess import DetectionParams, Detections, select_detections, to_original_space
 from training.data import Record, add_layout_arguments, fusion_from_args, read_split
@@ -91,6 +92,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="bootstrap resamples of the images for the confidence intervals (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the percentile intervals")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
+                        help="pack variant to evaluate (auto: what the service would serve here, fp16 on a GPU)")
     add_layout_arguments(parser)
     return parser
 
@@ -265,6 +268,8 @@ def markdown_report(report: dict, title: str) -> str:
     lines = [f"# {title}", "", f"{report['images']} images."]
     if "command" in report:
         lines += ["", f"Command: `{report['command']}`"]
+    if "runtime" in report:
+        lines += ["", f"Ran on: {report['runtime']['provider']}, {report['runtime']['precision']} weights."]
     if bootstrap["resamples"]:
         lines += ["", f"Intervals: {level} percentile bootstrap, {bootstrap['resamples']} resamples of the images "
                       f"with replacement (seed {bootstrap['seed']}), shown as `value [low, high]`."]
@@ -399,13 +404,17 @@ def torch_infer_from_run(run: Path) -> tuple[InferFn, InputSpec, list[str], list
 def main(args: argparse.Namespace) -> dict:
     if args.pack is not None:
         pack = ModelPack.load(args.pack)
-        models = OnnxModels(pack, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        settings = Settings(models=args.pack, precision=args.precision,
+                            providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        models = OnnxModels(pack, settings=settings)
+        runtime = {"provider": models.runtime.provider, "precision": models.runtime.precision}
         infer, spec, params = models.run, pack.input_spec, pack.detection_params
         local_labels, global_labels, thresholds = pack.local_labels, pack.global_labels, pack.thresholds
         source, folder = f"pack {pack.name} {pack.version}", args.pack
     else:
         infer, spec, local_labels, global_labels, thresholds, params = torch_infer_from_run(args.run)
         source, folder = f"run {args.run}", args.run
+        runtime = {"provider": "PyTorch", "precision": "fp32"}
     out = args.out or folder
     records = read_split(args.data, args.split, args.layout, fusion_from_args(args))[: args.limit]
     started = time.perf_counter()
@@ -416,7 +425,7 @@ def main(args: argparse.Namespace) -> dict:
     matches = detection_matches(inputs)
     scores = score(inputs, matches, BootstrapSpec(args.bootstrap, args.seed, args.confidence))
     report = {"source": source, "data": str(args.data), "split": args.split, "command": command_line(args),
-              "thresholds_method": thresholds_method(folder)} | scores
+              "thresholds_method": thresholds_method(folder), "runtime": runtime} | scores
     report["seconds"] = {"inference": round(inference_seconds, 1), "metrics": round(time.perf_counter() - started, 1)}
     title = f"Evaluation of {source} on {args.data.name}/{args.split}"
     written = write_outputs(out, args.split, report, inputs, matches, title)
