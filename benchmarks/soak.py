@@ -17,7 +17,6 @@ import io
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.procfs import process_tree_rss_kib
+from benchmarks.servers import free_port
 from training.synthetic import dicom_bytes, synthesize_instance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,28 +48,6 @@ def make_inputs(folder: Path) -> None:
     parts = [(folder / "rle.dcm").read_bytes(), b"broken instance" * 30, explicit]
     body = b"".join(b"--soak-boundary\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n" for p in parts)
     (folder / "stow.multipart").write_bytes(body + b"--soak-boundary--\r\n")
-
-
-def process_tree_rss_kib(pid: int) -> int:
-    """Resident memory of a process and all its descendants (KiB), from /proc."""
-    total, pending = 0, [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text()
-            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
-            for task in Path(f"/proc/{current}/task").iterdir():
-                children = (task / "children").read_text().split()
-                pending += [int(child) for child in children]
-        except (FileNotFoundError, StopIteration, ProcessLookupError):
-            continue
-    return total
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main(args: argparse.Namespace) -> None:
