@@ -23,6 +23,20 @@ from service.pipeline import InputSpec, PreparedImage, prepare
 log = logging.getLogger(__name__)
 
 
+def _load_decoders() -> None:
+    """Import the pixel decoders a worker will need (their imports take longer than most decodes)."""
+    import importlib
+
+    import pydicom.pixels  # noqa: F401
+
+    for plugin in ("pylibjpeg", "openjpeg", "libjpeg", "rle"):
+        try:
+            importlib.import_module(plugin)
+        except ImportError:
+            pass  # a missing plugin is reported per image as 415, not here
+    time.sleep(0.05)  # hold this worker briefly so the pool starts a separate process for the next task
+
+
 class DecodeTimeout(ApiError):
     status_code, code = 422, "decode_timeout"
 
@@ -45,6 +59,19 @@ class DecodePool:
             return ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         # forkserver: forking a process that already runs threads (uvicorn, ONNX Runtime) is unsafe.
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
+
+    def start(self) -> float:
+        """Start every worker now and load its decoders, so no request pays for process start-up.
+
+        Returns the seconds it took (process pools otherwise start workers on first use).
+        """
+        started = time.perf_counter()
+        if self.use_processes:
+            # One task per worker, submitted together: the pool starts a process for each.
+            futures = [self._executor.submit(_load_decoders) for _ in range(self.workers)]
+            for future in futures:
+                future.result(timeout=60)
+        return time.perf_counter() - started
 
     @property
     def waiting(self) -> int:

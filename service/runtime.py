@@ -252,6 +252,7 @@ def session_settings(settings: Settings) -> dict[str, object]:
     return {
         "intra_op_threads": settings.intra_op_threads,
         "inter_op_threads": settings.inter_op_threads,
+        "intra_op_spinning": settings.intra_op_spinning,
         # One batch at a time flows through each chain-like CNN: running nodes in parallel only adds
         # scheduling overhead, and the batcher already keeps one inference in flight.
         "execution_mode": "sequential",
@@ -265,6 +266,8 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     options.intra_op_num_threads = int(described["intra_op_threads"])  # type: ignore[arg-type]
     options.inter_op_num_threads = int(described["inter_op_threads"])  # type: ignore[arg-type]
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Spinning threads burn the cores the decode pool needs between batches.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if described["intra_op_spinning"] else "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
 

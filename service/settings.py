@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(
         1, ge=0, description="ONNX Runtime threads running graph nodes side by side (0: one per core); the sessions "
                              "run nodes sequentially, so more than 1 only idles")
+    intra_op_spinning: bool = Field(
+        False, description="let ONNX Runtime's threads busy-wait between batches (lower CPU latency when the cores "
+                           "are otherwise idle; off, because the decode processes need those cores)")
     precision: Literal["auto", "fp32", "fp16"] = Field(
         "auto", description="model variant to serve: auto = the pack's fp16 variant on CUDA/TensorRT, fp32 on CPU "
                             "(fp16 on CPU works but is slower; a pack without fp16 serves fp32)")

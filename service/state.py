@@ -70,6 +70,9 @@ def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None
 
 def new_decode_pool(settings: Settings, metrics: ServiceMetrics | None = None) -> DecodePool:
     """The decode pool of an HTTP process; the same for local inference and the shared inference server's workers."""
-    return DecodePool(settings.decode_workers, settings.decode_timeout_s, settings.max_queue_size,
+    pool = DecodePool(settings.decode_workers, settings.decode_timeout_s, settings.max_queue_size,
                       settings.decode_in_processes,
                       on_replace=metrics.decode_workers_replaced.inc if metrics is not None else None)
+    # Before /readyz turns ready, so neither the first requests nor cold-start figures hide worker start-up.
+    log.info("%d decode workers started in %.1f s", settings.decode_workers, pool.start())
+    return pool

@@ -87,6 +87,9 @@ def test_session_options_are_explicit():
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = runtime.session_options(Settings(intra_op_spinning=True))
+    assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
 
 
 @pytest.mark.parametrize("wanted, machine, attempt, expected, skipped", [
@@ -202,7 +205,8 @@ def test_models_endpoint_reports_the_runtime_in_effect(client):
     assert described["provider"] == CPU and described["providers"] == [CPU] and described["requested_providers"] == [CPU]
     assert described["precision"] == "fp32" and described["files"] == {"detector": "detector.onnx", "classifier": "classifier.onnx"}
     assert described["io_binding"] is False and described["provider_options"] == {CPU: {}}
-    assert described["session_options"] == {"intra_op_threads": 0, "inter_op_threads": 1, "execution_mode": "sequential",
+    assert described["session_options"] == {"intra_op_threads": 0, "inter_op_threads": 1, "intra_op_spinning": False,
+                                            "execution_mode": "sequential",
                                             "graph_optimization_level": "all"}
     assert described["fallback"] is None and described["warnings"] == []
 
