@@ -8,9 +8,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import numpy as np
+
 from service.decode import DecodeLimits
 from service.errors import OutOfDistribution, RequestTimeout
 from service.intended_use import out_of_distribution_reasons
+from service.modelpack import ModelPack
 from service.pipeline import PreparedImage
 from service.postprocess import at_operating_points, diseases_json, findings_json, select_detections, to_original_space
 from service.settings import Settings
@@ -50,20 +53,27 @@ async def predict_instance(body: bytes, state: ServingState, settings: Settings,
     if warnings and settings.strict_intended_use:
         raise OutOfDistribution("The image is outside the model's intended use: " + " ".join(warnings))
     result = await state.batcher.submit(prepared.input)
+    prediction = prediction_body(prepared, result.outputs, pack, settings, request_id, warnings,
+                                 {"queue": result.queue_ms, "inference": result.inference_ms})
+    prediction["timing_ms"]["total"] = round((time.perf_counter() - started) * 1e3, 2)
+    if state.metrics is not None:
+        state.metrics.observe_prediction(prediction["timing_ms"], result.batch_size)
+    return prediction, prepared
+
+
+def prediction_body(prepared: PreparedImage, outputs: tuple[np.ndarray, np.ndarray, np.ndarray], pack: ModelPack,
+                    settings: Settings, request_id: str, warnings: list[str], timing_ms: dict[str, float]) -> dict:
+    """The JSON result of DESIGN §4 for one prepared image and its model outputs (boxes, scores, probabilities).
+
+    One function for the service and for anything that must answer exactly as it does (the benchmark peers).
+    """
     postprocess_started = time.perf_counter()
-    boxes, scores, probabilities = result.outputs
+    boxes, scores, probabilities = outputs
     detections = at_operating_points(select_detections(boxes, scores, pack.detection_params),
                                      pack.finding_thresholds(settings.finding_score_floor))
     detections = to_original_space(detections, prepared.geometry)
-    timing = prepared.timing_ms | {
-        "queue": result.queue_ms,
-        "inference": result.inference_ms,
-        "postprocess": (time.perf_counter() - postprocess_started) * 1e3,
-    }
-    timing["total"] = (time.perf_counter() - started) * 1e3
-    if state.metrics is not None:
-        state.metrics.observe_prediction(timing, result.batch_size)
-    prediction = {
+    timing = prepared.timing_ms | timing_ms | {"postprocess": (time.perf_counter() - postprocess_started) * 1e3}
+    return {
         "request_id": request_id,
         "instance": prepared.instance,
         "findings": findings_json(detections, pack.local_labels),
@@ -73,4 +83,3 @@ async def predict_instance(body: bytes, state: ServingState, settings: Settings,
                   "classifier_sha256": pack.manifest["classifier"]["sha256"]},
         "timing_ms": {name: round(value, 2) for name, value in timing.items()},
     }
-    return prediction, prepared

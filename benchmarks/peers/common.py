@@ -7,7 +7,6 @@ imported from `service` here, in one place.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from service.decode import DecodeLimits
 from service.intended_use import out_of_distribution_reasons
 from service.modelpack import ModelPack, OnnxModels
 from service.pipeline import PreparedImage, prepare
-from service.postprocess import at_operating_points, diseases_json, findings_json, select_detections, to_original_space
+from service.predictor import prediction_body
 from service.schemas import Prediction
 from service.settings import Settings
 from service.state import load_serving_state
@@ -50,27 +49,9 @@ def prepare_body(body: bytes, pack: ModelPack, settings: Settings) -> PreparedIm
 
 def prediction_json(prepared: PreparedImage, outputs: ModelOutputs, pack: ModelPack, settings: Settings,
                     request_id: str, timing_ms: dict[str, float]) -> dict:
-    """The service's JSON answer for one image (the steps of service.predictor.predict_instance).
-
-    Kept step for step with predict_instance: the service builds this dict inline there, so there is
-    no single function to import; tests/test_benchmarks.py checks the result validates as `Prediction`.
-    """
-    postprocess_started = time.perf_counter()
-    boxes, scores, probabilities = outputs
-    detections = at_operating_points(select_detections(boxes, scores, pack.detection_params),
-                                     pack.finding_thresholds(settings.finding_score_floor))
-    detections = to_original_space(detections, prepared.geometry)
-    timing = prepared.timing_ms | timing_ms | {"postprocess": (time.perf_counter() - postprocess_started) * 1e3}
-    return {
-        "request_id": request_id,
-        "instance": prepared.instance,
-        "findings": findings_json(detections, pack.local_labels),
-        "diseases": diseases_json(probabilities, pack.global_labels, pack.thresholds),
-        "warnings": out_of_distribution_reasons(prepared.header, pack.intended_population),
-        "model": {"pack": pack.name, "version": pack.version, "detector_sha256": pack.manifest["detector"]["sha256"],
-                  "classifier_sha256": pack.manifest["classifier"]["sha256"]},
-        "timing_ms": {name: round(value, 2) for name, value in timing.items()},
-    }
+    """The service's JSON answer for one image, built by the service's own function."""
+    warnings = out_of_distribution_reasons(prepared.header, pack.intended_population)
+    return prediction_body(prepared, outputs, pack, settings, request_id, warnings, timing_ms)
 
 
 def response_body(prediction: dict) -> dict:
