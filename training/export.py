@@ -36,7 +36,7 @@ from service.pipeline import InputSpec
 from service.postprocess import DetectionParams, Detections, box_iou, select_detections
 from service.preprocess import Normalization
 from service.runtime import GPU_PROVIDERS, preload_gpu_libraries
-from training.data import Record, load_tensors, read_split
+from training.data import Record, fusion_from_args, load_tensors, read_split
 from training.engine import predict
 from training.labels import LABEL_SETS
 from training.models import Classifier, Detector
@@ -447,7 +447,8 @@ def main(args: argparse.Namespace) -> Path:
         evaluation_path = None
 
     data_root = args.data or Path(run_args["data"])
-    training_records = read_split(data_root, "train")
+    # Read the data the way the run did (layout and rater fusion are in its saved arguments).
+    training_records = read_split(data_root, "train", run_args.get("layout", "auto"), fusion_from_args(run_args))
     records = training_records[: args.parity_images]
     spec = InputSpec(size=size, normalization=normalization)
     images = load_tensors(records, spec, local_labels, global_labels, description="parity images").images
