@@ -29,7 +29,8 @@ test: install-all
 # Benchmarks (separate commands, never part of `make test`; see README "Throughput and latency"):
 #   make bench          in-process + HTTP throughput/latency, ours vs the peers (~20 min on 2 cores;
 #                       the first run also pip-installs Ray Serve into benchmarks/.venv-peers)
-#   make bench-memory   10,000 requests, memory of the server's process tree over requests
+#   make bench-memory   10,000 uncompressed requests (~10 min; JPEG 2000 would take ~40 min on 2 cores),
+#                       memory of the server's process tree over requests
 #   BENCH_ARGS passes options, e.g. `make bench BENCH_ARGS=--quick` (a smoke run of a few minutes)
 BENCH_ARGS ?=
 .PHONY: bench bench-memory
@@ -38,4 +39,4 @@ bench: install-all
 	$(PY) -m benchmarks.throughput $(BENCH_ARGS)
 
 bench-memory: install-all
-	$(PY) -m benchmarks.memory --requests 10000
+	$(PY) -m benchmarks.memory --requests 10000 --input-sets uncompressed

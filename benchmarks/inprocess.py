@@ -1,7 +1,8 @@
 """In-process throughput, no HTTP: the service's own pipeline, and the models alone.
 
-Pipeline: `service.pipeline.prepare` in a process pool of the service's CXR_DECODE_WORKERS processes
-(forkserver, called with the service's arguments, as service.decode_pool does), feeding batches to the
+Pipeline: `service.pipeline.prepare` routed as service.decode_pool routes it (uncompressed pixel data in
+CXR_DECODE_WORKERS threads, compressed in a forkserver pool of as many processes, called with the
+service's arguments), feeding batches to the
 service's OnnxModels, then the service's postprocessing into the JSON answer, one image at a time.
 Decoding runs ahead of inference (a window of submitted images), so the pool keeps working while a
 batch is inferred, as it does in the server under load. The rate is images fully answered per second.
@@ -16,12 +17,13 @@ import multiprocessing
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
 
 from benchmarks.peers.common import decode_limits, prediction_json
+from service.decode import NATIVE_TRANSFER_SYNTAXES, peek_transfer_syntax
 from service.modelpack import ModelPack, OnnxModels
 from service.pipeline import PreparedImage, prepare
 from service.settings import Settings
@@ -69,22 +71,43 @@ def model_only_rates(models: OnnxModels, tensors: Sequence[np.ndarray], batch_si
     return rates
 
 
-def decode_pool(workers: int) -> ProcessPoolExecutor:
+@dataclass
+class DecodeExecutors:
+    """The service's decode routing (service.decode_pool.DecodePool.route) without its asyncio wrapper."""
+
+    processes: ProcessPoolExecutor
+    threads: ThreadPoolExecutor | None
+
+    def submit(self, body: bytes, *arguments) -> Future:
+        native = self.threads is not None and peek_transfer_syntax(body) in NATIVE_TRANSFER_SYNTAXES
+        return (self.threads if native else self.processes).submit(prepare, body, *arguments)
+
+    def __enter__(self) -> DecodeExecutors:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.threads is not None:
+            self.threads.shutdown()
+        self.processes.shutdown()
+
+
+def decode_pool(workers: int, native_in_threads: bool = True) -> DecodeExecutors:
     # forkserver, as service.decode_pool: the parent already runs ONNX Runtime's threads.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    return DecodeExecutors(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")),
+                           ThreadPoolExecutor(workers, thread_name_prefix="decode-native") if native_in_threads else None)
 
 
 class DecodeStream:
     """Prepared images in submission order, with `window` decodes always in flight in the pool."""
 
-    def __init__(self, pool: ProcessPoolExecutor, bodies: Sequence[bytes], pack: ModelPack, settings: Settings,
+    def __init__(self, pool: DecodeExecutors, bodies: Sequence[bytes], pack: ModelPack, settings: Settings,
                  window: int) -> None:
         self._pool, self._bodies = pool, itertools.cycle(bodies)
         self._arguments = (pack.input_spec, decode_limits(settings), settings.image_id_hash)
         self._pending: deque[Future] = deque(self._submit() for _ in range(window))
 
     def _submit(self) -> Future:
-        return self._pool.submit(prepare, next(self._bodies), *self._arguments)
+        return self._pool.submit(next(self._bodies), *self._arguments)
 
     def take(self, count: int) -> list[PreparedImage]:
         taken = []
@@ -116,7 +139,7 @@ def pipeline_batch(stream: DecodeStream, batch_size: int, models: OnnxModels, pa
 
 
 def pipeline_rates(input_set: str, bodies: Sequence[bytes], pack: ModelPack, settings: Settings, models: OnnxModels,
-                   pool: ProcessPoolExecutor, workers: int, batch_sizes: Sequence[int], seconds: float,
+                   pool: DecodeExecutors, workers: int, batch_sizes: Sequence[int], seconds: float,
                    progress: Callable[[str], None] = print) -> list[BatchRate]:
     rates = []
     for batch_size in batch_sizes:

@@ -132,9 +132,9 @@ def measure_inprocess(results: Results, settings: Settings, sets: Sequence[Input
     for rate in results.model_only:
         progress(f"  models only batch {rate.batch_size:>2}: {rate.images_per_s:7.2f} images/s")
     workers = settings.decode_workers
-    with decode_pool(workers) as pool:
+    with decode_pool(workers, settings.decode_native_in_threads) as pool:
         # Start every worker (and the forkserver) before anything is timed: the pool spawns them on demand.
-        wait([pool.submit(time.sleep, 0.2) for _ in range(workers)])
+        wait([pool.processes.submit(time.sleep, 0.2) for _ in range(workers)])
         for spec in sets:
             results.pipeline += pipeline_rates(spec.name, bodies[spec.name], pack, settings, models, pool, workers,
                                                plan.batch_sizes, plan.pipeline_s, progress)

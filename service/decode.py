@@ -42,6 +42,40 @@ class DecodeLimits:
     min_rows_or_columns: int = 32
 
 
+# Pixel data stored as plain numbers: decoding is numpy work that releases the GIL (deflate is zlib).
+NATIVE_TRANSFER_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+})
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+
+
+def peek_transfer_syntax(body: bytes) -> str | None:
+    """The Transfer Syntax UID of a DICOM file's meta header, read without parsing the dataset.
+
+    None when the body has no readable Part 10 meta header (the full parser then decides what it is).
+    The meta group is always Explicit VR Little Endian (PS3.10 7.1).
+    """
+    if len(body) < 132 or body[128:132] != b"DICM":
+        return None
+    offset, end = 132, min(len(body), 132 + 65536)
+    while offset + 8 <= end:
+        group, element = int.from_bytes(body[offset:offset + 2], "little"), int.from_bytes(body[offset + 2:offset + 4], "little")
+        if group != 0x0002:
+            return None
+        vr = body[offset + 4:offset + 6]
+        if vr in _LONG_LENGTH_VRS:
+            length, value_at = int.from_bytes(body[offset + 8:offset + 12], "little"), offset + 12
+        else:
+            length, value_at = int.from_bytes(body[offset + 6:offset + 8], "little"), offset + 8
+        if element == 0x0010:
+            return body[value_at:value_at + length].rstrip(b"\x00 ").decode("ascii", errors="replace")
+        offset = value_at + length
+    return None
+
+
 def read_dataset(body: bytes) -> Dataset:
     """Parse a DICOM Part 10 body (or a bare dataset) into a pydicom Dataset, pixels untouched."""
     if not body:

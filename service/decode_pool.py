@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from service.decode import DecodeLimits
+from service.decode import NATIVE_TRANSFER_SYNTAXES, DecodeLimits, peek_transfer_syntax
 from service.errors import ApiError, Overloaded
 from service.pipeline import InputSpec, PreparedImage, prepare
 
@@ -42,8 +42,17 @@ class DecodeTimeout(ApiError):
 
 
 class DecodePool:
+    """Decoding and preprocessing off the event loop.
+
+    Compressed pixel data (JPEG 2000, JPEG, JPEG-LS, RLE, HTJ2K) is decoded in worker processes: those
+    codecs hold the GIL, and a process that outlasts the time bound can be killed. Uncompressed pixel
+    data goes to threads of this process when `native_in_threads`: its decode is numpy work that
+    releases the GIL and is bounded by the size caps, and a thread saves pickling a ~4 MB body through
+    a pipe to a worker process, which cost more CPU than the decode itself.
+    """
+
     def __init__(self, workers: int, timeout_s: float, max_waiting: int, use_processes: bool = True,
-                 on_replace: Callable[[], None] | None = None) -> None:
+                 on_replace: Callable[[], None] | None = None, native_in_threads: bool = True) -> None:
         self.workers = workers
         self._on_replace = on_replace
         self.timeout_s = timeout_s
@@ -53,6 +62,9 @@ class DecodePool:
         self._slots = asyncio.Semaphore(workers)
         self._waiting = 0
         self._executor = self._new_executor()
+        self._threads = (ThreadPoolExecutor(workers, thread_name_prefix="decode-native")
+                         if use_processes and native_in_threads else None)
+        self._thread_slots = asyncio.Semaphore(workers)
 
     def _new_executor(self) -> Executor:
         if not self.use_processes:
@@ -95,10 +107,29 @@ class DecodePool:
             raise Overloaded("Too many images are waiting to be decoded; retry shortly.", headers={"Retry-After": "1"})
         self._waiting += 1
         try:
+            if self.route(body) == "thread":
+                async with self._thread_slots:
+                    return await self._run_in_thread(body, spec, limits, id_algorithm, keep_display)
             async with self._slots:
                 return await self._run(body, spec, limits, id_algorithm, keep_display, retry=True)
         finally:
             self._waiting -= 1
+
+    def route(self, body: bytes) -> str:
+        """"thread" for uncompressed pixel data (when enabled), else "process" (also for unreadable meta)."""
+        if self._threads is not None and peek_transfer_syntax(body) in NATIVE_TRANSFER_SYNTAXES:
+            return "thread"
+        return "process"
+
+    async def _run_in_thread(self, body, spec, limits, id_algorithm, keep_display) -> PreparedImage:
+        future = asyncio.get_running_loop().run_in_executor(self._threads, prepare, body, spec, limits, id_algorithm,
+                                                            keep_display)
+        try:
+            return await asyncio.wait_for(future, self.timeout_s)
+        except TimeoutError:
+            # A thread cannot be stopped; it finishes on its own (uncompressed work is bounded by the size caps).
+            log.warning("uncompressed decode exceeded %.1f s", self.timeout_s)
+            raise DecodeTimeout(f"Decoding the image took longer than {self.timeout_s:g} s and was stopped.") from None
 
     async def _run(self, body, spec, limits, id_algorithm, keep_display, retry: bool) -> PreparedImage:
         executor = self._executor
@@ -125,6 +156,8 @@ class DecodePool:
         their stop message; a worker also holds its own call queue's write end, so it never sees EOF either.
         Left alone, each worker (and the forkserver it keeps alive) outlives the server as an orphan.
         """
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
         processes = list((getattr(self._executor, "_processes", None) or {}).values())
         self._executor.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + grace_s

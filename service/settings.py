@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1, description="images waiting for inference before 429")
     decode_workers: int = Field(max(1, os.cpu_count() or 1), ge=1, description="processes decoding DICOMs")
     decode_in_processes: bool = Field(True, description="decode in worker processes (False: threads, no hard time bound)")
+    decode_native_in_threads: bool = Field(
+        True, description="decode uncompressed pixel data in threads (numpy releases the GIL; no body copy to a worker "
+                          "process); compressed syntaxes stay in the process pool")
     decode_timeout_s: float = Field(30.0, gt=0, description="longest one image may take to decode and preprocess")
     inference_socket: Path | None = Field(
         None, description="Unix socket of a shared inference server (service/inference_server.py) to run the models; "

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from tests.live import free_port, wait_until_ready
+from training.synthetic import dicom_bytes, synthesize_instance
 
 
 def _dicom(tiny_dataset, index: int = 0) -> bytes:
@@ -23,13 +24,17 @@ def _dicom(tiny_dataset, index: int = 0) -> bytes:
 def test_killed_decode_worker_is_replaced(tiny_settings, tiny_dataset):
     """Killing a decode worker process mid-life does not fail the next requests: the pool is replaced."""
     headers = {"Content-Type": "application/dicom"}
+    # RLE: compressed pixel data is what the worker processes decode (uncompressed goes to threads).
+    compressed = [dicom_bytes(synthesize_instance(seed=seed, rows=320, cols=288, transfer_syntax="rle")[0])
+                  for seed in (21, 22)]
     with TestClient(create_app(tiny_settings.model_copy(update={"decode_workers": 1}))) as local:
-        assert local.post("/v1/predict", content=_dicom(tiny_dataset), headers=headers).status_code == 200
+        assert local.post("/v1/predict", content=compressed[0], headers=headers).status_code == 200
         pool = local.app.state.serving.decoder
+        assert pool.route(compressed[1]) == "process"
         for process in list(pool._executor._processes.values()):
             os.kill(process.pid, signal.SIGKILL)
         time.sleep(0.5)
-        assert local.post("/v1/predict", content=_dicom(tiny_dataset, 1), headers=headers).status_code == 200
+        assert local.post("/v1/predict", content=compressed[1], headers=headers).status_code == 200
         assert pool.replaced_workers == 1
         assert "cxr_decode_workers_replaced_total 1.0" in local.get("/metrics").text
 
