@@ -33,7 +33,7 @@ import httpx
 from benchmarks.inputs import INPUT_SETS, input_set, make_input_set, read_bodies
 from benchmarks.machine import describe_machine, load_average
 from benchmarks.procfs import tree_memory
-from benchmarks.report import table
+from benchmarks.report import save_figure, table
 from benchmarks.servers import start_server, stop_server
 from benchmarks.throughput import OURS, service_specs
 from service.settings import Settings
@@ -139,10 +139,7 @@ def plot_memory(samples: Sequence[MemorySample], compared: Sequence[MemorySample
     axis.set_ylim(bottom=0)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(plt, figure, path)
 
 
 def render_memory_report(command: str, machine: dict[str, str], started_at: str, requests: int, concurrency: int,

@@ -254,7 +254,8 @@ def targets_section(results: Results) -> list[str]:
 
 def inprocess_section(results: Results) -> list[str]:
     return ["## In-process throughput (no HTTP)", "", *inprocess_table(results), "",
-            f"Pipeline = `service.pipeline.prepare` in a pool of {results.plan.get('decode_workers', '?')} processes "
+            f"Pipeline = `service.pipeline.prepare` routed as the service routes it ({results.plan.get('decode_workers', '?')} "
+            "threads for uncompressed pixel data, as many worker processes for compressed syntaxes) "
             "→ batch → both models → postprocess to the JSON answer; models only = both models on ready-made "
             "tensors. Best batch size in bold.", ""]
 
@@ -346,6 +347,11 @@ def plot_throughput(results: Results, path: Path) -> Path:
         axis.set(xlabel="concurrency (users)", ylabel="successful requests/s", title=f"{name} inputs")
         axis.set_ylim(bottom=0)
         axis.legend(fontsize=8)
+    return save_figure(plt, figure, path)
+
+
+def save_figure(plt, figure, path: Path) -> Path:
+    """Write a finished figure as PNG and free it (pyplot keeps every open figure alive)."""
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -367,10 +373,7 @@ def plot_latency(results: Results, path: Path) -> Path:
             _log_axes(axis, sorted({lv.users for lv in results.http if lv.input_set == name}), log_y=True)
             axis.set(xlabel="concurrency (users)", ylabel="latency (ms)", title=f"{title}, {name} inputs")
             axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(plt, figure, path)
 
 
 def plot_inprocess(results: Results, path: Path) -> Path:
@@ -385,7 +388,4 @@ def plot_inprocess(results: Results, path: Path) -> Path:
     _log_axes(axis, sorted({r.batch_size for r in results.model_only + results.pipeline}), log_y=True)
     axis.set(xlabel="batch size", ylabel="images/s", title="In-process throughput")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(plt, figure, path)
