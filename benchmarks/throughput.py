@@ -89,8 +89,8 @@ def service_specs(settings: Settings, models: Path, peer_python: Path | None, se
     threads = f"ONNX Runtime intra-op threads {settings.intra_op_threads or 'one per core'}"
     workers = ["--workers", str(service_workers)] if service_workers > 1 else []
     # With --workers N the service gives each HTTP process cores // N decode processes unless CXR_DECODE_WORKERS is set.
-    decoders = (f"{settings.decode_workers} decode processes" if not workers else
-                "decode processes per HTTP process as `--workers` assigns them")
+    decoders = (f"{settings.decode_workers} decode threads (uncompressed) and as many decode processes (compressed)"
+                if not workers else "decode threads and processes per HTTP process as `--workers` assigns them")
     specs = {
         OURS: ServerSpec(OURS, "ours", [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "{port}",
                                         "--models", pack, "--log-level", "warning", *workers],

@@ -50,9 +50,21 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
-def select_detections(boxes: np.ndarray, scores: np.ndarray, params: DetectionParams) -> Detections:
-    """Dense (L, 4) boxes and (L, C) scores of one image -> class-wise NMS'd detections."""
-    locations, classes = np.nonzero(scores > params.score_threshold)
+def select_detections(boxes: np.ndarray, scores: np.ndarray, params: DetectionParams,
+                      class_floors: np.ndarray | None = None) -> Detections:
+    """Dense (L, 4) boxes and (L, C) scores of one image -> class-wise NMS'd detections.
+
+    `class_floors[c]`, when given, drops class c's candidates below it before NMS. Serving passes the
+    reporting thresholds here: greedy NMS is class-wise and a box is only ever suppressed by a
+    higher-scoring one, so the boxes kept above a threshold are the same as filtering after NMS
+    (only the pre-NMS top-k and the max_detections cap can now keep more of them), while NMS runs over
+    a handful of candidates instead of up to pre_nms_top_k; it was the largest CPU cost of the request
+    handler (benchmarks/results/profile/).
+    """
+    keep_candidate = scores > params.score_threshold
+    if class_floors is not None:
+        keep_candidate &= scores >= class_floors[None, :]
+    locations, classes = np.nonzero(keep_candidate)
     candidate_scores = scores[locations, classes]
     if candidate_scores.size > params.pre_nms_top_k:
         top = np.argpartition(-candidate_scores, params.pre_nms_top_k - 1)[: params.pre_nms_top_k]

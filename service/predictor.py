@@ -15,7 +15,7 @@ from service.errors import OutOfDistribution, RequestTimeout
 from service.intended_use import out_of_distribution_reasons
 from service.modelpack import ModelPack
 from service.pipeline import PreparedImage
-from service.postprocess import at_operating_points, diseases_json, findings_json, select_detections, to_original_space
+from service.postprocess import diseases_json, findings_json, select_detections, to_original_space
 from service.settings import Settings
 from service.state import ServingState
 
@@ -69,8 +69,9 @@ def prediction_body(prepared: PreparedImage, outputs: tuple[np.ndarray, np.ndarr
     """
     postprocess_started = time.perf_counter()
     boxes, scores, probabilities = outputs
-    detections = at_operating_points(select_detections(boxes, scores, pack.detection_params),
-                                     pack.finding_thresholds(settings.finding_score_floor))
+    # Reporting thresholds applied before NMS: the same findings as NMS-then-threshold, far less work.
+    detections = select_detections(boxes, scores, pack.detection_params,
+                                   pack.finding_thresholds(settings.finding_score_floor))
     detections = to_original_space(detections, prepared.geometry)
     timing = prepared.timing_ms | timing_ms | {"postprocess": (time.perf_counter() - postprocess_started) * 1e3}
     return {

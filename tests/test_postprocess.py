@@ -1,8 +1,10 @@
 """Detection postprocess: NMS and class-wise selection (golden arrays)."""
 
 import numpy as np
+import pytest
 
-from service.postprocess import DetectionParams, Detections, box_iou, nms, select_detections, to_original_space
+from service.postprocess import (DetectionParams, Detections, at_operating_points, box_iou, nms, select_detections,
+                                 to_original_space)
 from service.preprocess import Letterbox
 
 
@@ -37,3 +39,24 @@ def test_boxes_map_to_original_space_and_clip():
     geometry = Letterbox(rows=1000, columns=500, size=100)  # resized to 100 x 50
     found = Detections(np.array([[10, 20, 60, 120]], dtype=np.float32), np.array([0.5], np.float32), np.array([0]))
     np.testing.assert_allclose(to_original_space(found, geometry).boxes, [[100, 200, 500, 1000]])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_thresholds_before_nms_keep_the_same_findings_as_after(seed):
+    """Serving filters by the reporting thresholds before NMS; for overlapping dense outputs that gives exactly
+    what thresholding NMS's output gives (when neither the top-k nor the cap binds)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(20, 230, size=(12, 2))
+    picks = rng.integers(0, len(centres), size=400)
+    sizes = rng.uniform(10, 60, size=(400, 2))
+    jitter = rng.normal(0, 4, size=(400, 2))
+    boxes = np.concatenate([centres[picks] + jitter - sizes / 2, centres[picks] + jitter + sizes / 2], axis=1).astype(np.float32)
+    scores = rng.beta(0.6, 2.0, size=(400, 5)).astype(np.float32)
+    floors = rng.uniform(0.1, 0.7, size=5).astype(np.float32)
+    params = DetectionParams(score_threshold=0.05, iou_threshold=0.5, max_detections=10_000, pre_nms_top_k=10_000)
+    after = at_operating_points(select_detections(boxes, scores, params), floors)
+    before = select_detections(boxes, scores, params, floors)
+    assert len(after.scores) > 5
+    np.testing.assert_array_equal(before.classes, after.classes)
+    np.testing.assert_array_equal(before.scores, after.scores)
+    np.testing.assert_array_equal(before.boxes, after.boxes)
