@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.peers.common import decode_limits, prediction_json
-from service.decode import NATIVE_TRANSFER_SYNTAXES, peek_transfer_syntax
+from service.decode import has_native_pixel_data
 from service.modelpack import ModelPack, OnnxModels
 from service.pipeline import PreparedImage, prepare
 from service.settings import Settings
@@ -79,7 +79,7 @@ class DecodeExecutors:
     threads: ThreadPoolExecutor | None
 
     def submit(self, body: bytes, *arguments) -> Future:
-        native = self.threads is not None and peek_transfer_syntax(body) in NATIVE_TRANSFER_SYNTAXES
+        native = self.threads is not None and has_native_pixel_data(body)
         return (self.threads if native else self.processes).submit(prepare, body, *arguments)
 
     def __enter__(self) -> DecodeExecutors:

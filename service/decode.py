@@ -76,6 +76,11 @@ def peek_transfer_syntax(body: bytes) -> str | None:
     return None
 
 
+def has_native_pixel_data(body: bytes) -> bool:
+    """Whether the file's meta header names an uncompressed transfer syntax (the decode routing rule)."""
+    return peek_transfer_syntax(body) in NATIVE_TRANSFER_SYNTAXES
+
+
 def read_dataset(body: bytes) -> Dataset:
     """Parse a DICOM Part 10 body (or a bare dataset) into a pydicom Dataset, pixels untouched."""
     if not body:

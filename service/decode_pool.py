@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from service.decode import NATIVE_TRANSFER_SYNTAXES, DecodeLimits, peek_transfer_syntax
+from service.decode import DecodeLimits, has_native_pixel_data
 from service.errors import ApiError, Overloaded
 from service.pipeline import InputSpec, PreparedImage, prepare
 
@@ -117,7 +117,7 @@ class DecodePool:
 
     def route(self, body: bytes) -> str:
         """"thread" for uncompressed pixel data (when enabled), else "process" (also for unreadable meta)."""
-        if self._threads is not None and peek_transfer_syntax(body) in NATIVE_TRANSFER_SYNTAXES:
+        if self._threads is not None and has_native_pixel_data(body):
             return "thread"
         return "process"
 
