@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.peers.common import decode_limits, prediction_json
+from service.allocator import keep_freed_memory
 from service.decode import has_native_pixel_data
 from service.modelpack import ModelPack, OnnxModels
 from service.pipeline import PreparedImage, prepare
@@ -91,9 +92,13 @@ class DecodeExecutors:
         self.processes.shutdown()
 
 
-def decode_pool(workers: int, native_in_threads: bool = True) -> DecodeExecutors:
+def decode_pool(workers: int, native_in_threads: bool = True, malloc_keep_mb: int = 0) -> DecodeExecutors:
+    """The service's decode executors; `malloc_keep_mb` as the service sets it (CXR_MALLOC_KEEP_MB) in this
+    process and in the workers, so the pipeline allocates memory as the service does."""
+    keep_freed_memory(malloc_keep_mb)
     # forkserver, as service.decode_pool: the parent already runs ONNX Runtime's threads.
-    return DecodeExecutors(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")),
+    return DecodeExecutors(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                                               initializer=keep_freed_memory, initargs=(malloc_keep_mb,)),
                            ThreadPoolExecutor(workers, thread_name_prefix="decode-native") if native_in_threads else None)
 
 

@@ -132,7 +132,7 @@ def measure_inprocess(results: Results, settings: Settings, sets: Sequence[Input
     for rate in results.model_only:
         progress(f"  models only batch {rate.batch_size:>2}: {rate.images_per_s:7.2f} images/s")
     workers = settings.decode_workers
-    with decode_pool(workers, settings.decode_native_in_threads) as pool:
+    with decode_pool(workers, settings.decode_native_in_threads, settings.malloc_keep_mb) as pool:
         # Start every worker (and the forkserver) before anything is timed: the pool spawns them on demand.
         wait([pool.processes.submit(time.sleep, 0.2) for _ in range(workers)])
         for spec in sets:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
-import time
-import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -15,17 +12,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
 
-from service.auth import KeyRing, authenticate, requires_key
+from service.allocator import keep_freed_memory
+from service.auth import KeyRing, requires_key
 from service.errors import ApiError
 from service.metrics import ServiceMetrics
 from service.remote_inference import load_remote_serving_state
+from service.request_context import RequestContext, error_response
 from service.routers import health, metrics, predict, studies
 from service.settings import Settings, get_settings
 from service.state import ServingState, load_serving_state
 
 log = logging.getLogger("service")
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 # API answers (JSON, DICOM, PNG) never need to run or load anything, nor be framed.
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
@@ -38,11 +35,6 @@ DOCS_CSP = ("default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr
             "connect-src 'self'; worker-src blob:; frame-ancestors 'none'")
 DOCS_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")
 CORS_HEADERS = ["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"]
-
-
-def error_response(status: int, code: str, message: str, request_id: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "request_id": request_id}},
-                        status_code=status, headers=headers)
 
 
 def _request_id(request: Request) -> str:
@@ -88,6 +80,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Process-wide, so here rather than in create_app: building an app (as tests do) changes nothing.
+        if keep_freed_memory(settings.malloc_keep_mb):
+            log.info("malloc keeps up to %d MiB of freed memory for reuse (CXR_MALLOC_KEEP_MB)", settings.malloc_keep_mb)
         app.state.serving = ServingState(metrics=app.state.metrics)
         # Loading and warm-up block for seconds: keep them off the event loop so /healthz answers.
         # With a shared inference server (python -m service --workers N) the sessions live there instead.
@@ -111,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.metrics = ServiceMetrics()
     app.state.serving = ServingState(metrics=app.state.metrics)
-    app.dependency_overrides[get_settings] = lambda: settings
+    app.state.settings = settings
     # Built here, not per request, so a wrong digest or a missing keys file stops startup instead of every call.
     keys = KeyRing(settings.api_key_sha256s, settings.api_keys_file) if settings.auth_enabled else None
     if keys is not None:
@@ -121,36 +116,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(studies.router)
     app.include_router(metrics.router)
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        supplied = request.headers.get("x-request-id", "")
-        request.state.request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
-        started = time.perf_counter()
-        path = request.url.path
-        key_name = None
-        denied: ApiError | None = None
-        # Rules by path in this middleware rather than route dependencies: they must also cover /docs,
-        # /openapi.json and unknown paths (no route, so no dependency runs), and run before any body is read.
-        # Error handlers sit inside the middleware stack, so the refusal is rendered here, in the same JSON shape.
-        if keys is not None and requires_key(path, settings):
-            try:
-                key_name = request.state.api_key_name = authenticate(request.headers, keys)
-            except ApiError as error:
-                denied = error
-        if denied is not None:
-            response = error_response(denied.status_code, denied.code, denied.message, request.state.request_id,
-                                      denied.headers)
-        else:
-            response = await call_next(request)
-        for name, value in security_headers(path, settings).items():
-            response.headers.setdefault(name, value)
-        response.headers["X-Request-ID"] = request.state.request_id
-        # Method, path, status, time and the key's configured name only: never the key, other headers,
-        # bodies or DICOM values (PHI).
-        log.info("%s %s %d %.1f ms request_id=%s%s", request.method, path, response.status_code,
-                 (time.perf_counter() - started) * 1e3, request.state.request_id,
-                 f" key={key_name}" if key_name else "")
-        return response
+    # Outermost but CORS: ids, headers and key checks apply to every path, error responses included.
+    app.add_middleware(RequestContext, keys=keys, requires_key=lambda path: requires_key(path, settings),
+                       security_headers=lambda path: security_headers(path, settings))
 
     if settings.cors_allow_origins:
         # Added last, so outermost: a preflight carries no key and is answered here, before authentication.

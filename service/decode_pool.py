@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+from service.allocator import keep_freed_memory
 from service.decode import DecodeLimits, has_native_pixel_data
 from service.errors import ApiError, Overloaded
 from service.pipeline import InputSpec, PreparedImage, prepare
@@ -52,8 +53,10 @@ class DecodePool:
     """
 
     def __init__(self, workers: int, timeout_s: float, max_waiting: int, use_processes: bool = True,
-                 on_replace: Callable[[], None] | None = None, native_in_threads: bool = True) -> None:
+                 on_replace: Callable[[], None] | None = None, native_in_threads: bool = True,
+                 malloc_keep_mb: int = 0) -> None:
         self.workers = workers
+        self.malloc_keep_mb = malloc_keep_mb
         self._on_replace = on_replace
         self.timeout_s = timeout_s
         self.max_waiting = max_waiting
@@ -70,7 +73,8 @@ class DecodePool:
         if not self.use_processes:
             return ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         # forkserver: forking a process that already runs threads (uvicorn, ONNX Runtime) is unsafe.
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
+                                   initializer=keep_freed_memory, initargs=(self.malloc_keep_mb,))
 
     def start(self) -> float:
         """Start every worker now and load its decoders, so no request pays for process start-up.

@@ -24,6 +24,7 @@ import numpy as np
 from service.errors import ApiError, NotReady
 from service.inference_protocol import PROTOCOL_VERSION, FrameReceiver, ProtocolError, pack_identity
 from service.settings import Settings
+from service.allocator import keep_freed_memory
 from service.state import ServingState, load_serving_state
 
 log = logging.getLogger("service.inference_server")
@@ -220,6 +221,7 @@ def main(args: argparse.Namespace) -> None:
     socket_path = args.socket or settings.inference_socket
     if socket_path is None:
         raise SystemExit("no socket path: pass --socket or set CXR_INFERENCE_SOCKET")
+    keep_freed_memory(settings.malloc_keep_mb)  # batches of model inputs and outputs, allocated per batch
     # Decoding is the HTTP workers' job: the decode pool that load_serving_state builds is never used here.
     state = load_serving_state(settings.model_copy(update={"decode_in_processes": False, "decode_workers": 1}))
     if state.decoder is not None:

@@ -62,40 +62,63 @@ def _first_value(element: Any) -> float | None:
     return number if np.isfinite(number) else None
 
 
-def apply_modality_lut(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """Stored values -> physical values (PS3.3 C.11.1, linear rescale)."""
-    values = pixels.astype(np.float32, copy=False)
+def apply_modality_lut(pixels: np.ndarray, slope: float, intercept: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values -> physical values (PS3.3 C.11.1, linear rescale), as float32; into `out` when given."""
+    values = pixels.astype(np.float32, copy=False) if out is None else _copy_into(pixels, out)
     if slope != 1.0 or intercept != 0.0:
-        values = values * np.float32(slope) + np.float32(intercept)
+        if out is None:
+            return values * np.float32(slope) + np.float32(intercept)
+        np.multiply(values, np.float32(slope), out=values)
+        np.add(values, np.float32(intercept), out=values)
     return values
 
 
-def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM LINEAR window function (PS3.3 C.11.2.1.2.1), scaled to [0, 1]."""
+def apply_window(values: np.ndarray, center: float, width: float, out: np.ndarray | None = None) -> np.ndarray:
+    """DICOM LINEAR window function (PS3.3 C.11.2.1.2.1), scaled to [0, 1]; into `out` (may be `values`) when given."""
     low = center - 0.5 - (width - 1.0) / 2.0
-    scaled = (values - np.float32(center - 0.5)) / np.float32(width - 1.0) + np.float32(0.5)
+    if out is None:
+        out = np.empty(values.shape, dtype=np.float32)
     if width == 1.0:  # degenerate window: a threshold at `low`
-        scaled = (values > low).astype(np.float32)
-    return np.clip(scaled, 0.0, 1.0).astype(np.float32, copy=False)
+        np.greater(values, low, out=out)
+        return out
+    np.subtract(values, np.float32(center - 0.5), out=out)
+    np.divide(out, np.float32(width - 1.0), out=out)
+    np.add(out, np.float32(0.5), out=out)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
-def scale_to_range(values: np.ndarray) -> np.ndarray:
-    """Min-max to [0, 1] when the header carries no usable window."""
+def scale_to_range(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Min-max to [0, 1] when the header carries no usable window; into `out` (may be `values`) when given."""
     low, high = float(values.min()), float(values.max())
+    if out is None:
+        out = np.empty(values.shape, dtype=np.float32)
     if high <= low:
-        return np.zeros_like(values, dtype=np.float32)
-    return ((values - np.float32(low)) / np.float32(high - low)).astype(np.float32, copy=False)
+        out.fill(0.0)
+        return out
+    np.subtract(values, np.float32(low), out=out)
+    return np.divide(out, np.float32(high - low), out=out)
+
+
+def _copy_into(pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
+    out[...] = pixels
+    return out
 
 
 def display_image(pixels: np.ndarray, params: PixelParams) -> np.ndarray:
-    """Stored pixels -> float32 image in [0, 1] where bright means dense (MONOCHROME2 look)."""
-    values = apply_modality_lut(pixels, params.rescale_slope, params.rescale_intercept)
+    """Stored pixels -> float32 image in [0, 1] where bright means dense (MONOCHROME2 look).
+
+    Every step writes into one full-size float32 array: each temporary of a radiograph is a fresh
+    multi-megabyte allocation whose pages the kernel must fault in and zero, which cost as much as
+    the arithmetic itself. Same operations in the same order as the pure functions, so the same bits.
+    """
+    image = np.empty(pixels.shape, dtype=np.float32)
+    apply_modality_lut(pixels, params.rescale_slope, params.rescale_intercept, out=image)
     if params.window_center is not None and params.window_width is not None:
-        image = apply_window(values, params.window_center, params.window_width)
+        apply_window(image, params.window_center, params.window_width, out=image)
     else:
-        image = scale_to_range(values)
+        scale_to_range(image, out=image)
     if params.photometric == "MONOCHROME1":
-        image = 1.0 - image
+        np.subtract(np.float32(1.0), image, out=image)
     return image
 
 

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     decode_native_in_threads: bool = Field(
         True, description="decode uncompressed pixel data in threads (numpy releases the GIL; no body copy to a worker "
                           "process); compressed syntaxes stay in the process pool")
+    malloc_keep_mb: int = Field(
+        256, ge=0, le=2047, description="MiB of freed memory each process keeps for reuse instead of returning it to "
+                                        "the kernel (glibc mallopt; 0: glibc's defaults); see service/allocator.py")
     decode_timeout_s: float = Field(30.0, gt=0, description="longest one image may take to decode and preprocess")
     inference_socket: Path | None = Field(
         None, description="Unix socket of a shared inference server (service/inference_server.py) to run the models; "

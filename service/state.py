@@ -73,7 +73,7 @@ def new_decode_pool(settings: Settings, metrics: ServiceMetrics | None = None) -
     pool = DecodePool(settings.decode_workers, settings.decode_timeout_s, settings.max_queue_size,
                       settings.decode_in_processes,
                       on_replace=metrics.decode_workers_replaced.inc if metrics is not None else None,
-                      native_in_threads=settings.decode_native_in_threads)
+                      native_in_threads=settings.decode_native_in_threads, malloc_keep_mb=settings.malloc_keep_mb)
     # Before /readyz turns ready, so neither the first requests nor cold-start figures hide worker start-up.
     log.info("%d decode workers started in %.1f s", settings.decode_workers, pool.start())
     return pool

@@ -1,0 +1,93 @@
+"""Every HTTP request's context: its id, access control by path, security headers and the access log line.
+
+A pure ASGI middleware rather than Starlette's `@app.middleware("http")` (BaseHTTPMiddleware): that one
+runs each `receive` of the body through a new anyio task group, and with 4 MiB DICOM uploads arriving
+in ~20 chunks that was a third of the event loop's time under load (py-spy --gil,
+benchmarks/results/profile). Here `receive` is passed through untouched and only the response's first
+message is edited.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.auth import KeyRing, authenticate
+from service.errors import ApiError
+
+log = logging.getLogger("service")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def error_response(status: int, code: str, message: str, request_id: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "request_id": request_id}},
+                        status_code=status, headers=headers)
+
+
+def request_id_from(headers: Headers) -> str:
+    """The caller's X-Request-ID when it is a safe token (it is echoed and logged), else a new one."""
+    supplied = headers.get("x-request-id", "")
+    return supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+
+
+class RequestContext:
+    """Pure ASGI middleware; the request id and the key's name go to `request.state` (scope["state"]).
+
+    Rules by path here rather than route dependencies: they must also cover /docs, /openapi.json and
+    unknown paths (no route, so no dependency runs), and run before any body is read.
+    """
+
+    def __init__(self, app: ASGIApp, keys: KeyRing | None, requires_key: Callable[[str], bool],
+                 security_headers: Callable[[str], dict[str, str]]) -> None:
+        self.app = app
+        self.keys = keys
+        self.requires_key = requires_key
+        self.security_headers = security_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = Headers(scope=scope)
+        request_id = request_id_from(headers)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        path = scope["path"]
+        status = 500  # what the client gets if the app raises before answering (the server's error handler)
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_headers = MutableHeaders(scope=message)
+                for name, value in self.security_headers(path).items():
+                    if name not in response_headers:  # a route that sets its own (e.g. a CSP) keeps it
+                        response_headers[name] = value
+                response_headers["X-Request-ID"] = request_id
+            await send(message)
+
+        key_name = None
+        try:
+            if self.keys is not None and self.requires_key(path):
+                try:
+                    key_name = state["api_key_name"] = authenticate(headers, self.keys)
+                except ApiError as denied:
+                    # Error handlers sit inside this middleware, so the refusal is rendered here, in the same JSON shape.
+                    refusal = error_response(denied.status_code, denied.code, denied.message, request_id, denied.headers)
+                    await refusal(scope, receive, send_with_headers)
+                    return
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            # Method, path, status, time and the key's configured name only: never the key, other headers,
+            # bodies or DICOM values (PHI).
+            log.info("%s %s %d %.1f ms request_id=%s%s", scope["method"], path, status,
+                     (time.perf_counter() - started) * 1e3, request_id, f" key={key_name}" if key_name else "")
