@@ -100,6 +100,9 @@ def test_logs_hold_hashed_uids_and_no_phi(client, caplog):
     assert response.status_code == 200
     text = caplog.text
     assert response.json()["instance"]["image_id"] in text
+    # One access line per request, with its final status and id.
+    assert "POST /v1/predict 200 " in text and f"request_id={response.headers['X-Request-ID']}" in text
+    assert "POST /v1/predict 400 " in text
     for secret in ("SENTINEL", "9431", "20190417", str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)):
         assert secret not in text
 

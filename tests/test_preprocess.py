@@ -95,3 +95,50 @@ def test_letterbox_pads_right_and_bottom_with_zero():
     assert geometry.resized_shape == (64, 32)
     assert canvas[:, :32].min() == pytest.approx(1.0, abs=1e-5)
     assert canvas[:, 32:].max() == 0.0
+
+
+def _display_by_expression(pixels: np.ndarray, params: PixelParams) -> np.ndarray:
+    """The display transform written as plain numpy expressions (one temporary per step), as it was first written."""
+    values = pixels.astype(np.float32)
+    if params.rescale_slope != 1.0 or params.rescale_intercept != 0.0:
+        values = values * np.float32(params.rescale_slope) + np.float32(params.rescale_intercept)
+    if params.window_center is not None and params.window_width is not None:
+        center, width = params.window_center, params.window_width
+        if width == 1.0:
+            image = (values > center - 0.5).astype(np.float32)
+        else:
+            image = np.clip((values - np.float32(center - 0.5)) / np.float32(width - 1.0) + np.float32(0.5), 0.0, 1.0)
+    else:
+        low, high = float(values.min()), float(values.max())
+        image = (np.zeros_like(values) if high <= low
+                 else (values - np.float32(low)) / np.float32(high - low)).astype(np.float32)
+    return 1.0 - image if params.photometric == "MONOCHROME1" else image
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint8, np.int32, np.float32])
+def test_in_place_display_transform_gives_the_same_bits_as_the_expressions(dtype):
+    """display_image works in one buffer for speed; training and serving must still see the very same floats."""
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
+    noise = (rng.integers(info.min, info.max, (61, 47), endpoint=True) if info else rng.normal(0, 900, (61, 47)))
+    for pixels in (noise.astype(dtype), np.full((20, 30), 7, dtype)):
+        before = pixels.copy()
+        for slope, intercept in [(1.0, 0.0), (0.5, -1024.0), (-2.0, 3.0), (3.7, 12.5)]:
+            for center, width in [(None, None), (2048.0, 4096.0), (100.5, 1.0), (-500.0, 30000.0)]:
+                for photometric in ("MONOCHROME1", "MONOCHROME2"):
+                    params = PixelParams(photometric, slope, intercept, center, width)
+                    got = display_image(pixels, params)
+                    assert got.dtype == np.float32
+                    np.testing.assert_array_equal(got, _display_by_expression(pixels, params), err_msg=str(params))
+        np.testing.assert_array_equal(pixels, before)  # the decoded pixels are never written to
+
+
+def test_window_and_range_write_into_a_given_buffer():
+    """With `out`, the pure functions fill that buffer (it may be the input) and return it."""
+    values = np.array([0, 79.5, 99.5, 119.5, 200], dtype=np.float32)
+    expected = apply_window(values, 100.0, 41.0)
+    assert apply_window(values, 100.0, 41.0, out=values) is values
+    np.testing.assert_array_equal(values, expected)
+    ramp = np.array([2.0, 4.0, 6.0], dtype=np.float32)
+    assert scale_to_range(ramp, out=ramp) is ramp
+    np.testing.assert_allclose(ramp, [0, 0.5, 1])
