@@ -96,12 +96,14 @@ def service_specs(settings: Settings, models: Path, peer_python: Path | None, se
                                         "--models", pack, "--log-level", "warning", *workers],
                          f"`python -m service{' --workers ' + str(service_workers) if workers else ''}`: "
                          f"{service_workers} uvicorn process(es), dynamic batcher ({batching}), "
-                         f"{decoders}, {threads}."),
+                         f"{decoders}, {threads}, glibc malloc keeping {settings.malloc_keep_mb} MiB of freed memory "
+                         f"for reuse (CXR_MALLOC_KEEP_MB)."),
         NAIVE: ServerSpec(NAIVE, "naive FastAPI", [sys.executable, "-m", "benchmarks.peers.naive", "--port", "{port}",
                                                    "--models", pack],
                           "`benchmarks/peers/naive.py`: one uvicorn worker, a plain `def` endpoint (FastAPI's thread "
                           "pool), per request `service.pipeline.prepare` + both models at batch 1; no batcher, no "
-                          f"decode processes; sessions loaded by the service's loader; {threads}."),
+                          f"decode processes; sessions loaded by the service's loader; {threads}; glibc's default "
+                          f"malloc (a process-level tuning of ours, not part of the shared decode code)."),
     }
     if peer_python is not None:
         specs[RAY] = ServerSpec(
