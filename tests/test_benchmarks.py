@@ -230,3 +230,19 @@ def test_prediction_json_matches_the_services_schema():
     assert answer["request_id"] == "r1" and answer["instance"]["rows"] == 320
     assert answer["findings"] and len(answer["diseases"]) == len(pack.global_labels)
     assert {"decode", "preprocess", "inference", "postprocess"} <= set(answer["timing_ms"])
+
+
+def test_profile_reads_py_spy_collapsed_stacks():
+    """benchmarks.profile: samples per thread id, thread names without pool suffixes, each frame once per stack."""
+    from benchmarks.profile import read_collapsed
+
+    raw = ("thread (11): MainThread;run (uvicorn/main.py:10);read_body (service/upload.py:51) 7\n"
+           "thread (11): MainThread;run (uvicorn/main.py:10);run (uvicorn/main.py:12) 3\n"
+           "thread (12): decode-native_0;prepare (service/pipeline.py:65) 5\n"
+           "thread (13): decode-native_1;prepare (service/pipeline.py:70) 2\n"
+           "not a stack line\n")
+    profile = read_collapsed(raw)
+    assert profile.samples_by_thread == {11: 10, 12: 5, 13: 2}
+    assert profile.names == {11: "MainThread", 12: "decode-native", 13: "decode-native"}
+    assert profile.inclusive["MainThread"]["run (uvicorn/main.py)"] == 10  # recursion counted once per sample
+    assert profile.inclusive["decode-native"]["prepare (service/pipeline.py)"] == 7
