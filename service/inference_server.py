@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from service.allocator import keep_freed_memory
 from service.errors import ApiError, NotReady
 from service.inference_protocol import PROTOCOL_VERSION, FrameReceiver, ProtocolError, pack_identity
 from service.settings import Settings
-from service.allocator import keep_freed_memory
 from service.state import ServingState, load_serving_state
 
 log = logging.getLogger("service.inference_server")

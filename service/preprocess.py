@@ -64,7 +64,11 @@ def _first_value(element: Any) -> float | None:
 
 def apply_modality_lut(pixels: np.ndarray, slope: float, intercept: float, out: np.ndarray | None = None) -> np.ndarray:
     """Stored values -> physical values (PS3.3 C.11.1, linear rescale), as float32; into `out` when given."""
-    values = pixels.astype(np.float32, copy=False) if out is None else _copy_into(pixels, out)
+    if out is None:
+        values = pixels.astype(np.float32, copy=False)
+    else:
+        values = out
+        np.copyto(values, pixels, casting="unsafe")  # as astype: any stored integer type to float32
     if slope != 1.0 or intercept != 0.0:
         if out is None:
             return values * np.float32(slope) + np.float32(intercept)
@@ -97,11 +101,6 @@ def scale_to_range(values: np.ndarray, out: np.ndarray | None = None) -> np.ndar
         return out
     np.subtract(values, np.float32(low), out=out)
     return np.divide(out, np.float32(high - low), out=out)
-
-
-def _copy_into(pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
-    out[...] = pixels
-    return out
 
 
 def display_image(pixels: np.ndarray, params: PixelParams) -> np.ndarray:

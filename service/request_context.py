@@ -2,7 +2,7 @@
 
 A pure ASGI middleware rather than Starlette's `@app.middleware("http")` (BaseHTTPMiddleware): that one
 runs each `receive` of the body through a new anyio task group, and with 4 MiB DICOM uploads arriving
-in ~20 chunks that was a third of the event loop's time under load (py-spy --gil,
+in many chunks that was a third of the event loop's time under load (py-spy --gil,
 benchmarks/results/profile). Here `receive` is passed through untouched and only the response's first
 message is edited.
 """
