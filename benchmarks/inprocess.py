@@ -1,6 +1,6 @@
 """In-process throughput, no HTTP: the service's own pipeline, and the models alone.
 
-Pipeline: `service.pipeline.prepare` routed as service.decode_pool routes it (uncompressed pixel data in
+Pipeline: `service.dicom.pipeline.prepare` routed as service.dicom.decode_pool routes it (uncompressed pixel data in
 CXR_DECODE_WORKERS threads, compressed in a forkserver pool of as many processes, called with the
 service's arguments), feeding batches to the
 service's OnnxModels, then the service's postprocessing into the JSON answer, one image at a time.
@@ -24,9 +24,9 @@ import numpy as np
 
 from benchmarks.peers.common import decode_limits, prediction_json
 from service.allocator import keep_freed_memory
-from service.decode import has_native_pixel_data
-from service.modelpack import ModelPack, OnnxModels
-from service.pipeline import PreparedImage, prepare
+from service.dicom.decode import has_native_pixel_data
+from service.inference.modelpack import ModelPack, OnnxModels
+from service.dicom.pipeline import PreparedImage, prepare
 from service.settings import Settings
 
 
@@ -74,7 +74,7 @@ def model_only_rates(models: OnnxModels, tensors: Sequence[np.ndarray], batch_si
 
 @dataclass
 class DecodeExecutors:
-    """The service's decode routing (service.decode_pool.DecodePool.route) without its asyncio wrapper."""
+    """The service's decode routing (service.dicom.decode_pool.DecodePool.route) without its asyncio wrapper."""
 
     processes: ProcessPoolExecutor
     threads: ThreadPoolExecutor | None
@@ -96,7 +96,7 @@ def decode_pool(workers: int, native_in_threads: bool = True, malloc_keep_mb: in
     """The service's decode executors; `malloc_keep_mb` as the service sets it (CXR_MALLOC_KEEP_MB) in this
     process and in the workers, so the pipeline allocates memory as the service does."""
     keep_freed_memory(malloc_keep_mb)
-    # forkserver, as service.decode_pool: the parent already runs ONNX Runtime's threads.
+    # forkserver, as service.dicom.decode_pool: the parent already runs ONNX Runtime's threads.
     return DecodeExecutors(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
                                                initializer=keep_freed_memory, initargs=(malloc_keep_mb,)),
                            ThreadPoolExecutor(workers, thread_name_prefix="decode-native") if native_in_threads else None)

@@ -7,7 +7,7 @@ Three setups serve the same pack to the same load (`--concurrency` clients posti
 uncompressed DICOMs back to back, a new connection per request so that requests spread over the workers):
   single   `python -m service`                      one process, in-process ONNX Runtime (the default)
   shared   `python -m service --workers N`          N HTTP workers + one inference server (one session pair)
-  naive    `uvicorn service.app:create_app --factory --workers N`   N workers, each loading its own sessions
+  naive    `uvicorn service.api.app:create_app --factory --workers N`   N workers, each loading its own sessions
 For each: cold start (process start to /readyz 200, and until every worker answers ready), throughput,
 p50/p99 latency, the median queue and inference times the service reports, resident memory of the whole
 process tree (RSS, and PSS, which counts shared library pages once), GPU memory per tree (nvidia-smi,
@@ -85,7 +85,7 @@ def setup_command(name: str, workers: int, port: int, models: Path) -> list[str]
     if name == "shared":
         return [sys.executable, "-m", "service", "--workers", str(workers), "--models", str(models), *common]
     # What users do without the shared server: uvicorn's own workers, each building the app (and its sessions).
-    return [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory", "--workers", str(workers),
+    return [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--workers", str(workers),
             "--host", "127.0.0.1", "--no-access-log", *common]
 
 
@@ -173,7 +173,7 @@ def process_role(pid: int, root: int) -> str:
     command = cmdline(pid)
     if pid == root:
         return "main"  # the single process, or the launcher / uvicorn supervisor of N workers
-    if "service.inference_server" in command:
+    if "service.inference.server" in command:
         return "inference server"
     if "multiprocessing.resource_tracker" in command:
         return "resource tracker"
@@ -289,13 +289,13 @@ def run_setup(name: str, args: argparse.Namespace, bodies: list[bytes], logs: Pa
 def ipc_round_trip_ms(size: int, images: int) -> dict[str, float]:
     """The hop alone: a 1 x size x size float32 image to an inference server over its socket and the outputs
     back, one at a time, the model replaced by a function returning outputs of the demo pack's shapes."""
-    from service.batcher import Batcher
-    from service.inference_server import InferenceServer
-    from service.modelpack import ModelPack
-    from service.inference_protocol import pack_identity
-    from service.remote_inference import RemoteBatcher, RemoteModels
+    from service.inference.batcher import Batcher
+    from service.inference.server import InferenceServer
+    from service.inference.modelpack import ModelPack
+    from service.inference.protocol import pack_identity
+    from service.inference.client import RemoteBatcher, RemoteModels
     from service.settings import Settings
-    from service.state import ServingState
+    from service.inference.state import ServingState
 
     pack = ModelPack(path=Path("unused"), manifest={
         "name": "ipc", "version": "0", "input": {"size": size, "normalization": {"mean": 0.5, "std": 0.25}},

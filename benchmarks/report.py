@@ -254,7 +254,7 @@ def targets_section(results: Results) -> list[str]:
 
 def inprocess_section(results: Results) -> list[str]:
     return ["## In-process throughput (no HTTP)", "", *inprocess_table(results), "",
-            f"Pipeline = `service.pipeline.prepare` routed as the service routes it ({results.plan.get('decode_workers', '?')} "
+            f"Pipeline = `service.dicom.pipeline.prepare` routed as the service routes it ({results.plan.get('decode_workers', '?')} "
             "threads for uncompressed pixel data, as many worker processes for compressed syntaxes) "
             "→ batch → both models → postprocess to the JSON answer; models only = both models on ready-made "
             "tensors. Best batch size in bold.", ""]

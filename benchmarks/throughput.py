@@ -101,7 +101,7 @@ def service_specs(settings: Settings, models: Path, peer_python: Path | None, se
         NAIVE: ServerSpec(NAIVE, "naive FastAPI", [sys.executable, "-m", "benchmarks.peers.naive", "--port", "{port}",
                                                    "--models", pack],
                           "`benchmarks/peers/naive.py`: one uvicorn worker, a plain `def` endpoint (FastAPI's thread "
-                          "pool), per request `service.pipeline.prepare` + both models at batch 1; no batcher, no "
+                          "pool), per request `service.dicom.pipeline.prepare` + both models at batch 1; no batcher, no "
                           f"decode processes; sessions loaded by the service's loader; {threads}; glibc's default "
                           f"malloc (a process-level tuning of ours, not part of the shared decode code)."),
     }
@@ -113,7 +113,7 @@ def service_specs(settings: Settings, models: Path, peer_python: Path | None, se
                                "--batch-wait-timeout-s", f"{settings.max_queue_delay_ms / 1e3:g}",
                                "--max-ongoing-requests", str(settings.max_queue_size)],
             "`benchmarks/peers/ray_serve.py` (ray[serve] 2.60 in benchmarks/.venv-peers): Ingress ×1 (FastAPI) → "
-            f"Decoder ×{settings.decode_workers} (`service.pipeline.prepare`, ≤ 2 requests each) → Model ×1 with "
+            f"Decoder ×{settings.decode_workers} (`service.dicom.pipeline.prepare`, ≤ 2 requests each) → Model ×1 with "
             f"`@serve.batch(max_batch_size={settings.max_batch_size}, batch_wait_timeout_s="
             f"{settings.max_queue_delay_ms / 1e3:g}, max_concurrent_batches=1)`; max_ongoing_requests "
             f"{settings.max_queue_size} for Ingress and Model; 0 logical CPUs reserved per replica; {threads}.",

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         run_workers(args, settings)
         return
     # Imported here: the launcher of N workers never serves itself, and would hold ONNX Runtime and the app for nothing.
-    from service.app import create_app
+    from service.api.app import create_app
 
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
 

@@ -1,7 +1,7 @@
 """`python -m service --workers N`: N HTTP worker processes feeding one shared inference server.
 
 Each HTTP worker parses, decodes and preprocesses in its own decode pool and postprocesses its own
-results; the models run once, in the inference server (service/inference_server.py), whose batcher
+results; the models run once, in the inference server (service/inference/server.py), whose batcher
 batches across all workers. One set of ONNX Runtime sessions and one GPU memory arena instead of N.
 
 Order of events:
@@ -33,7 +33,7 @@ from pathlib import Path
 import uvicorn
 import uvicorn.config
 
-from service.inference_protocol import probe
+from service.inference.protocol import probe
 from service.settings import Settings
 
 log = logging.getLogger("service.multiworker")
@@ -155,7 +155,7 @@ class InferenceProcess:
 
 
 def inference_server_command(socket_path: Path, models: Path, log_level: str) -> list[str]:
-    return [sys.executable, "-m", "service.inference_server", "--socket", str(socket_path), "--models", str(models),
+    return [sys.executable, "-m", "service.inference.server", "--socket", str(socket_path), "--models", str(models),
             "--log-level", log_level, "--parent-pid", str(os.getpid())]
 
 
@@ -193,7 +193,7 @@ def run_workers(args: argparse.Namespace, settings: Settings) -> None:
         if stop_requested.is_set():
             return
         # uvicorn's supervisor now takes SIGTERM/SIGINT over: it stops the workers, each draining its requests.
-        uvicorn.run("service.app:create_app", factory=True, workers=args.workers, host=args.host, port=args.port,
+        uvicorn.run("service.api.app:create_app", factory=True, workers=args.workers, host=args.host, port=args.port,
                     log_level=args.log_level, log_config=worker_log_config(args.log_level), access_log=False)
     finally:
         code = server.stop()

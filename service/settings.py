@@ -70,7 +70,7 @@ class Settings(BaseSettings):
                                         "the kernel (glibc mallopt; 0: glibc's defaults); see service/allocator.py")
     decode_timeout_s: float = Field(30.0, gt=0, description="longest one image may take to decode and preprocess")
     inference_socket: Path | None = Field(
-        None, description="Unix socket of a shared inference server (service/inference_server.py) to run the models; "
+        None, description="Unix socket of a shared inference server (service/inference/server.py) to run the models; "
                           "unset: ONNX Runtime in this process. `python -m service --workers N` sets it for its workers")
     finding_score_floor: float | None = Field(
         None, ge=0, le=1,

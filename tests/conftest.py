@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.api.app import create_app
 from service.settings import Settings
 
 TINY_SIZE = 128  # model input for the tiny pack: small enough to train a few steps in seconds

@@ -9,8 +9,8 @@ import os
 import pytest
 from fastapi.testclient import TestClient
 
-from service import auth
-from service.app import create_app
+from service.api import auth
+from service.api.app import create_app
 
 
 def make_key() -> tuple[str, str]:
@@ -198,7 +198,7 @@ def test_cors_for_configured_origin_before_auth(tiny_settings, key_pair):
 
 
 def test_new_key_helper_prints_key_and_its_digest(capsys):
-    """`python -m service.auth new-key` prints a key, its sha256 and a keys-file line, and says the key is not stored."""
+    """`python -m service.api.auth new-key` prints a key, its sha256 and a keys-file line, and says the key is not stored."""
     auth.main(["new-key", "--name", "ris"])
     out = capsys.readouterr().out
     assert "stored nowhere" in out

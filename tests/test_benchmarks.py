@@ -213,8 +213,8 @@ def test_peer_venv_pins_the_compute_path_to_this_environment():
 def test_prediction_json_matches_the_services_schema():
     """A peer's answer, built by the shared postprocess, validates as the service's Prediction."""
     from benchmarks.peers.common import prediction_json, response_body
-    from service.modelpack import ModelPack
-    from service.pipeline import prepare
+    from service.inference.modelpack import ModelPack
+    from service.dicom.pipeline import prepare
     from service.settings import Settings
     from training.synthetic import dicom_bytes, synthesize_instance
 
@@ -236,13 +236,13 @@ def test_profile_reads_py_spy_collapsed_stacks():
     """benchmarks.profile: samples per thread id, thread names without pool suffixes, each frame once per stack."""
     from benchmarks.profile import read_collapsed
 
-    raw = ("thread (11): MainThread;run (uvicorn/main.py:10);read_body (service/upload.py:51) 7\n"
+    raw = ("thread (11): MainThread;run (uvicorn/main.py:10);read_body (service/api/upload.py:51) 7\n"
            "thread (11): MainThread;run (uvicorn/main.py:10);run (uvicorn/main.py:12) 3\n"
-           "thread (12): decode-native_0;prepare (service/pipeline.py:65) 5\n"
-           "thread (13): decode-native_1;prepare (service/pipeline.py:70) 2\n"
+           "thread (12): decode-native_0;prepare (service/dicom/pipeline.py:65) 5\n"
+           "thread (13): decode-native_1;prepare (service/dicom/pipeline.py:70) 2\n"
            "not a stack line\n")
     profile = read_collapsed(raw)
     assert profile.samples_by_thread == {11: 10, 12: 5, 13: 2}
     assert profile.names == {11: "MainThread", 12: "decode-native", 13: "decode-native"}
     assert profile.inclusive["MainThread"]["run (uvicorn/main.py)"] == 10  # recursion counted once per sample
-    assert profile.inclusive["decode-native"]["prepare (service/pipeline.py)"] == 7
+    assert profile.inclusive["decode-native"]["prepare (service/dicom/pipeline.py)"] == 7

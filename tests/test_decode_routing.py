@@ -1,11 +1,11 @@
-"""Which decodes run in threads and which in worker processes (service.decode_pool.DecodePool.route)."""
+"""Which decodes run in threads and which in worker processes (service.dicom.decode_pool.DecodePool.route)."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.decode import NATIVE_TRANSFER_SYNTAXES, peek_transfer_syntax
-from service.decode_pool import DecodePool
+from service.dicom.decode import NATIVE_TRANSFER_SYNTAXES, peek_transfer_syntax
+from service.dicom.decode_pool import DecodePool
 from training import synthetic as S
 
 

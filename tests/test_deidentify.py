@@ -20,8 +20,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.misc import warn_and_log
 
-from service.pipeline import InputSpec, prepare
-from service.preprocess import Normalization
+from service.dicom.pipeline import InputSpec, prepare
+from service.dicom.preprocess import Normalization
 from training import deidentify as D
 from training.synthetic import dicom_bytes, synthesize_instance
 
@@ -192,7 +192,7 @@ def test_the_source_dataset_is_not_modified():
     ("jpeg-ls", False), ("j2k", False),
 ])
 def test_pixels_unchanged_and_the_service_decoder_reads_the_output(transfer_syntax, signed):
-    """Same Pixel Data bytes and pixel_array, and service.pipeline.prepare gives the model the same input."""
+    """Same Pixel Data bytes and pixel_array, and service.dicom.pipeline.prepare gives the model the same input."""
     source_ds = phi_instance(transfer_syntax=transfer_syntax, signed=signed, windowed=True)
     source = read_back(source_ds)
     _, out = D.deidentify_dataset(source)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.modelpack import ModelPack
+from service.api.app import create_app
+from service.inference.modelpack import ModelPack
 from service.settings import DEFAULT_PACK, Settings
 from training.synthetic import dicom_bytes, synthesize_instance
 

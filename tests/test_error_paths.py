@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.batcher import Batcher
+from service.api.app import create_app
+from service.inference.batcher import Batcher
 from service.errors import Overloaded
 from training.synthetic import dicom_bytes, synthesize_instance
 

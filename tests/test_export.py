@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 
-from service.modelpack import ModelPack, PackError
-from service.postprocess import Detections, at_operating_points
+from service.inference.modelpack import ModelPack, PackError
+from service.inference.postprocess import Detections, at_operating_points
 from training.data import Box, Record, load_tensors, read_split
 from training.evaluate import predict_records, torch_infer_from_run
 from training.export import (FP16_TOLERANCES, FP32_TOLERANCES, Tolerances, check_parity, copy_evaluation, export_float16,
@@ -23,8 +23,8 @@ def exported(tiny_run, tiny_dataset, tmp_path_factory):
     size = checkpoint["input_size"]
     export_onnx(detector, size, ("boxes", "scores"), folder / "detector.onnx", {"model": "detector"})
     export_onnx(classifier, size, ("probabilities",), folder / "classifier.onnx", {"model": "classifier"})
-    from service.pipeline import InputSpec
-    from service.preprocess import Normalization
+    from service.dicom.pipeline import InputSpec
+    from service.dicom.preprocess import Normalization
 
     spec = InputSpec(size, Normalization(*checkpoint["normalization"]))
     images = load_tensors(read_split(tiny_dataset, "test")[:5], spec, checkpoint["local_labels"], checkpoint["global_labels"]).images

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.api.app import create_app
 from tests.live import free_port, wait_until_ready
 from training.synthetic import dicom_bytes, synthesize_instance
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.api.app import create_app
 from training.synthetic import dicom_bytes, synthesize_instance
 
 

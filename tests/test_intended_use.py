@@ -3,7 +3,7 @@
 import pydicom
 import pytest
 
-from service.intended_use import IntendedPopulation, age_in_years, out_of_distribution_reasons
+from service.dicom.intended_use import IntendedPopulation, age_in_years, out_of_distribution_reasons
 
 PEDIATRIC = IntendedPopulation(max_age_years=10)
 

@@ -16,15 +16,15 @@ import httpx
 import numpy as np
 import pytest
 
-from service.batcher import Batcher
+from service.inference.batcher import Batcher
 from service.errors import NotReady, Overloaded
-from service.inference_protocol import ProtocolError, decode_frame, encode_frame, pack_identity, read_frame
-from service.inference_server import InferenceServer, input_problem
-from service.modelpack import ModelPack
+from service.inference.protocol import ProtocolError, decode_frame, encode_frame, pack_identity, read_frame
+from service.inference.server import InferenceServer, input_problem
+from service.inference.modelpack import ModelPack
 from service.multiworker import default_decode_workers, restart_delay, worker_environment
-from service.remote_inference import RemoteBatcher, RemoteModels, hello_problem
+from service.inference.client import RemoteBatcher, RemoteModels, hello_problem
 from service.settings import Settings
-from service.state import ServingState
+from service.inference.state import ServingState
 from tests.live import free_port, wait_until_ready
 
 SIZE = 8
@@ -216,7 +216,7 @@ def running(pid: int) -> bool:
 def inference_server_pid(launcher: int) -> int:
     for pid in descendants(launcher):
         try:
-            if b"service.inference_server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"service.inference.server" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
         except FileNotFoundError:
             continue

@@ -19,7 +19,7 @@ from schemathesis.checks import (
 from schemathesis.python import asgi
 from schemathesis.transport.serialization import serialize_binary
 
-from service.app import create_app
+from service.api.app import create_app
 from service.settings import Settings
 from training.synthetic import dicom_bytes, synthesize_instance
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from service.postprocess import (DetectionParams, Detections, at_operating_points, box_iou, nms, select_detections,
+from service.inference.postprocess import (DetectionParams, Detections, at_operating_points, box_iou, nms, select_detections,
                                  to_original_space)
-from service.preprocess import Letterbox
+from service.dicom.preprocess import Letterbox
 
 
 def test_box_iou_golden_values():

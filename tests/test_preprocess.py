@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from service.preprocess import (
+from service.dicom.preprocess import (
     Letterbox, Normalization, PixelParams, apply_modality_lut, apply_window, display_image, letterbox, model_input,
     scale_to_range,
 )

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import runtime
-from service.modelpack import ModelPack, OnnxModels
-from service.runtime import CPU, CUDA, MIB, TENSORRT, Machine
+from service.inference import runtime
+from service.inference.modelpack import ModelPack, OnnxModels
+from service.inference.runtime import CPU, CUDA, MIB, TENSORRT, Machine
 from service.settings import Settings
 from training.data import load_tensors, read_split
 from training.export import FP16_TOLERANCES, compare_outputs
@@ -150,7 +150,7 @@ def test_io_binding_only_on_gpu_providers():
 def test_missing_gpu_falls_back_to_cpu_with_a_warning(tiny_pack, caplog):
     """Asking for CUDA on a machine without a GPU driver serves on CPU (fp32 under auto) and logs why."""
     pack = ModelPack.load(tiny_pack)
-    with caplog.at_level(logging.WARNING, logger="service.modelpack"):
+    with caplog.at_level(logging.WARNING, logger="service.inference.modelpack"):
         models = OnnxModels(pack, settings=Settings(providers=[CUDA, CPU], intra_op_threads=1), machine=NO_GPU)
     assert models.runtime.provider == CPU and models.runtime.precision == "fp32" and not models.runtime.io_binding
     assert "CUDAExecutionProvider is not usable" in models.runtime.fallback
@@ -178,7 +178,7 @@ def test_fp16_variant_runs_on_cpu_close_to_fp32(tiny_pack, real_images, caplog):
     within the export's fp16 tolerances."""
     pack = ModelPack.load(tiny_pack)
     fp32 = OnnxModels(pack, settings=Settings(providers=[CPU], intra_op_threads=1))
-    with caplog.at_level(logging.WARNING, logger="service.modelpack"):
+    with caplog.at_level(logging.WARNING, logger="service.inference.modelpack"):
         fp16 = OnnxModels(pack, settings=Settings(providers=[CPU], intra_op_threads=1, precision="fp16"))
     assert fp16.runtime.files == {"detector": "detector.fp16.onnx", "classifier": "classifier.fp16.onnx"}
     assert any("CXR_PRECISION=fp16 on CPUExecutionProvider" in record.getMessage() for record in caplog.records)

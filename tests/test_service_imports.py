@@ -10,7 +10,7 @@ def test_service_never_imports_torch():
         "import sys, pkgutil, importlib, service\n"
         "for m in pkgutil.walk_packages(service.__path__, 'service.'):\n"
         "    importlib.import_module(m.name)\n"
-        "from service.app import create_app\n"
+        "from service.api.app import create_app\n"
         "create_app()\n"
         "bad = sorted(n for n in sys.modules if n == 'torch' or n.startswith(('torch.', 'torchvision')))\n"
         "assert not bad, bad\n"

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 import uvicorn
 
-from service.app import create_app
+from service.api.app import create_app
 from tests.live import free_port, wait_until_ready
 
 BOUNDARY = "c0ffee-boundary"

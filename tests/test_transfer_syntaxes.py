@@ -13,10 +13,10 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder
 
-from service.decode import decode_pixels, read_dataset
+from service.dicom.decode import decode_pixels, read_dataset
 from service.errors import MalformedDicom, UnsupportedTransferSyntax
-from service.pipeline import InputSpec, prepare
-from service.preprocess import Normalization, PixelParams, display_image
+from service.dicom.pipeline import InputSpec, prepare
+from service.dicom.preprocess import Normalization, PixelParams, display_image
 from training import synthetic as S
 
 SIZE = (320, 288)  # rows, columns: small, so the whole file runs in seconds on two cores

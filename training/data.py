@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from service.pipeline import InputSpec, prepare
+from service.dicom.pipeline import InputSpec, prepare
 from training.fusion import FusionConfig, fuse_rater_boxes, vote_labels
 
 Layout = Literal["vindr", "kaggle"]

@@ -5,7 +5,7 @@
 Every DICOM under ``--src`` (searched recursively; any file name, with or without a .dcm/.dicom
 extension) is written to ``<out>/<image_id>.dicom``, where ``image_id`` is the ``hashlib`` hex
 digest of its SOP Instance UID (0008,0018) -- the scheme of both papers ("Data Records") and of the
-service (``service.pipeline.image_id``; ``--hash`` must match the service's ``CXR_IMAGE_ID_HASH``,
+service (``service.dicom.pipeline.image_id``; ``--hash`` must match the service's ``CXR_IMAGE_ID_HASH``,
 md5 by default). Files that are not DICOM, or DICOM without Pixel Data (DICOMDIR, SR, ...), are
 skipped and counted; files that cannot be de-identified are counted as failed, and then the exit
 status is 1.
@@ -86,7 +86,7 @@ from pydicom.uid import (
 )
 from tqdm import tqdm
 
-from service.pipeline import image_id as hashed_image_id
+from service.dicom.pipeline import image_id as hashed_image_id
 from training.synthetic import dicom_bytes
 
 

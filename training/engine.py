@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from service.postprocess import DetectionParams, select_detections
+from service.inference.postprocess import DetectionParams, select_detections
 from training.data import TensorSet
 from training.distributed import rank_generator, shard
 from training.metrics import ImageDetections, auroc, mean_average_precision

@@ -2,8 +2,8 @@
 
     python -m training.evaluate --data data/synthetic --split test --pack models/demo-synthetic
 
-Every image goes through the service's own pipeline (DICOM bytes -> `service.pipeline.prepare`
--> model -> `service.postprocess`), and boxes are scored in the original image's pixel space
+Every image goes through the service's own pipeline (DICOM bytes -> `service.dicom.pipeline.prepare`
+-> model -> `service.inference.postprocess`), and boxes are scored in the original image's pixel space
 against the CSV annotations. Reports detection mAP@0.4 (the VinBigData challenge metric), mAP@0.5
 and per-class AP, and per-label AUROC with sensitivity / specificity / F1 at the pack's thresholds
 (chosen on validation data), plus macro means over the model's labels. Every metric comes with a
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from service.modelpack import ModelPack, OnnxModels
+from service.inference.modelpack import ModelPack, OnnxModels
 from service.settings import Settings
-from service.pipeline import InputSpec, prepare
-from service.postprocess import DetectionParams, Detections, select_detections, to_original_space
+from service.dicom.pipeline import InputSpec, prepare
+from service.inference.postprocess import DetectionParams, Detections, select_detections, to_original_space
 from training.data import Record, add_layout_arguments, fusion_from_args, read_split
 from training.metrics import (
     ClassMatches, ImageDetections, auroc, bootstrap_auroc, bootstrap_average_precision, bootstrap_operating_point,
@@ -387,7 +387,7 @@ def thresholds_method(folder: Path) -> str | None:
 def torch_infer_from_run(run: Path) -> tuple[InferFn, InputSpec, list[str], list[str], dict[str, float], DetectionParams]:
     import torch
 
-    from service.preprocess import Normalization
+    from service.dicom.preprocess import Normalization
     from training.engine import predict
     from training.export import load_run
 

@@ -31,11 +31,11 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto
 
-from service.modelpack import CLASSIFIER_OUTPUTS, DETECTOR_OUTPUTS, INPUT_NAME, MANIFEST_FORMAT, ModelPack, sha256_of
-from service.pipeline import InputSpec
-from service.postprocess import DetectionParams, Detections, box_iou, select_detections
-from service.preprocess import Normalization
-from service.runtime import GPU_PROVIDERS, preload_gpu_libraries
+from service.inference.modelpack import CLASSIFIER_OUTPUTS, DETECTOR_OUTPUTS, INPUT_NAME, MANIFEST_FORMAT, ModelPack, sha256_of
+from service.dicom.pipeline import InputSpec
+from service.inference.postprocess import DetectionParams, Detections, box_iou, select_detections
+from service.dicom.preprocess import Normalization
+from service.inference.runtime import GPU_PROVIDERS, preload_gpu_libraries
 from training.data import Record, fusion_from_args, load_tensors, read_split
 from training.engine import predict
 from training.labels import LABEL_SETS

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.postprocess import box_iou
+from service.inference.postprocess import box_iou
 
 DEFAULT_IOU_THRESHOLD = 0.4  # the VinBigData challenge metric's IoU (see module docstring)
 DEFAULT_MIN_RATERS = 1

@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from service.postprocess import box_iou
+from service.inference.postprocess import box_iou
 
 Interpolation = Literal["voc", "coco"]
 

@@ -1,13 +1,13 @@
 """Detector and classifier built from torchvision parts.
 
-Both take N x 1 x S x S normalised grayscale images (see `service.preprocess`) and export to ONNX
+Both take N x 1 x S x S normalised grayscale images (see `service.dicom.preprocess`) and export to ONNX
 with a dynamic batch axis. The grayscale channel is repeated to three inside the graph so that
 ImageNet weights (from a local file) fit the first convolution while the host only ships one
 channel per pixel to the GPU.
 
 Detector: an FCOS-style anchor-free head (Tian et al. 2019) on a MobileNetV3 + FPN. The exported
 graph returns dense per-location boxes and scores; NMS is the shared numpy postprocess in
-`service.postprocess`, so PyTorch evaluation and the ONNX service decode detections identically.
+`service.inference.postprocess`, so PyTorch evaluation and the ONNX service decode detections identically.
 """
 
 from __future__ import annotations

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from service.decode import DecodeLimits
-from service.intended_use import out_of_distribution_reasons
-from service.modelpack import ModelPack, OnnxModels
-from service.pipeline import PreparedImage, prepare
-from service.predictor import prediction_body
-from service.schemas import Prediction
+from service.dicom.decode import DecodeLimits
+from service.dicom.intended_use import out_of_distribution_reasons
+from service.inference.modelpack import ModelPack, OnnxModels
+from service.dicom.pipeline import PreparedImage, prepare
+from service.inference.predictor import prediction_body
+from service.api.schemas import Prediction
 from service.settings import Settings
-from service.state import load_serving_state
+from service.inference.state import load_serving_state
 
 ModelOutputs = tuple[np.ndarray, np.ndarray, np.ndarray]  # one image's boxes, scores, probabilities
 
@@ -26,7 +26,7 @@ ModelOutputs = tuple[np.ndarray, np.ndarray, np.ndarray]  # one image's boxes, s
 def load_models(settings: Settings) -> tuple[ModelPack, OnnxModels]:
     """The verified pack and its warmed-up sessions, loaded by the service's own loader.
 
-    Through service.state.load_serving_state rather than a copy of it, so whatever the service does to
+    Through service.inference.state.load_serving_state rather than a copy of it, so whatever the service does to
     its sessions (providers, threads, precision, warm-up of every batch shape) the peers do as well.
     """
     state = load_serving_state(settings)
@@ -38,12 +38,12 @@ def load_models(settings: Settings) -> tuple[ModelPack, OnnxModels]:
 
 
 def decode_limits(settings: Settings) -> DecodeLimits:
-    """The limits the service's decode pool passes to `prepare` (service.predictor)."""
+    """The limits the service's decode pool passes to `prepare` (service.inference.predictor)."""
     return DecodeLimits(settings.max_pixels, max_pixel_bytes=settings.max_pixel_bytes)
 
 
 def prepare_body(body: bytes, pack: ModelPack, settings: Settings) -> PreparedImage:
-    """`service.pipeline.prepare` with the service's arguments: parse, check, decode, preprocess."""
+    """`service.dicom.pipeline.prepare` with the service's arguments: parse, check, decode, preprocess."""
     return prepare(body, pack.input_spec, decode_limits(settings), settings.image_id_hash)
 
 

@@ -9,7 +9,7 @@ setting (the defaults below are read from the service's Settings, CXR_* variable
 - `Ingress` (1 replica, FastAPI, max_ongoing_requests = CXR_MAX_QUEUE_SIZE): reads the body, asks a
   decoder, asks the model, builds the JSON (the service's one uvicorn process);
 - `Decoder` (replicas = CXR_DECODE_WORKERS, the service's decode processes; at most 2 requests each:
-  one decoding, one waiting): runs `service.pipeline.prepare` with the service's arguments;
+  one decoding, one waiting): runs `service.dicom.pipeline.prepare` with the service's arguments;
 - `Model` (1 replica, max_ongoing_requests = CXR_MAX_QUEUE_SIZE): `@serve.batch` with max_batch_size =
   CXR_MAX_BATCH_SIZE and batch_wait_timeout_s = CXR_MAX_QUEUE_DELAY_MS / 1000, one batch at a time
   (max_concurrent_batches=1, as the service's batcher), run in a thread so the next batch gathers
@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from benchmarks.peers.common import load_models, prediction_json, prepare_body, response_body, settings_for
-from service.modelpack import ModelPack
+from service.inference.modelpack import ModelPack
 
 api = FastAPI(title="ray serve peer")
 DECODER_ONGOING_REQUESTS = 2

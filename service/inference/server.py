@@ -1,11 +1,11 @@
 """The shared inference server: one process owns the pack's ONNX Runtime sessions and the dynamic batcher,
-and runs images that HTTP workers send it over a Unix socket (protocol in service/inference_protocol.py).
+and runs images that HTTP workers send it over a Unix socket (protocol in service/inference/protocol.py).
 
-    python -m service.inference_server --socket /run/cxr/inference.sock   # the same CXR_* settings as the API
+    python -m service.inference.server --socket /run/cxr/inference.sock   # the same CXR_* settings as the API
 
 `python -m service --workers N` starts and supervises it (service/multiworker.py); HTTP workers reach it
-with CXR_INFERENCE_SOCKET set (service/remote_inference.py). The sessions, warm-up and batcher are exactly
-those of the single-process service (service/state.py): only decoding and postprocessing move out.
+with CXR_INFERENCE_SOCKET set (service/inference/client.py). The sessions, warm-up and batcher are exactly
+those of the single-process service (service/inference/state.py): only decoding and postprocessing move out.
 The socket is created only after warm-up, so a server that answers is a warm one.
 """
 
@@ -23,11 +23,11 @@ import numpy as np
 
 from service.allocator import keep_freed_memory
 from service.errors import ApiError, NotReady
-from service.inference_protocol import PROTOCOL_VERSION, FrameReceiver, ProtocolError, pack_identity
+from service.inference.protocol import PROTOCOL_VERSION, FrameReceiver, ProtocolError, pack_identity
 from service.settings import Settings
-from service.state import ServingState, load_serving_state
+from service.inference.state import ServingState, load_serving_state
 
-log = logging.getLogger("service.inference_server")
+log = logging.getLogger("service.inference.server")
 
 DRAIN_TIMEOUT_S = 30.0
 
@@ -203,7 +203,7 @@ async def watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service.inference_server",
+    parser = argparse.ArgumentParser(prog="python -m service.inference.server",
                                      description="Own the model pack's sessions and batcher; serve HTTP workers "
                                                  "over a Unix socket.")
     parser.add_argument("--socket", type=Path, default=None, help="socket path (default: CXR_INFERENCE_SOCKET)")

@@ -7,9 +7,9 @@ from dataclasses import asdict
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.dependencies import ReadyStateDep, SettingsDep, StateDep
-from service.modelpack import OnnxModels
-from service.schemas import ErrorResponse, ModelsResponse
+from service.api.dependencies import ReadyStateDep, SettingsDep, StateDep
+from service.inference.modelpack import OnnxModels
+from service.api.schemas import ErrorResponse, ModelsResponse
 
 router = APIRouter()
 

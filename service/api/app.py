@@ -13,14 +13,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
 
 from service.allocator import keep_freed_memory
-from service.auth import KeyRing, requires_key
+from service.api.auth import KeyRing, requires_key
 from service.errors import ApiError
 from service.metrics import ServiceMetrics
-from service.remote_inference import load_remote_serving_state
-from service.request_context import RequestContext, error_response
-from service.routers import health, metrics, predict, studies
+from service.inference.client import load_remote_serving_state
+from service.api.request_context import RequestContext, error_response
+from service.api.routers import health, metrics, predict, studies
 from service.settings import Settings, get_settings
-from service.state import ServingState, load_serving_state
+from service.inference.state import ServingState, load_serving_state
 
 log = logging.getLogger("service")
 

@@ -79,7 +79,7 @@ class ErrorResponse(BaseModel):
 
 
 class RuntimeInfo(BaseModel):
-    """How ONNX Runtime runs the models in this process (service/runtime.py)."""
+    """How ONNX Runtime runs the models in this process (service/inference/runtime.py)."""
 
     provider: str = Field(description="execution provider running the models")
     providers: list[str] = Field(description="the sessions' providers in order (CPU takes what the first cannot)")

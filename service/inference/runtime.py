@@ -2,7 +2,7 @@
 
 Every decision is a pure function of the settings and of what the machine offers (`Machine`, probed
 once at load), so the GPU path's choices are unit-tested on CPU-only machines;
-`service.modelpack.OnnxModels` applies them and reports what is in effect (`RuntimeDescription`).
+`service.inference.modelpack.OnnxModels` applies them and reports what is in effect (`RuntimeDescription`).
 
 - Providers: TensorRT (when its libraries are installed) -> CUDA -> CPU by default. Providers this
   machine cannot run are left out with the reason; if the models end up anywhere but the expected

@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from service.decode import DecodeLimits
+from service.dicom.decode import DecodeLimits
 from service.errors import OutOfDistribution, RequestTimeout
-from service.intended_use import out_of_distribution_reasons
-from service.modelpack import ModelPack
-from service.pipeline import PreparedImage
-from service.postprocess import diseases_json, findings_json, select_detections, to_original_space
+from service.dicom.intended_use import out_of_distribution_reasons
+from service.inference.modelpack import ModelPack
+from service.dicom.pipeline import PreparedImage
+from service.inference.postprocess import diseases_json, findings_json, select_detections, to_original_space
 from service.settings import Settings
-from service.state import ServingState
+from service.inference.state import ServingState
 
 log = logging.getLogger(__name__)
 

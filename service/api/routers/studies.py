@@ -15,14 +15,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydicom.dataset import Dataset
 
-from service.dependencies import ReadyStateDep, SettingsDep
+from service.api.dependencies import ReadyStateDep, SettingsDep
 from service.errors import ApiError, MalformedDicom, UnsupportedMediaType
-from service.predictor import predict_instance, request_time_limit
-from service.routers.predict import ERRORS
-from service.schemas import StudiesResponse
+from service.inference.predictor import predict_instance, request_time_limit
+from service.api.routers.predict import ERRORS
+from service.api.schemas import StudiesResponse
 from service.settings import Settings
-from service.state import ServingState
-from service.upload import DICOM_MEDIA_TYPES, Part, check_declared_length, media_type, read_multipart
+from service.inference.state import ServingState
+from service.api.upload import DICOM_MEDIA_TYPES, Part, check_declared_length, media_type, read_multipart
 
 router = APIRouter(prefix="/v1")
 

@@ -6,7 +6,7 @@ import io
 
 from pydicom.filewriter import dcmwrite
 
-from service.pipeline import PreparedImage
+from service.dicom.pipeline import PreparedImage
 from service.viewer_outputs.gsps import build_gsps
 from service.viewer_outputs.png import render_png
 from service.viewer_outputs.sr import build_sr

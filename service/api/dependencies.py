@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 
 from service.errors import NotReady
 from service.settings import Settings
-from service.state import ServingState
+from service.inference.state import ServingState
 
 
 async def get_app_settings(request: Request) -> Settings:

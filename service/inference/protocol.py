@@ -1,4 +1,4 @@
-"""The wire format between HTTP workers and the shared inference server (service/inference_server.py).
+"""The wire format between HTTP workers and the shared inference server (service/inference/server.py).
 
 One frame, in either direction:
 
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # this module stays light: the launcher imports it, and must not load ONNX Runtime
-    from service.modelpack import ModelPack
+    from service.inference.modelpack import ModelPack
 
 PROTOCOL_VERSION = 1
 PREFIX = struct.Struct("<II")

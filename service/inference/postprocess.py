@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.preprocess import Letterbox
+from service.dicom.preprocess import Letterbox
 
 
 @dataclass(frozen=True)

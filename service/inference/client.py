@@ -2,8 +2,8 @@
 
 With CXR_INFERENCE_SOCKET set, the app builds its serving state here instead of loading ONNX Runtime
 sessions: `RemoteBatcher.submit(image)` has the local `Batcher.submit` signature and result, so the
-request path (service/predictor.py) is the same either way, postprocessing included. The worker keeps
-one connection to the inference server (service/inference_server.py), many requests in flight on it,
+request path (service/inference/predictor.py) is the same either way, postprocessing included. The worker keeps
+one connection to the inference server (service/inference/server.py), many requests in flight on it,
 and reconnects whenever it drops; until the server has answered "hello" with the same pack this worker
 verified, the worker reports not ready (/readyz 503 with the reason) and requests get 503 at once.
 """
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from service.batcher import BatchResult
+from service.inference.batcher import BatchResult
 from service.errors import NotReady, Overloaded
-from service.inference_protocol import (MAX_RESPONSE_PAYLOAD_BYTES, PROTOCOL_VERSION, STREAM_LIMIT, ProtocolError,
+from service.inference.protocol import (MAX_RESPONSE_PAYLOAD_BYTES, PROTOCOL_VERSION, STREAM_LIMIT, ProtocolError,
                                         encode_frame, pack_identity, read_frame)
 from service.metrics import ServiceMetrics
-from service.modelpack import ModelPack, PackError
+from service.inference.modelpack import ModelPack, PackError
 from service.settings import Settings
-from service.state import ServingState, new_decode_pool
+from service.inference.state import ServingState, new_decode_pool
 
 log = logging.getLogger(__name__)
 

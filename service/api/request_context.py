@@ -19,7 +19,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.auth import KeyRing, authenticate
+from service.api.auth import KeyRing, authenticate
 from service.errors import ApiError
 
 log = logging.getLogger("service")

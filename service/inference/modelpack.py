@@ -3,7 +3,7 @@
 
 A pack is verified (every listed file present, sha256 as in the manifest) before any session is
 created, so a truncated or tampered model never serves. `OnnxModels` runs both models with the
-ONNX Runtime configuration that `service.runtime` derives from the settings.
+ONNX Runtime configuration that `service.inference.runtime` derives from the settings.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service import runtime
-from service.intended_use import IntendedPopulation
-from service.pipeline import InputSpec
-from service.postprocess import DetectionParams
-from service.preprocess import Normalization
+from service.inference import runtime
+from service.dicom.intended_use import IntendedPopulation
+from service.dicom.pipeline import InputSpec
+from service.inference.postprocess import DetectionParams
+from service.dicom.preprocess import Normalization
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class OnnxModels:
     """ONNX Runtime sessions for both models of a pack, run together on each batch.
 
     Providers, their options, the precision variant and IO binding come from `settings` through the
-    pure functions of `service.runtime`; `runtime` says what is actually in effect. `providers` and
+    pure functions of `service.inference.runtime`; `runtime` says what is actually in effect. `providers` and
     `intra_op_threads` override the settings (for callers that predate them).
     """
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.batcher import Batcher
-from service.decode_pool import DecodePool
+from service.inference.batcher import Batcher
+from service.dicom.decode_pool import DecodePool
 from service.metrics import ServiceMetrics
-from service.modelpack import ModelPack, OnnxModels, PackError
+from service.inference.modelpack import ModelPack, OnnxModels, PackError
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

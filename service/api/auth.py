@@ -3,7 +3,7 @@
 Keys are random tokens sent as `Authorization: Bearer <key>` or `X-API-Key: <key>`. Only their sha256
 hex digests are configured (`CXR_API_KEY_SHA256S` and/or a keys file of `name:sha256hex` lines), so a
 leaked configuration or log does not leak a usable key. The keys file is re-read when it changes, so
-keys rotate without a restart. `python -m service.auth new-key` makes a key and its digest.
+keys rotate without a restart. `python -m service.api.auth new-key` makes a key and its digest.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from service.errors import Forbidden, Unauthorized
 if TYPE_CHECKING:
     from service.settings import Settings
 
-log = logging.getLogger("service.auth")
+log = logging.getLogger("service.api.auth")
 
 _NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")  # names go into log lines: nothing that could forge one
 _DIGEST = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -51,7 +51,7 @@ def parse_key_entry(entry: str) -> tuple[str, str]:
     name, _, digest = entry.strip().rpartition(":")
     if not _DIGEST.match(digest):
         raise ValueError("expected a sha256 hex digest (64 hex digits), optionally as name:digest; "
-                         "configure the digest from `python -m service.auth new-key`, never the key itself")
+                         "configure the digest from `python -m service.api.auth new-key`, never the key itself")
     if name and not _NAME.match(name):
         raise ValueError("key names may hold only letters, digits and . _ @ - (at most 64)")
     digest = digest.lower()
@@ -85,7 +85,7 @@ class KeyRing:
             self._refresh()
         if not self._inline and not self._file_keys:
             raise ValueError("authentication is on but no API key digest is configured: set CXR_API_KEY_SHA256S or "
-                             "CXR_API_KEYS_FILE (`python -m service.auth new-key` makes a key and its digest)")
+                             "CXR_API_KEYS_FILE (`python -m service.api.auth new-key` makes a key and its digest)")
 
     def _refresh(self) -> None:
         """Re-read the keys file when its mtime, size or inode changed (one stat per request: cheap)."""
@@ -153,7 +153,7 @@ def authenticate(headers: Mapping[str, str], keys: KeyRing) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m service.auth", description="API key helper for hospital IT.")
+    parser = argparse.ArgumentParser(prog="python -m service.api.auth", description="API key helper for hospital IT.")
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("new-key", help="print a new random key and the sha256 digest to configure")
     make.add_argument("--name", default="client", help="name for the keys-file line (shown in logs; not secret)")

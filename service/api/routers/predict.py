@@ -8,13 +8,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.decode import check_referenceable
-from service.dependencies import ReadyStateDep, SettingsDep
+from service.dicom.decode import check_referenceable
+from service.api.dependencies import ReadyStateDep, SettingsDep
 from service.errors import NotAcceptable
-from service.predictor import predict_instance, request_time_limit
-from service.render import render
-from service.schemas import ErrorResponse, Prediction
-from service.upload import check_declared_length, read_single_dicom
+from service.inference.predictor import predict_instance, request_time_limit
+from service.viewer_outputs.render import render
+from service.api.schemas import ErrorResponse, Prediction
+from service.api.upload import check_declared_length, read_single_dicom
 
 router = APIRouter(prefix="/v1")
 

@@ -1,0 +1,1 @@
+"""HTTP: the FastAPI app factory, routers, request context, API keys, uploads and response schemas."""

@@ -1,0 +1,1 @@
+"""DICOM bytes -> model input: header checks, pixel decoding (and its pool), display pipeline, intended-use gate."""
