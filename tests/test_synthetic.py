@@ -1,4 +1,4 @@
-"""Tests for the synthetic VinDr-PCXR phantom generator (training/synthetic.py)."""
+"""Tests for the synthetic VinDr-PCXR phantom generator (training/synthetic/)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from training import synthetic as S
+from training.synthetic import findings, instance
 from training.labels import SYNTHETIC_GLOBAL, SYNTHETIC_LOCAL, VINDR_PCXR
 
 SIZE = (256, 224)
@@ -84,7 +85,7 @@ def test_image_id_is_md5_of_sop_instance_uid(dataset: Path):
         assert (ds.Rows, ds.Columns) == SIZE
         assert S.DISCLAIMER in ds.ImageComments and S.DISCLAIMER in ds.SeriesDescription
         assert ds.BodyPartExamined == "CHEST" and ds.ViewPosition in ("PA", "AP")
-        assert (ds.SOPClassUID, ds.Modality) in ((S.DX_SOP_CLASS, "DX"), (S.CR_SOP_CLASS, "CR"))
+        assert (ds.SOPClassUID, ds.Modality) in ((instance.DX_SOP_CLASS, "DX"), (instance.CR_SOP_CLASS, "CR"))
         age = ds.PatientAge
         assert len(age) == 4 and age[3] in "MY"
         assert int(age[:3]) < (10 if age[3] == "Y" else 120)
@@ -211,13 +212,13 @@ def test_finding_mix_and_disease_rules():
     """~45% of draws are normal, every finding is common enough, and diseases follow findings."""
     rng = np.random.default_rng(0)
     difficulty = S.resolve_difficulty("default")
-    draws = [S._draw_findings(rng) for _ in range(4000)]
+    draws = [findings.draw_findings(rng) for _ in range(4000)]
     assert 0.40 < np.mean([not d for d in draws]) < 0.50
     rates = {name: np.mean([name in d for d in draws]) for name in SYNTHETIC_LOCAL}
-    assert min(rates.values()) > 0.05 and max(rates, key=rates.get) == S.PIO
-    labels = [S._disease_labels(rng, set(d), difficulty) for d in draws]
-    with_cons = [lab["Pneumonia"] for d, lab in zip(draws, labels) if S.CONSOLIDATION in d]
-    without = [lab["Pneumonia"] for d, lab in zip(draws, labels) if S.CONSOLIDATION not in d]
+    assert min(rates.values()) > 0.05 and max(rates, key=rates.get) == findings.PIO
+    labels = [findings.disease_labels(rng, set(d), difficulty) for d in draws]
+    with_cons = [lab["Pneumonia"] for d, lab in zip(draws, labels) if findings.CONSOLIDATION in d]
+    without = [lab["Pneumonia"] for d, lab in zip(draws, labels) if findings.CONSOLIDATION not in d]
     assert np.mean(with_cons) > 0.8 and np.mean(without) < 0.05
     for d, lab in zip(draws, labels):
         disease = any(lab[n] for n in SYNTHETIC_GLOBAL if n != "No finding")

@@ -143,7 +143,7 @@ VINDR_CXR = LabelSet(
 
 LABEL_SETS = {label_set.dataset: label_set for label_set in (VINDR_PCXR, VINDR_CXR)}
 
-# What the synthetic phantoms plant (see training/synthetic.py) and the demo pack is trained on:
+# What the synthetic phantoms plant (see training/synthetic/findings.py) and the demo pack is trained on:
 # the common PCXR local findings and the diseases that follow from them.
 SYNTHETIC_LOCAL = (
     "Peribronchovascular interstitial opacity or PIO",

@@ -1,7 +1,7 @@
-"""python -m training.synthetic --out DIR --n-train N --n-test M --seed S (see training/synthetic/README.md)."""
+"""python -m training.synthetic --out DIR --n-train N --n-test M --seed S (see README.md beside this file)."""
 
 import sys
 
-from training.synthetic import main
+from training.synthetic.cli import main
 
 main(sys.argv[1:])
