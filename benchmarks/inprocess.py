@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.peers.common import decode_limits, prediction_json
+from benchmarks.peers.common import prediction_json
 from service.allocator import keep_freed_memory
 from service.dicom.decode import has_native_pixel_data
 from service.inference.modelpack import ModelPack, OnnxModels
@@ -108,7 +108,7 @@ class DecodeStream:
     def __init__(self, pool: DecodeExecutors, bodies: Sequence[bytes], pack: ModelPack, settings: Settings,
                  window: int) -> None:
         self._pool, self._bodies = pool, itertools.cycle(bodies)
-        self._arguments = (pack.input_spec, decode_limits(settings), settings.image_id_hash)
+        self._arguments = (pack.input_spec, settings.decode_limits, settings.image_id_hash)
         self._pending: deque[Future] = deque(self._submit() for _ in range(window))
 
     def _submit(self) -> Future:

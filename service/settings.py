@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -11,6 +12,20 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PACK = Path(__file__).resolve().parent.parent / "models" / "demo-synthetic"
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Size caps checked on the DICOM header before any pixel is decoded (service.dicom.decode).
+
+    The one place their defaults live: the service takes them from `Settings` (CXR_MAX_PIXELS,
+    CXR_MAX_PIXEL_BYTES, which default to these), training and evaluation use these defaults directly.
+    """
+
+    max_pixels: int = 60_000_000  # rows x columns x frames
+    max_pixel_bytes: int = 256 * 1024 * 1024  # the decoded array: rows x columns x frames x samples x bytes
+    max_rows_or_columns: int = 16_384
+    min_rows_or_columns: int = 32
 
 
 class Settings(BaseSettings):
@@ -80,8 +95,8 @@ class Settings(BaseSettings):
     strict_intended_use: bool = Field(False, description="reject (422) images outside the pack's intended population instead of warning")
     max_instances_per_request: int = Field(64, ge=1, description="instances accepted in one STOW-RS request")
     max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="largest accepted upload (bytes)")
-    max_pixels: int = Field(60_000_000, ge=1024, description="largest accepted Rows x Columns")
-    max_pixel_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest decoded pixel array (bytes)")
+    max_pixels: int = Field(DecodeLimits.max_pixels, ge=1024, description="largest accepted Rows x Columns")
+    max_pixel_bytes: int = Field(DecodeLimits.max_pixel_bytes, ge=1024, description="largest decoded pixel array (bytes)")
     image_id_hash: str = Field("md5", description="hashlib algorithm turning SOP Instance UIDs into image ids")
 
     # Access (README "Deploying safely"). Off by default so the local demo needs no key.
@@ -96,6 +111,11 @@ class Settings(BaseSettings):
     hsts: bool = Field(False, description="send Strict-Transport-Security (only when TLS terminates in front)")
     cors_allow_origins: list[str] = Field(
         [], description="browser origins allowed to call the API (CORS); empty: CORS off")
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        """The size caps every image of this service is decoded under."""
+        return DecodeLimits(max_pixels=self.max_pixels, max_pixel_bytes=self.max_pixel_bytes)
 
 
 @lru_cache

@@ -9,11 +9,13 @@ import onnx
 import pytest
 
 from service.inference.modelpack import ModelPack, PackError
-from service.inference.postprocess import Detections, at_operating_points
+from service.inference.postprocess import Detections
 from training.data import Box, Record, load_tensors, read_split
 from training.evaluate import predict_records, torch_infer_from_run
 from training.export import (FP16_TOLERANCES, FP32_TOLERANCES, Tolerances, check_parity, copy_evaluation, export_float16,
                              export_onnx, float32_tail, label_selection, load_run, missed_top_detections)
+
+from tests.reference import at_operating_points
 
 
 @pytest.fixture(scope="module")
@@ -141,15 +143,17 @@ def test_tampered_fp16_variant_is_rejected(tiny_pack, tmp_path):
         ModelPack.load(copy)
 
 
-def test_pack_without_variants_still_loads(tiny_pack, tmp_path):
-    """A pack written before variants existed (no `variants`, no fp16 files) loads and offers fp32 only."""
+def test_fp32_only_pack_loads(tiny_pack, tmp_path):
+    """A pack without float16 variants (what `export --no-fp16` writes: no `variants`, no fp16 files) loads and
+    offers fp32 only."""
     import shutil
 
     copy = tmp_path / "pack"
     shutil.copytree(tiny_pack, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["precisions"] = ["fp32"]
     for model in ("detector", "classifier"):
-        del manifest[model]["variants"], manifest[model]["precision"]
+        del manifest[model]["variants"]
         (copy / f"{model}.fp16.onnx").unlink()
     (copy / "manifest.json").write_text(json.dumps(manifest))
     pack = ModelPack.load(copy)

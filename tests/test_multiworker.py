@@ -18,7 +18,8 @@ import pytest
 
 from service.inference.batcher import Batcher
 from service.errors import NotReady, Overloaded
-from service.inference.protocol import ProtocolError, decode_frame, encode_frame, pack_identity, read_frame
+from service.inference.protocol import (PREFIX, ProtocolError, decode_body, encode_frame, pack_identity, parse_prefix,
+                                        read_frame)
 from service.inference.server import InferenceServer, input_problem
 from service.inference.modelpack import ModelPack
 from service.multiworker import default_decode_workers, restart_delay, worker_environment
@@ -35,6 +36,16 @@ FAKE_PACK = ModelPack(path=Path("unused"), manifest={
 
 def frame_bytes(header: dict, arrays=()) -> bytes:
     return b"".join(bytes(part) for part in encode_frame(header, arrays))
+
+
+def decode_frame(frame: bytes, max_payload_bytes: int = 64 * 1024 * 1024) -> tuple[dict, list[np.ndarray]]:
+    """One whole frame held in memory -> header and arrays, through the protocol's own parse_prefix and decode_body."""
+    header_length, payload_length = parse_prefix(frame[:PREFIX.size], max_payload_bytes)
+    body = frame[PREFIX.size:]
+    if len(body) != header_length + payload_length:
+        raise ProtocolError(f"frame holds {len(body)} bytes after its prefix, the prefix says "
+                            f"{header_length + payload_length}")
+    return decode_body(body[:header_length], body[header_length:])
 
 
 def raw_frame(header: bytes, payload: bytes = b"") -> bytes:

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from service.inference.postprocess import (DetectionParams, Detections, at_operating_points, box_iou, nms, select_detections,
+from service.inference.postprocess import (DetectionParams, Detections, box_iou, nms, select_detections,
                                  to_original_space)
 from service.dicom.preprocess import Letterbox
+from tests.reference import at_operating_points
 
 
 def test_box_iou_golden_values():

@@ -127,7 +127,7 @@ def test_fallback_reason_names_the_missing_provider_and_why():
     ("auto", CUDA, ("fp32", "fp16"), "fp16", False),
     ("auto", TENSORRT, ("fp32", "fp16"), "fp16", False),
     ("auto", CPU, ("fp32", "fp16"), "fp32", False),
-    ("auto", CUDA, ("fp32",), "fp32", False),  # an older pack without variants
+    ("auto", CUDA, ("fp32",), "fp32", False),  # a pack exported with --no-fp16
     ("fp32", CUDA, ("fp32", "fp16"), "fp32", False),
     ("fp16", CUDA, ("fp32", "fp16"), "fp16", False),
     ("fp16", CPU, ("fp32", "fp16"), "fp16", True),  # works, but slower than fp32 on CPU

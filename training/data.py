@@ -277,13 +277,10 @@ def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def fusion_from_args(args: argparse.Namespace | dict) -> FusionConfig:
-    """FusionConfig from parsed flags, or from a run's saved args (older runs predate the flags)."""
+    """FusionConfig from parsed flags, or from a run's saved args (checkpoint.pt keeps them)."""
     values = vars(args) if isinstance(args, argparse.Namespace) else args
-    defaults = FusionConfig()
     try:
-        return FusionConfig(values.get("fusion_iou", defaults.iou_threshold),
-                            values.get("min_raters", defaults.min_raters),
-                            values.get("vote_threshold", defaults.vote_threshold))
+        return FusionConfig(values["fusion_iou"], values["min_raters"], values["vote_threshold"])
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
 

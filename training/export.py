@@ -418,7 +418,7 @@ def copy_evaluation(report_path: Path, out: Path) -> dict:
 
 
 def model_entry(out: Path, model: str, precisions: Sequence[str]) -> dict:
-    """The manifest's file entry of one model: float32 at the top (what older readers load), other variants below."""
+    """The manifest's file entry of one model: its float32 file at the top, other precisions under `variants`."""
     entry: dict = {"file": f"{model}.onnx", "sha256": sha256_of(out / f"{model}.onnx"), "precision": "fp32"}
     variants = {precision: {"file": f"{model}.{precision}.onnx", "sha256": sha256_of(out / f"{model}.{precision}.onnx")}
                 for precision in precisions if precision != "fp32"}
@@ -448,7 +448,7 @@ def main(args: argparse.Namespace) -> Path:
 
     data_root = args.data or Path(run_args["data"])
     # Read the data the way the run did (layout and rater fusion are in its saved arguments).
-    training_records = read_split(data_root, "train", run_args.get("layout", "auto"), fusion_from_args(run_args))
+    training_records = read_split(data_root, "train", run_args["layout"], fusion_from_args(run_args))
     records = training_records[: args.parity_images]
     spec = InputSpec(size=size, normalization=normalization)
     images = load_tensors(records, spec, local_labels, global_labels, description="parity images").images

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from service.dicom.decode import DecodeLimits
 from service.dicom.intended_use import out_of_distribution_reasons
 from service.inference.modelpack import ModelPack, OnnxModels
 from service.dicom.pipeline import PreparedImage, prepare
@@ -37,14 +36,9 @@ def load_models(settings: Settings) -> tuple[ModelPack, OnnxModels]:
     return state.pack, state.models
 
 
-def decode_limits(settings: Settings) -> DecodeLimits:
-    """The limits the service's decode pool passes to `prepare` (service.inference.predictor)."""
-    return DecodeLimits(settings.max_pixels, max_pixel_bytes=settings.max_pixel_bytes)
-
-
 def prepare_body(body: bytes, pack: ModelPack, settings: Settings) -> PreparedImage:
     """`service.dicom.pipeline.prepare` with the service's arguments: parse, check, decode, preprocess."""
-    return prepare(body, pack.input_spec, decode_limits(settings), settings.image_id_hash)
+    return prepare(body, pack.input_spec, settings.decode_limits, settings.image_id_hash)
 
 
 def prediction_json(prepared: PreparedImage, outputs: ModelOutputs, pack: ModelPack, settings: Settings,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pydicom
@@ -18,6 +17,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import RE_VALID_UID, UID
 
 from service.errors import MalformedDicom, NotDicom, UnsupportedTransferSyntax, UnusableImage
+from service.settings import DecodeLimits
 
 SUPPORTED_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 
@@ -32,14 +32,6 @@ PIXEL_ELEMENT_VRS = {
 }
 # What a DICOM SR or GSPS needs to reference the image: one valid UID each.
 REFERENCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_pixels: int = 100_000_000  # rows x columns x frames
-    max_pixel_bytes: int = 256 * 1024 * 1024  # the decoded array: rows x columns x frames x samples x bytes
-    max_rows_or_columns: int = 16_384
-    min_rows_or_columns: int = 32
 
 
 # Pixel data stored as plain numbers: decoding is numpy work that releases the GIL (deflate is zlib).

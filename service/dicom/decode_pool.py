@@ -17,8 +17,9 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from service.allocator import keep_freed_memory
-from service.dicom.decode import DecodeLimits, has_native_pixel_data
+from service.dicom.decode import has_native_pixel_data
 from service.errors import ApiError, Overloaded
+from service.settings import DecodeLimits
 from service.dicom.pipeline import InputSpec, PreparedImage, prepare
 
 log = logging.getLogger(__name__)

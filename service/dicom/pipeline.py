@@ -10,8 +10,9 @@ import numpy as np
 
 from pydicom.dataset import Dataset
 
-from service.dicom.decode import DecodeLimits, check_image_header, decode_pixels, read_dataset
+from service.dicom.decode import check_image_header, decode_pixels, read_dataset
 from service.errors import UnusableImage
+from service.settings import DecodeLimits
 from service.dicom.preprocess import Letterbox, Normalization, PixelParams, apply_modality_lut, display_image, model_input
 
 

@@ -1,5 +1,5 @@
 """Model packs: a self-describing folder with manifest.json, detector.onnx and classifier.onnx
-(float32) and, in packs exported since, their float16 variants (manifest `<model>.variants.fp16`).
+(float32) and, unless exported with --no-fp16, their float16 variants (manifest `<model>.variants.fp16`).
 
 A pack is verified (every listed file present, sha256 as in the manifest) before any session is
 created, so a truncated or tampered model never serves. `OnnxModels` runs both models with the
@@ -110,7 +110,7 @@ class ModelPack:
 
     def _file_entry(self, model: str, precision: str) -> dict:
         entry = self.manifest[model]
-        if precision == entry.get("precision", "fp32"):
+        if precision == "fp32":  # the model's own entry is its float32 file; other precisions are variants
             return entry
         variants = entry.get("variants") or {}
         if precision not in variants:
@@ -139,7 +139,7 @@ class ModelPack:
         for model in MODELS:
             entry = manifest.get(model) or {}
             # Every listed file, variants included: a tampered fp16 file must not serve on a GPU either.
-            files = [("", {"file": entry.get("file", f"{model}.onnx"), "sha256": entry.get("sha256")})]
+            files = [("", entry)]
             files += [(f"{precision} ", variant) for precision, variant in (entry.get("variants") or {}).items()]
             for label, listed in files:
                 _verify_file(path, f"{label}{model}", listed)
@@ -162,13 +162,11 @@ class OnnxModels:
     """ONNX Runtime sessions for both models of a pack, run together on each batch.
 
     Providers, their options, the precision variant and IO binding come from `settings` through the
-    pure functions of `service.inference.runtime`; `runtime` says what is actually in effect. `providers` and
-    `intra_op_threads` override the settings (for callers that predate them).
+    pure functions of `service.inference.runtime`; `runtime` says what is actually in effect.
     """
 
-    def __init__(self, pack: ModelPack, providers: Sequence[str] | None = None, intra_op_threads: int | None = None,
-                 *, settings: Settings | None = None, machine: runtime.Machine | None = None) -> None:
-        settings = _with_overrides(settings or Settings(), providers, intra_op_threads)
+    def __init__(self, pack: ModelPack, *, settings: Settings | None = None, machine: runtime.Machine | None = None) -> None:
+        settings = settings or Settings()
         plan = runtime.plan_providers(settings.providers, machine or runtime.probe_machine(settings.providers))
         for provider, reason in plan.skipped.items():
             log.info("execution provider %s left out: %s", provider, reason)
@@ -234,8 +232,3 @@ class OnnxModels:
         boxes, scores, probabilities = outputs
         return boxes, scores, probabilities
 
-
-def _with_overrides(settings: Settings, providers: Sequence[str] | None, intra_op_threads: int | None) -> Settings:
-    updates = {"providers": list(providers) if providers is not None else None, "intra_op_threads": intra_op_threads}
-    updates = {key: value for key, value in updates.items() if value is not None}
-    return settings.model_copy(update=updates) if updates else settings

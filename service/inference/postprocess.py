@@ -86,12 +86,6 @@ def to_original_space(detections: Detections, geometry: Letterbox) -> Detections
     return Detections(boxes[nonempty], detections.scores[nonempty], detections.classes[nonempty])
 
 
-def at_operating_points(detections: Detections, thresholds: np.ndarray) -> Detections:
-    """Keep the detections scoring at least their class's reporting threshold (thresholds[class])."""
-    keep = detections.scores >= thresholds[detections.classes]
-    return Detections(detections.boxes[keep], detections.scores[keep], detections.classes[keep])
-
-
 def findings_json(detections: Detections, labels: list[str]) -> list[dict]:
     return [
         {

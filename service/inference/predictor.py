@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from service.dicom.decode import DecodeLimits
 from service.errors import OutOfDistribution, RequestTimeout
 from service.dicom.intended_use import out_of_distribution_reasons
 from service.inference.modelpack import ModelPack
@@ -44,7 +43,7 @@ async def predict_instance(body: bytes, state: ServingState, settings: Settings,
     """The JSON result of DESIGN §4 for one DICOM body, and the prepared image it came from."""
     started = time.perf_counter()
     pack = state.pack
-    prepared = await state.decoder.prepare(body, pack.input_spec, DecodeLimits(settings.max_pixels, max_pixel_bytes=settings.max_pixel_bytes),
+    prepared = await state.decoder.prepare(body, pack.input_spec, settings.decode_limits,
                                            settings.image_id_hash, keep_display)
     # Only the hashed SOP Instance UID (the VinDr image_id) identifies the image in the log.
     log.info("request_id=%s image_id=%s %dx%d", request_id, prepared.instance["image_id"],

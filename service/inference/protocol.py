@@ -117,16 +117,6 @@ def array_spec(spec: object) -> tuple[np.dtype, tuple[int, ...]]:
     return np.dtype(spec["dtype"]).newbyteorder("<"), tuple(shape)
 
 
-def decode_frame(frame: bytes, max_payload_bytes: int = MAX_RESPONSE_PAYLOAD_BYTES) -> tuple[dict, list[np.ndarray]]:
-    """One whole frame held in memory (tests, blocking probes) -> header and arrays."""
-    header_length, payload_length = parse_prefix(frame[:PREFIX.size], max_payload_bytes)
-    body = frame[PREFIX.size:]
-    if len(body) != header_length + payload_length:
-        raise ProtocolError(f"frame holds {len(body)} bytes after its prefix, the prefix says "
-                            f"{header_length + payload_length}")
-    return decode_body(body[:header_length], body[header_length:])
-
-
 async def read_frame(reader: asyncio.StreamReader, max_payload_bytes: int) -> tuple[dict, list[np.ndarray]]:
     """The next frame from a stream; asyncio.IncompleteReadError when the peer closed the connection."""
     header_length, payload_length = parse_prefix(await reader.readexactly(PREFIX.size), max_payload_bytes)

@@ -97,11 +97,6 @@ def code_for(label: str) -> Code:
     return Code(value, PRIVATE_SCHEME, label.strip()[:64] or value)
 
 
-def known_labels() -> list[str]:
-    """Every label with a fixed entry in the table (standard or private)."""
-    return sorted(set(_STANDARD) | set(_PRIVATE))
-
-
 def coding_scheme_items(used: list[Code]) -> list[CodingSchemeIdentificationItem] | None:
     """Coding Scheme Identification items for the private scheme, when any code uses it."""
     if not any(code.scheme_designator == PRIVATE_SCHEME for code in used):
