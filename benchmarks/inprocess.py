@@ -55,6 +55,7 @@ def timed_batches(run_batch: Callable[[], int], seconds: float, min_batches: int
 
 def model_batch(models: OnnxModels, batch: np.ndarray) -> Callable[[], int]:
     """One call = both models on the ready-made batch."""
+
     def run() -> int:
         models.run(batch)
         return len(batch)
@@ -62,8 +63,9 @@ def model_batch(models: OnnxModels, batch: np.ndarray) -> Callable[[], int]:
     return run
 
 
-def model_only_rates(models: OnnxModels, tensors: Sequence[np.ndarray], batch_sizes: Sequence[int],
-                     seconds: float) -> list[BatchRate]:
+def model_only_rates(
+    models: OnnxModels, tensors: Sequence[np.ndarray], batch_sizes: Sequence[int], seconds: float
+) -> list[BatchRate]:
     rates = []
     for batch_size in batch_sizes:
         batch = np.stack([tensors[i % len(tensors)] for i in range(batch_size)])
@@ -97,16 +99,23 @@ def decode_pool(workers: int, native_in_threads: bool = True, malloc_keep_mb: in
     process and in the workers, so the pipeline allocates memory as the service does."""
     keep_freed_memory(malloc_keep_mb)
     # forkserver, as service.dicom.decode_pool: the parent already runs ONNX Runtime's threads.
-    return DecodeExecutors(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
-                                               initializer=keep_freed_memory, initargs=(malloc_keep_mb,)),
-                           ThreadPoolExecutor(workers, thread_name_prefix="decode-native") if native_in_threads else None)
+    return DecodeExecutors(
+        ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("forkserver"),
+            initializer=keep_freed_memory,
+            initargs=(malloc_keep_mb,),
+        ),
+        ThreadPoolExecutor(workers, thread_name_prefix="decode-native") if native_in_threads else None,
+    )
 
 
 class DecodeStream:
     """Prepared images in submission order, with `window` decodes always in flight in the pool."""
 
-    def __init__(self, pool: DecodeExecutors, bodies: Sequence[bytes], pack: ModelPack, settings: Settings,
-                 window: int) -> None:
+    def __init__(
+        self, pool: DecodeExecutors, bodies: Sequence[bytes], pack: ModelPack, settings: Settings, window: int
+    ) -> None:
         self._pool, self._bodies = pool, itertools.cycle(bodies)
         self._arguments = (pack.input_spec, settings.decode_limits, settings.image_id_hash)
         self._pending: deque[Future] = deque(self._submit() for _ in range(window))
@@ -128,9 +137,11 @@ class DecodeStream:
         wait(self._pending)
 
 
-def pipeline_batch(stream: DecodeStream, batch_size: int, models: OnnxModels, pack: ModelPack,
-                   settings: Settings) -> Callable[[], int]:
+def pipeline_batch(
+    stream: DecodeStream, batch_size: int, models: OnnxModels, pack: ModelPack, settings: Settings
+) -> Callable[[], int]:
     """One call = the next batch_size decoded images through both models and the postprocess."""
+
     def run() -> int:
         prepared = stream.take(batch_size)
         started = time.perf_counter()
@@ -143,20 +154,32 @@ def pipeline_batch(stream: DecodeStream, batch_size: int, models: OnnxModels, pa
     return run
 
 
-def pipeline_rates(input_set: str, bodies: Sequence[bytes], pack: ModelPack, settings: Settings, models: OnnxModels,
-                   pool: DecodeExecutors, workers: int, batch_sizes: Sequence[int], seconds: float,
-                   progress: Callable[[str], None] = print) -> list[BatchRate]:
+def pipeline_rates(
+    input_set: str,
+    bodies: Sequence[bytes],
+    pack: ModelPack,
+    settings: Settings,
+    models: OnnxModels,
+    pool: DecodeExecutors,
+    workers: int,
+    batch_sizes: Sequence[int],
+    seconds: float,
+    progress: Callable[[str], None] = print,
+) -> list[BatchRate]:
     rates = []
     for batch_size in batch_sizes:
         stream = DecodeStream(pool, bodies, pack, settings, window=batch_size + 2 * workers)
         try:
-            images, elapsed = timed_batches(pipeline_batch(stream, batch_size, models, pack, settings), seconds,
-                                            min_batches=2)
+            images, elapsed = timed_batches(
+                pipeline_batch(stream, batch_size, models, pack, settings), seconds, min_batches=2
+            )
         finally:
             stream.close()
         rate = BatchRate(input_set, batch_size, images / elapsed, images, elapsed)
-        progress(f"  pipeline {input_set:>12} batch {batch_size:>2}: {rate.images_per_s:7.2f} images/s "
-                 f"({images} images in {elapsed:.1f} s)")
+        progress(
+            f"  pipeline {input_set:>12} batch {batch_size:>2}: {rate.images_per_s:7.2f} images/s "
+            f"({images} images in {elapsed:.1f} s)"
+        )
         rates.append(rate)
     return rates
 

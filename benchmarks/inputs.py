@@ -53,9 +53,15 @@ def make_input_set(spec: InputSet, cache: Path = CACHE) -> list[Path]:
     for index, path in enumerate(paths):
         if path.is_file():
             continue
-        ds, _ = synthesize_instance(seed=spec.first_seed + index, rows=spec.rows, cols=spec.cols, difficulty="easy",
-                                    transfer_syntax=spec.transfer_syntax, bits_stored=spec.bits_stored,
-                                    photometric="MONOCHROME2")
+        ds, _ = synthesize_instance(
+            seed=spec.first_seed + index,
+            rows=spec.rows,
+            cols=spec.cols,
+            difficulty="easy",
+            transfer_syntax=spec.transfer_syntax,
+            bits_stored=spec.bits_stored,
+            photometric="MONOCHROME2",
+        )
         partial = path.with_suffix(".part")
         partial.write_bytes(dicom_bytes(ds))
         partial.rename(path)  # a run killed mid-write never leaves a truncated input behind

@@ -51,9 +51,29 @@ class LocustRun:
 
 
 def locust_command(host: str, users: int, run_time_s: float, csv_prefix: Path) -> list[str]:
-    return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
-            "-u", str(users), "-r", str(users), "--run-time", f"{run_time_s:g}s", "--csv", str(csv_prefix),
-            "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "0"]
+    return [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        host,
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "--run-time",
+        f"{run_time_s:g}s",
+        "--csv",
+        str(csv_prefix),
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        "--stop-timeout",
+        "0",
+    ]
 
 
 def _number(value: str) -> float:
@@ -65,14 +85,21 @@ def parse_locust_stats(csv_text: str, name: str = "Aggregated") -> LocustStats:
     row = next((r for r in csv.DictReader(io.StringIO(csv_text)) if r["Name"] == name), None)
     if row is None:
         raise ValueError(f"no {name!r} row in the locust stats")
-    return LocustStats(requests=int(row["Request Count"]), failures=int(row["Failure Count"]),
-                       requests_per_s=_number(row["Requests/s"]), p50_ms=_number(row["50%"]),
-                       p95_ms=_number(row["95%"]), p99_ms=_number(row["99%"]),
-                       average_ms=_number(row["Average Response Time"]), max_ms=_number(row["Max Response Time"]))
+    return LocustStats(
+        requests=int(row["Request Count"]),
+        failures=int(row["Failure Count"]),
+        requests_per_s=_number(row["Requests/s"]),
+        p50_ms=_number(row["50%"]),
+        p95_ms=_number(row["95%"]),
+        p99_ms=_number(row["99%"]),
+        average_ms=_number(row["Average Response Time"]),
+        max_ms=_number(row["Max Response Time"]),
+    )
 
 
-def run_level(host: str, users: int, run_time_s: float, warmup_s: float, input_dir: Path,
-              csv_prefix: Path) -> LocustRun:
+def run_level(
+    host: str, users: int, run_time_s: float, warmup_s: float, input_dir: Path, csv_prefix: Path
+) -> LocustRun:
     """One closed-loop level: `users` users posting back to back for run_time_s, the first warmup_s discarded.
 
     The locustfile times the level from its own start (test_start) and stops it; locust's --run-time clock
@@ -83,8 +110,12 @@ def run_level(host: str, users: int, run_time_s: float, warmup_s: float, input_d
     stats_path = Path(f"{csv_prefix}_stats.csv")
     for stale in (window_file, stats_path):  # never read an earlier run's results as this one's
         stale.unlink(missing_ok=True)
-    env = os.environ | {"BENCH_INPUT_DIR": str(input_dir), "BENCH_WARMUP_S": f"{warmup_s:g}",
-                        "BENCH_MEASURE_S": f"{run_time_s - warmup_s:g}", "BENCH_WINDOW_FILE": str(window_file)}
+    env = os.environ | {
+        "BENCH_INPUT_DIR": str(input_dir),
+        "BENCH_WARMUP_S": f"{warmup_s:g}",
+        "BENCH_MEASURE_S": f"{run_time_s - warmup_s:g}",
+        "BENCH_WINDOW_FILE": str(window_file),
+    }
     started = time.perf_counter()
     with open(csv_prefix.with_name(csv_prefix.name + "_locust.log"), "w") as log:
         command = locust_command(host, users, run_time_s + RUN_TIME_MARGIN_S, csv_prefix)
@@ -94,11 +125,17 @@ def run_level(host: str, users: int, run_time_s: float, warmup_s: float, input_d
     process.returncode = os.waitstatus_to_exitcode(status)
     wall_s = time.perf_counter() - started
     if not stats_path.is_file() or not window_file.is_file():
-        raise RuntimeError(f"locust wrote no results (exit code {process.returncode}); "
-                           f"see {csv_prefix.name}_locust.log")
+        raise RuntimeError(
+            f"locust wrote no results (exit code {process.returncode}); see {csv_prefix.name}_locust.log"
+        )
     window = json.loads(window_file.read_text())
     if "measured_from" not in window:
         raise RuntimeError(f"locust stopped before the end of its warm-up; see {csv_prefix.name}_locust.log")
-    return LocustRun(stats=parse_locust_stats(stats_path.read_text()), measured_from=window["measured_from"],
-                     stopped_at=window["stopped_at"],
-                     cpu_s=usage.ru_utime + usage.ru_stime, wall_s=wall_s, returncode=process.returncode)
+    return LocustRun(
+        stats=parse_locust_stats(stats_path.read_text()),
+        measured_from=window["measured_from"],
+        stopped_at=window["stopped_at"],
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        wall_s=wall_s,
+        returncode=process.returncode,
+    )

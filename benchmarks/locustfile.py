@@ -65,8 +65,9 @@ class ClinicalApp(FastHttpUser):
     def predict(self) -> None:
         body = BODIES[self.next_index]
         self.next_index = (self.next_index + 1) % len(BODIES)
-        with self.client.post("/v1/predict", data=body, headers=HEADERS, name="predict",
-                              catch_response=True) as response:
+        with self.client.post(
+            "/v1/predict", data=body, headers=HEADERS, name="predict", catch_response=True
+        ) as response:
             if response.status_code == 200 and response.text.startswith("{"):
                 response.success()
             else:

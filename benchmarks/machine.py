@@ -44,10 +44,16 @@ def _read(path: str) -> str:
 def git_commit(root: Path = ROOT) -> str:
     """HEAD's commit, with '+uncommitted changes' when the work tree differs from it."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return commit + (" + uncommitted changes" if dirty else "")
@@ -73,10 +79,10 @@ def describe_machine(pack_manifest: dict, providers_in_use: list[str], load_at_s
         "OS": f"{os_name(_read('/etc/os-release'))} ({platform.platform()})",
         "Python": f"{platform.python_version()} ({platform.python_implementation()})",
         "ONNX Runtime": f"{ort.__version__}; providers available: {', '.join(ort.get_available_providers())}; "
-                        f"in use: {', '.join(providers_in_use)}",
+        f"in use: {', '.join(providers_in_use)}",
         "Model pack": f"{pack_manifest['name']} {pack_manifest['version']} (detector sha256 "
-                      f"{pack_manifest['detector']['sha256'][:12]}…, classifier sha256 "
-                      f"{pack_manifest['classifier']['sha256'][:12]}…, input {pack_manifest['input']['size']}²)",
+        f"{pack_manifest['detector']['sha256'][:12]}…, classifier sha256 "
+        f"{pack_manifest['classifier']['sha256'][:12]}…, input {pack_manifest['input']['size']}²)",
         "Git commit": git_commit(),
         "Load average at start (1/5/15 min)": load_at_start,
     }

@@ -104,15 +104,21 @@ def drive(base_url: str, bodies: Sequence[bytes], requests: int, concurrency: in
                 if number >= requests:
                     return
                 try:
-                    status: int | str = http.post("/v1/predict", content=bodies[number % len(bodies)],
-                                                  headers={"Content-Type": "application/dicom"}).status_code
+                    status: int | str = http.post(
+                        "/v1/predict",
+                        content=bodies[number % len(bodies)],
+                        headers={"Content-Type": "application/dicom"},
+                    ).status_code
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 sample = recorder.answered(status)
                 if sample is not None and sample.requests % (recorder.every * 10) == 0:
                     rate = sample.requests / sample.seconds
-                    print(f"  {sample.requests:>6} requests, {rate:5.1f}/s, RSS {sample.rss_kib / 1024:6.0f} MiB, "
-                          f"about {(requests - sample.requests) / rate / 60:4.1f} min left", flush=True)
+                    print(
+                        f"  {sample.requests:>6} requests, {rate:5.1f}/s, RSS {sample.rss_kib / 1024:6.0f} MiB, "
+                        f"about {(requests - sample.requests) / rate / 60:4.1f} min left",
+                        flush=True,
+                    )
 
     with ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(client) for _ in range(concurrency)]:
@@ -131,39 +137,76 @@ def plot_memory(samples: Sequence[MemorySample], compared: Sequence[MemorySample
     axis.plot(counts, [s.rss_kib / 1024 for s in samples], label="RSS (sum over the tree)")
     axis.plot(counts, [s.pss_kib / 1024 for s in samples], label="PSS (sum over the tree)")
     quarter = len(compared) // 4
-    axis.hlines(growth.first_quarter_median_mib, compared[0].requests, compared[quarter - 1].requests, colors="black",
-                linestyles="--", label="RSS median, first / last quarter")
-    axis.hlines(growth.last_quarter_median_mib, compared[-quarter].requests, compared[-1].requests, colors="black",
-                linestyles="--")
-    axis.set(xlabel="requests answered", ylabel="MiB", title=f"Memory of server + decode workers ({growth.percent:+.1f}% RSS)")
+    axis.hlines(
+        growth.first_quarter_median_mib,
+        compared[0].requests,
+        compared[quarter - 1].requests,
+        colors="black",
+        linestyles="--",
+        label="RSS median, first / last quarter",
+    )
+    axis.hlines(
+        growth.last_quarter_median_mib,
+        compared[-quarter].requests,
+        compared[-1].requests,
+        colors="black",
+        linestyles="--",
+    )
+    axis.set(
+        xlabel="requests answered",
+        ylabel="MiB",
+        title=f"Memory of server + decode workers ({growth.percent:+.1f}% RSS)",
+    )
     axis.set_ylim(bottom=0)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     return save_figure(plt, figure, path)
 
 
-def render_memory_report(command: str, machine: dict[str, str], started_at: str, requests: int, concurrency: int,
-                         sets: Sequence[str], statuses: dict, samples: Sequence[MemorySample], rss: Growth,
-                         pss: Growth, configuration: str) -> str:
+def render_memory_report(
+    command: str,
+    machine: dict[str, str],
+    started_at: str,
+    requests: int,
+    concurrency: int,
+    sets: Sequence[str],
+    statuses: dict,
+    samples: Sequence[MemorySample],
+    rss: Growth,
+    pss: Growth,
+    configuration: str,
+) -> str:
     ok = statuses.get(200, 0)
     duration = samples[-1].seconds if samples else 0.0
     status_text = ", ".join(f"{status}: {count}" for status, count in sorted(statuses.items(), key=str))
-    return "\n".join([
-        "# Memory stability", "",
-        f"Command: `{command}`  ", f"Started {started_at}; {requests} requests in {duration / 60:.1f} min "
-        f"({requests / duration if duration else 0:.1f}/s) from {concurrency} client threads; inputs: "
-        f"{', '.join(sets)} (in turn). Every number below was measured by this run.", "",
-        *table(["", ""], [[key, value] for key, value in machine.items()], "ll"), "",
-        f"Server: {configuration}", "",
-        f"Answers: {status_text} ({requests - ok} not 200).", "",
-        f"**Memory {'grows' if rss.grows else 'does not grow'}**: median RSS of the server's process tree "
-        f"{rss.first_quarter_median_mib:.0f} MiB over the first quarter of the samples, "
-        f"{rss.last_quarter_median_mib:.0f} MiB over the last: {rss.percent:+.1f}% "
-        f"(growing means more than +{GROWTH_LIMIT_PERCENT:g}%). PSS: {pss.first_quarter_median_mib:.0f} → "
-        f"{pss.last_quarter_median_mib:.0f} MiB ({pss.percent:+.1f}%).", "",
-        f"{len(samples)} samples, one every {samples[1].requests - samples[0].requests if len(samples) > 1 else '?'} "
-        "requests; RSS summed over the server and its decode workers, read from /proc. Raw data: `memory.csv`.", "",
-        "![memory](memory.png)", ""])
+    return "\n".join(
+        [
+            "# Memory stability",
+            "",
+            f"Command: `{command}`  ",
+            f"Started {started_at}; {requests} requests in {duration / 60:.1f} min "
+            f"({requests / duration if duration else 0:.1f}/s) from {concurrency} client threads; inputs: "
+            f"{', '.join(sets)} (in turn). Every number below was measured by this run.",
+            "",
+            *table(["", ""], [[key, value] for key, value in machine.items()], "ll"),
+            "",
+            f"Server: {configuration}",
+            "",
+            f"Answers: {status_text} ({requests - ok} not 200).",
+            "",
+            f"**Memory {'grows' if rss.grows else 'does not grow'}**: median RSS of the server's process tree "
+            f"{rss.first_quarter_median_mib:.0f} MiB over the first quarter of the samples, "
+            f"{rss.last_quarter_median_mib:.0f} MiB over the last: {rss.percent:+.1f}% "
+            f"(growing means more than +{GROWTH_LIMIT_PERCENT:g}%). PSS: {pss.first_quarter_median_mib:.0f} → "
+            f"{pss.last_quarter_median_mib:.0f} MiB ({pss.percent:+.1f}%).",
+            "",
+            f"{len(samples)} samples, one every {samples[1].requests - samples[0].requests if len(samples) > 1 else '?'} "
+            "requests; RSS summed over the server and its decode workers, read from /proc. Raw data: `memory.csv`.",
+            "",
+            "![memory](memory.png)",
+            "",
+        ]
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -172,13 +215,17 @@ def main(args: argparse.Namespace) -> int:
     settings = Settings(**({"models": args.models} if args.models else {}))
     models = settings.models.resolve()
     sets = [input_set(name) for name in args.input_sets]
-    bodies = [body for group in zip(*(read_bodies(make_input_set(spec)) for spec in sets), strict=True) for body in group]
+    bodies = [
+        body for group in zip(*(read_bodies(make_input_set(spec)) for spec in sets), strict=True) for body in group
+    ]
     spec = service_specs(settings, models, None, args.service_workers)[OURS]
     out: Path = args.out
     started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     load_before = load_average()
-    print(f"starting {spec.title}; {args.requests} requests, concurrency {args.concurrency}, a sample every "
-          f"{args.every}", flush=True)
+    print(
+        f"starting {spec.title}; {args.requests} requests, concurrency {args.concurrency}, a sample every {args.every}",
+        flush=True,
+    )
     server = start_server(spec, out / "logs")
     try:
         providers = httpx.get(f"{server.base_url}/v1/models", timeout=10).json()["providers"]
@@ -197,21 +244,34 @@ def main(args: argparse.Namespace) -> int:
         writer.writerow(["requests", "seconds", "rss_kib", "pss_kib"])
         writer.writerows((s.requests, f"{s.seconds:.2f}", s.rss_kib, s.pss_kib) for s in recorder.samples)
     plot_memory(recorder.samples, samples, rss, out / "memory.png")
-    report = render_memory_report("python -m benchmarks.memory " + shlex.join(sys.argv[1:]), machine, started_at,
-                                  args.requests, args.concurrency, [s.name for s in sets], dict(recorder.statuses),
-                                  samples, rss, pss, spec.configuration)
+    report = render_memory_report(
+        "python -m benchmarks.memory " + shlex.join(sys.argv[1:]),
+        machine,
+        started_at,
+        args.requests,
+        args.concurrency,
+        [s.name for s in sets],
+        dict(recorder.statuses),
+        samples,
+        rss,
+        pss,
+        spec.configuration,
+    )
     (out / "memory.md").write_text(report)
     print(report)
     return 0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=8, help="client threads, each one request in flight")
     parser.add_argument("--every", type=int, default=100, help="record memory every this many answers")
-    parser.add_argument("--input-sets", nargs="+", choices=[s.name for s in INPUT_SETS], default=[s.name for s in INPUT_SETS])
+    parser.add_argument(
+        "--input-sets", nargs="+", choices=[s.name for s in INPUT_SETS], default=[s.name for s in INPUT_SETS]
+    )
     parser.add_argument("--models", type=Path, default=None)
     parser.add_argument("--service-workers", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory")

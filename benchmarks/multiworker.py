@@ -85,8 +85,19 @@ def setup_command(name: str, workers: int, port: int, models: Path) -> list[str]
     if name == "shared":
         return [sys.executable, "-m", "service", "--workers", str(workers), "--models", str(models), *common]
     # What users do without the shared server: uvicorn's own workers, each building the app (and its sessions).
-    return [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--workers", str(workers),
-            "--host", "127.0.0.1", "--no-access-log", *common]
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "service.api.app:create_app",
+        "--factory",
+        "--workers",
+        str(workers),
+        "--host",
+        "127.0.0.1",
+        "--no-access-log",
+        *common,
+    ]
 
 
 def setup_environment(name: str, workers: int, models: Path, providers: str | None, max_batch: int) -> dict[str, str]:
@@ -158,12 +169,18 @@ async def drive_load(base: str, bodies: list[bytes], concurrency: int, duration_
         began = time.monotonic()
         await asyncio.gather(*(one_client(i) for i in range(concurrency)))
         elapsed = time.monotonic() - began
-    return {"latencies": latencies, "statuses": statuses, "elapsed_s": elapsed, "queue_ms": queue_ms,
-            "inference_ms": inference_ms}
+    return {
+        "latencies": latencies,
+        "statuses": statuses,
+        "elapsed_s": elapsed,
+        "queue_ms": queue_ms,
+        "inference_ms": inference_ms,
+    }
 
 
 def process_role(pid: int, root: int) -> str:
     """What a process of a setup's tree is, from its command line (for the memory breakdown)."""
+
     def cmdline(of: int) -> str:
         try:
             return Path(f"/proc/{of}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -215,8 +232,11 @@ def gpu_memory_mib(pids: list[int]) -> float | None:
     """GPU memory the given processes hold (nvidia-smi), or None without an NVIDIA GPU."""
     if shutil.which("nvidia-smi") is None:
         return None
-    query = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                           capture_output=True, text=True)
+    query = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+    )
     if query.returncode != 0:
         return None
     used = 0.0
@@ -250,14 +270,19 @@ def stop_tree(process: subprocess.Popen, timeout_s: float = 60) -> float:
 def run_setup(name: str, args: argparse.Namespace, bodies: list[bytes], logs: Path) -> SetupResult:
     port = free_port()
     command = setup_command(name, args.workers, port, args.models)
-    result = SetupResult(name=name, command=" ".join(Path(command[0]).name if i == 0 else part
-                                                    for i, part in enumerate(command)))
+    result = SetupResult(
+        name=name, command=" ".join(Path(command[0]).name if i == 0 else part for i, part in enumerate(command))
+    )
     base = f"http://127.0.0.1:{port}"
     log = (logs / f"{name}.log").open("w")
     started = time.monotonic()
-    process = subprocess.Popen(command, env=setup_environment(name, args.workers, args.models, args.providers,
-                                                              args.max_batch),
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command,
+        env=setup_environment(name, args.workers, args.models, args.providers, args.max_batch),
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         result.first_ready_s, result.all_ready_s = wait_ready(base, process, started, args.startup_timeout)
         result.providers = httpx.get(f"{base}/v1/models", timeout=10).json()["providers"]
@@ -297,9 +322,16 @@ def ipc_round_trip_ms(size: int, images: int) -> dict[str, float]:
     from service.settings import Settings
     from service.inference.state import ServingState
 
-    pack = ModelPack(path=Path("unused"), manifest={
-        "name": "ipc", "version": "0", "input": {"size": size, "normalization": {"mean": 0.5, "std": 0.25}},
-        "detector": {"sha256": "0" * 64, "labels": []}, "classifier": {"sha256": "0" * 64, "labels": []}})
+    pack = ModelPack(
+        path=Path("unused"),
+        manifest={
+            "name": "ipc",
+            "version": "0",
+            "input": {"size": size, "normalization": {"mean": 0.5, "std": 0.25}},
+            "detector": {"sha256": "0" * 64, "labels": []},
+            "classifier": {"sha256": "0" * 64, "labels": []},
+        },
+    )
 
     def outputs(batch: np.ndarray) -> tuple[np.ndarray, ...]:
         n = len(batch)
@@ -312,8 +344,13 @@ def ipc_round_trip_ms(size: int, images: int) -> dict[str, float]:
         server = InferenceServer(state, Settings(max_batch_size=1))
         listener = await asyncio.get_running_loop().create_unix_server(server.protocol, path=str(socket_path))
         ready = asyncio.Event()
-        remote = RemoteBatcher(socket_path, pack_identity(pack), RemoteModels(socket=socket_path),
-                               lambda reason: ready.set() if reason == "" else None, max_batch_size=1)
+        remote = RemoteBatcher(
+            socket_path,
+            pack_identity(pack),
+            RemoteModels(socket=socket_path),
+            lambda reason: ready.set() if reason == "" else None,
+            max_batch_size=1,
+        )
         remote.start()
         await asyncio.wait_for(ready.wait(), 10)
         image = np.random.default_rng(0).random((1, size, size), dtype=np.float32)
@@ -327,45 +364,70 @@ def ipc_round_trip_ms(size: int, images: int) -> dict[str, float]:
         listener.close()
         await local.stop()
         local_p50, remote_p50 = statistics.median(timings["local"]), statistics.median(timings["remote"])
-        return {"size": size, "image_bytes": 4 * size * size, "local_p50_ms": local_p50, "remote_p50_ms": remote_p50,
-                "hop_p50_ms": remote_p50 - local_p50}
+        return {
+            "size": size,
+            "image_bytes": 4 * size * size,
+            "local_p50_ms": local_p50,
+            "remote_p50_ms": remote_p50,
+            "hop_p50_ms": remote_p50 - local_p50,
+        }
 
     with tempfile.TemporaryDirectory(prefix="cxr-ipc-", dir="/tmp") as folder:
         return asyncio.run(measure(Path(folder) / "inference.sock"))
 
 
-def markdown_report(args: argparse.Namespace, machine: dict[str, str], results: list[SetupResult], ipc: dict,
-                    input_description: str) -> str:
+def markdown_report(
+    args: argparse.Namespace, machine: dict[str, str], results: list[SetupResult], ipc: dict, input_description: str
+) -> str:
     by_name = {result.name: result for result in results}
-    lines = [f"# Several HTTP workers: shared inference server vs one session per worker{' (quick run)' if args.quick else ''}",
-             "", f"Command: `python -m benchmarks.multiworker {' '.join(sys.argv[1:])}`".rstrip(), ""]
+    lines = [
+        f"# Several HTTP workers: shared inference server vs one session per worker{' (quick run)' if args.quick else ''}",
+        "",
+        f"Command: `python -m benchmarks.multiworker {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+    ]
     lines += [f"- {key}: {value}" for key, value in machine.items()]
-    lines += ["", f"Load: {args.concurrency} concurrent clients, back to back, "
-                  f"{'one kept-alive connection each' if args.keepalive else 'a new connection per request'}, "
-                  f"{args.duration:g} s measured after "
-                  f"{args.warmup:g} s of warm-up load; input: {input_description}. `--workers {args.workers}`, "
-                  f"max batch {args.max_batch}, providers {args.providers or 'service default'}. "
-                  "The load generator runs on the same machine.", ""]
-    header = ("| setup | processes | ready (first / all) s | images/s | p50 ms | p99 ms | queue p50 ms | "
-              "inference p50 ms | RSS idle MiB | RSS peak MiB | PSS peak MiB | GPU MiB | errors |")
+    lines += [
+        "",
+        f"Load: {args.concurrency} concurrent clients, back to back, "
+        f"{'one kept-alive connection each' if args.keepalive else 'a new connection per request'}, "
+        f"{args.duration:g} s measured after "
+        f"{args.warmup:g} s of warm-up load; input: {input_description}. `--workers {args.workers}`, "
+        f"max batch {args.max_batch}, providers {args.providers or 'service default'}. "
+        "The load generator runs on the same machine.",
+        "",
+    ]
+    header = (
+        "| setup | processes | ready (first / all) s | images/s | p50 ms | p99 ms | queue p50 ms | "
+        "inference p50 ms | RSS idle MiB | RSS peak MiB | PSS peak MiB | GPU MiB | errors |"
+    )
     lines += [header, "| --- " + "| ---: " * 12 + "|"]
     for r in results:
         errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "0"
         gpu = "n/a" if r.gpu_mib is None else f"{r.gpu_mib:.0f}"
-        lines.append(f"| {r.name} | {r.processes} | {r.first_ready_s:.1f} / {r.all_ready_s:.1f} | "
-                     f"{r.throughput_per_s:.1f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.queue_p50_ms:.1f} | "
-                     f"{r.inference_p50_ms:.1f} | {r.rss_idle_mib:.0f} | {r.rss_peak_mib:.0f} | {r.pss_peak_mib:.0f} | "
-                     f"{gpu} | {errors} |")
+        lines.append(
+            f"| {r.name} | {r.processes} | {r.first_ready_s:.1f} / {r.all_ready_s:.1f} | "
+            f"{r.throughput_per_s:.1f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.queue_p50_ms:.1f} | "
+            f"{r.inference_p50_ms:.1f} | {r.rss_idle_mib:.0f} | {r.rss_peak_mib:.0f} | {r.pss_peak_mib:.0f} | "
+            f"{gpu} | {errors} |"
+        )
     lines += ["", "PSS by process right after the load (MiB, count × mean):", ""]
     lines += [f"- {r.name}: {roles_text(r.pss_by_role_mib)}" for r in results]
     lines += ["", "Commands (and the provider each reported in /v1/models):", ""]
     lines += [f"- {r.name}: `{r.command}` ({', '.join(r.providers[:1]) or '?'})" for r in results]
-    lines += ["", "The extra hop alone (`shared` only): one float32 image to the inference server and its outputs back, "
-                  "one at a time, the model replaced by a stub (the pack's input size first, then larger packs' sizes):", "",
-              "| input | image MiB | in-process p50 ms | over the socket p50 ms | hop p50 ms |",
-              "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {hop['size']}² | {hop['image_bytes'] / 2**20:.2f} | {hop['local_p50_ms']:.2f} | "
-              f"{hop['remote_p50_ms']:.2f} | {hop['hop_p50_ms']:.2f} |" for hop in ipc]
+    lines += [
+        "",
+        "The extra hop alone (`shared` only): one float32 image to the inference server and its outputs back, "
+        "one at a time, the model replaced by a stub (the pack's input size first, then larger packs' sizes):",
+        "",
+        "| input | image MiB | in-process p50 ms | over the socket p50 ms | hop p50 ms |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {hop['size']}² | {hop['image_bytes'] / 2**20:.2f} | {hop['local_p50_ms']:.2f} | "
+        f"{hop['remote_p50_ms']:.2f} | {hop['hop_p50_ms']:.2f} |"
+        for hop in ipc
+    ]
     lines += ["", "## What is traded", ""] + tradeoff_lines(by_name, ipc[0])
     return "\n".join(lines) + "\n"
 
@@ -375,26 +437,39 @@ def tradeoff_lines(by_name: dict[str, SetupResult], ipc: dict) -> list[str]:
     lines = []
     if shared and naive:
         saved = naive.pss_peak_mib - shared.pss_peak_mib
-        lines.append(f"- Memory: `shared` holds one set of ONNX Runtime sessions instead of one per worker, but runs "
-                     f"one more process: PSS peak {shared.pss_peak_mib:.0f} MiB vs {naive.pss_peak_mib:.0f} MiB for `naive` "
-                     f"({abs(saved):.0f} MiB {'less' if saved >= 0 else 'more'}; it saves memory once a session set "
-                     "outweighs one extra Python process with ONNX Runtime loaded)"
-                     + (f"; GPU memory {shared.gpu_mib:.0f} vs {naive.gpu_mib:.0f} MiB." if shared.gpu_mib and naive.gpu_mib
-                        else ". On a GPU the saving is one CUDA context and memory arena per extra worker."))
-        lines.append(f"- Throughput: {shared.throughput_per_s:.1f} vs {naive.throughput_per_s:.1f} images/s; "
-                     f"p50 {shared.p50_ms:.0f} vs {naive.p50_ms:.0f} ms, p99 {shared.p99_ms:.0f} vs {naive.p99_ms:.0f} ms. "
-                     "One batcher sees every worker's images, so batches fill better than N half-empty ones; "
-                     "but one inference process is also one serialisation point.")
-        lines.append(f"- Cold start: {shared.all_ready_s:.1f} s vs {naive.all_ready_s:.1f} s until every worker is "
-                     "ready (shared: the server warms up first, then the workers start).")
+        lines.append(
+            f"- Memory: `shared` holds one set of ONNX Runtime sessions instead of one per worker, but runs "
+            f"one more process: PSS peak {shared.pss_peak_mib:.0f} MiB vs {naive.pss_peak_mib:.0f} MiB for `naive` "
+            f"({abs(saved):.0f} MiB {'less' if saved >= 0 else 'more'}; it saves memory once a session set "
+            "outweighs one extra Python process with ONNX Runtime loaded)"
+            + (
+                f"; GPU memory {shared.gpu_mib:.0f} vs {naive.gpu_mib:.0f} MiB."
+                if shared.gpu_mib and naive.gpu_mib
+                else ". On a GPU the saving is one CUDA context and memory arena per extra worker."
+            )
+        )
+        lines.append(
+            f"- Throughput: {shared.throughput_per_s:.1f} vs {naive.throughput_per_s:.1f} images/s; "
+            f"p50 {shared.p50_ms:.0f} vs {naive.p50_ms:.0f} ms, p99 {shared.p99_ms:.0f} vs {naive.p99_ms:.0f} ms. "
+            "One batcher sees every worker's images, so batches fill better than N half-empty ones; "
+            "but one inference process is also one serialisation point."
+        )
+        lines.append(
+            f"- Cold start: {shared.all_ready_s:.1f} s vs {naive.all_ready_s:.1f} s until every worker is "
+            "ready (shared: the server warms up first, then the workers start)."
+        )
     if shared and single:
-        lines.append(f"- Against one process: {shared.throughput_per_s:.1f} vs {single.throughput_per_s:.1f} images/s, "
-                     f"p50 {shared.p50_ms:.0f} vs {single.p50_ms:.0f} ms; memory PSS {shared.pss_peak_mib:.0f} vs "
-                     f"{single.pss_peak_mib:.0f} MiB (each worker repeats the interpreter, FastAPI, pydicom and the "
-                     "decode pool's forkserver).")
-    lines.append(f"- Price per image: one copy of the preprocessed tensor into the socket and out again "
-                 f"({ipc['image_bytes'] / 2**20:.2f} MiB here), and one more hop: {ipc['hop_p50_ms']:.2f} ms p50, "
-                 "counted in the `queue` stage the service reports.")
+        lines.append(
+            f"- Against one process: {shared.throughput_per_s:.1f} vs {single.throughput_per_s:.1f} images/s, "
+            f"p50 {shared.p50_ms:.0f} vs {single.p50_ms:.0f} ms; memory PSS {shared.pss_peak_mib:.0f} vs "
+            f"{single.pss_peak_mib:.0f} MiB (each worker repeats the interpreter, FastAPI, pydicom and the "
+            "decode pool's forkserver)."
+        )
+    lines.append(
+        f"- Price per image: one copy of the preprocessed tensor into the socket and out again "
+        f"({ipc['image_bytes'] / 2**20:.2f} MiB here), and one more hop: {ipc['hop_p50_ms']:.2f} ms p50, "
+        "counted in the `queue` stage the service reports."
+    )
     return lines
 
 
@@ -413,23 +488,37 @@ def main(args: argparse.Namespace) -> None:
             try:
                 results.append(run_setup(name, args, bodies, Path(logs)))
             except RuntimeError as exc:
-                print(f"[multiworker] {name} failed: {exc}\n{(Path(logs) / f'{name}.log').read_text()[-3000:]}",
-                      file=sys.stderr)
+                print(
+                    f"[multiworker] {name} failed: {exc}\n{(Path(logs) / f'{name}.log').read_text()[-3000:]}",
+                    file=sys.stderr,
+                )
                 raise
             print(f"[multiworker] {name}: {json.dumps(asdict(results[-1]))}", flush=True)
     pack_size = int(manifest["input"]["size"])
     machine = describe_machine(manifest, sorted({p for r in results for p in r.providers[:1]}), load_at_start)
     machine["GPU"] = gpu_description()
-    ipc = [ipc_round_trip_ms(size, images=50 if args.quick else 300)
-           for size in [pack_size] + [size for size in (512, 1024) if size > pack_size]]
-    report = markdown_report(args, machine, results, ipc, f"{len(bodies)} x {spec.description}, "
-                                                             f"{spec.rows} x {spec.cols}")
+    ipc = [
+        ipc_round_trip_ms(size, images=50 if args.quick else 300)
+        for size in [pack_size] + [size for size in (512, 1024) if size > pack_size]
+    ]
+    report = markdown_report(
+        args, machine, results, ipc, f"{len(bodies)} x {spec.description}, {spec.rows} x {spec.cols}"
+    )
     machine["Load average at end (1/5/15 min)"] = load_average()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(report)
-    out.with_suffix(".json").write_text(json.dumps({
-        "machine": machine, "settings": {key: str(value) for key, value in vars(args).items()},
-        "setups": [asdict(result) for result in results], "ipc_hop": ipc}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "settings": {key: str(value) for key, value in vars(args).items()},
+                "setups": [asdict(result) for result in results],
+                "ipc_hop": ipc,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(report)
     print(f"written: {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
@@ -442,13 +531,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of measured load per setup")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of unmeasured load first")
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--keepalive", action="store_true",
-                        help="reuse each client's connection (one worker may then get most of them)")
+    parser.add_argument(
+        "--keepalive", action="store_true", help="reuse each client's connection (one worker may then get most of them)"
+    )
     parser.add_argument("--models", type=Path, default=DEFAULT_PACK)
-    parser.add_argument("--providers", default=None,
-                        help='CXR_PROVIDERS for every setup, e.g. \'["CPUExecutionProvider"]\' (default: the service\'s)')
-    parser.add_argument("--setups", type=lambda text: text.split(","), default=list(SETUPS),
-                        help="comma-separated subset of " + ",".join(SETUPS))
+    parser.add_argument(
+        "--providers",
+        default=None,
+        help="CXR_PROVIDERS for every setup, e.g. '[\"CPUExecutionProvider\"]' (default: the service's)",
+    )
+    parser.add_argument(
+        "--setups",
+        type=lambda text: text.split(","),
+        default=list(SETUPS),
+        help="comma-separated subset of " + ",".join(SETUPS),
+    )
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=None, help="output path without suffix")
     return parser

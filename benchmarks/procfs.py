@@ -29,8 +29,11 @@ def process_tree(pid: int) -> list[int]:
     while pending:
         current = pending.pop()
         try:
-            children = [int(child) for task in (PROC / str(current) / "task").iterdir()
-                        for child in (task / "children").read_text().split()]
+            children = [
+                int(child)
+                for task in (PROC / str(current) / "task").iterdir()
+                for child in (task / "children").read_text().split()
+            ]
         except (FileNotFoundError, ProcessLookupError):
             continue  # exited while we looked
         found.append(current)

@@ -93,8 +93,17 @@ def read_collapsed(text: str) -> GilProfile:
     return GilProfile(samples, names, inclusive)
 
 
-def render(profile: GilProfile, cpu: dict[tuple[int, int], int], seconds: float, requests: float, users: int,
-           spec_name: str, main_pid: int, started: str, machine: dict[str, str]) -> str:
+def render(
+    profile: GilProfile,
+    cpu: dict[tuple[int, int], int],
+    seconds: float,
+    requests: float,
+    users: int,
+    spec_name: str,
+    main_pid: int,
+    started: str,
+    machine: dict[str, str],
+) -> str:
     rate = requests / seconds
     per_thread = collections.defaultdict(lambda: [0.0, 0.0])  # name -> [CPU cores, GIL seconds]
     for (pid, tid), ticks in cpu.items():
@@ -103,38 +112,54 @@ def render(profile: GilProfile, cpu: dict[tuple[int, int], int], seconds: float,
     for tid, samples in profile.samples_by_thread.items():
         per_thread[profile.names[tid]][1] += samples / SAMPLE_RATE
     lines = [
-        f"# Where the CPU goes: our service under HTTP load ({spec_name} inputs)", "",
+        f"# Where the CPU goes: our service under HTTP load ({spec_name} inputs)",
+        "",
         f"Command: `python -m benchmarks.profile --users {users} --seconds {seconds:g} --input-set {spec_name}`, "
         f"run {started}. Locust drives `python -m service` (demo pack) with {users} closed-loop users; over "
         f"{seconds:g} s under load, each thread's CPU time is read from /proc and `py-spy record --gil` samples "
         f"{SAMPLE_RATE}×/s the thread holding the GIL. Served {requests:.0f} images in that window "
         f"({rate:.1f}/s, the server's own count on /metrics); the profiler costs throughput, see "
-        f"throughput/summary.md for the unprofiled rate.", "",
-        "## Machine", "", *[f"- {key}: {value}" for key, value in machine.items()], "",
-        "## Threads", "",
+        f"throughput/summary.md for the unprofiled rate.",
+        "",
+        "## Machine",
+        "",
+        *[f"- {key}: {value}" for key, value in machine.items()],
+        "",
+        "## Threads",
+        "",
         "| thread | CPU (cores) | CPU per request (ms) | GIL held (s) | GIL per request (ms) |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, (cores, gil_s) in sorted(per_thread.items(), key=lambda item: -item[1][0]):
         if cores < 0.005 and gil_s < 0.05:
             continue
-        lines.append(f"| {name} | {cores:.2f} | {cores * seconds / requests * 1e3:.1f} | {gil_s:.1f} | "
-                     f"{gil_s / requests * 1e3:.1f} |")
+        lines.append(
+            f"| {name} | {cores:.2f} | {cores * seconds / requests * 1e3:.1f} | {gil_s:.1f} | "
+            f"{gil_s / requests * 1e3:.1f} |"
+        )
     total = sum(cores for cores, _ in per_thread.values())
-    lines += [f"| **all** | **{total:.2f}** | **{total * seconds / requests * 1e3:.1f}** | | |", "",
-              "Threads with the same name are summed (decode-native = both decode threads). Native threads "
-              "(ONNX Runtime's intra-op pool, uvloop's) hold no GIL and are invisible to py-spy. CPU is time on a "
-              "core; GIL held is wall time holding the GIL, on a core or not (on two busy cores a thread is often "
-              "preempted while it holds it), so it can exceed the CPU time.", ""]
+    lines += [
+        f"| **all** | **{total:.2f}** | **{total * seconds / requests * 1e3:.1f}** | | |",
+        "",
+        "Threads with the same name are summed (decode-native = both decode threads). Native threads "
+        "(ONNX Runtime's intra-op pool, uvloop's) hold no GIL and are invisible to py-spy. CPU is time on a "
+        "core; GIL held is wall time holding the GIL, on a core or not (on two busy cores a thread is often "
+        "preempted while it holds it), so it can exceed the CPU time.",
+        "",
+    ]
     for name in ("MainThread", "decode-native", "inference"):
         frames = profile.inclusive.get(name)
         if not frames:
             continue
-        lines += [f"## {name}: frames holding the GIL (inclusive)", "", "| seconds | ms per request | frame |",
-                  "| ---: | ---: | --- |"]
+        lines += [
+            f"## {name}: frames holding the GIL (inclusive)",
+            "",
+            "| seconds | ms per request | frame |",
+            "| ---: | ---: | --- |",
+        ]
         everywhere = max(frames.values())  # the thread's entry frames are on every sample: not worth a row
         busiest = [(frame, samples) for frame, samples in frames.most_common() if samples < everywhere]
-        for frame, samples in busiest[:30 if name == "MainThread" else 15]:
+        for frame, samples in busiest[: 30 if name == "MainThread" else 15]:
             lines.append(f"| {samples / SAMPLE_RATE:.2f} | {samples / SAMPLE_RATE / requests * 1e3:.2f} | `{frame}` |")
         lines.append("")
     return "\n".join(lines)
@@ -154,34 +179,88 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     load_at_start = load_average()
-    server = start_server(ServerSpec("ours", "ours", [sys.executable, "-m", "service", "--port", "{port}", "--models",
-                                                      str(args.models), "--log-level", "warning"], ""), args.out)
+    server = start_server(
+        ServerSpec(
+            "ours",
+            "ours",
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "--port",
+                "{port}",
+                "--models",
+                str(args.models),
+                "--log-level",
+                "warning",
+            ],
+            "",
+        ),
+        args.out,
+    )
     warmup_s = 8.0
     try:
         load: dict = {}
-        driver = threading.Thread(target=lambda: load.setdefault("run", run_level(
-            server.base_url, args.users, warmup_s + args.seconds + 4, warmup_s, inputs[0].parent,
-            args.out / f"{spec.name}_locust")))
+        driver = threading.Thread(
+            target=lambda: load.setdefault(
+                "run",
+                run_level(
+                    server.base_url,
+                    args.users,
+                    warmup_s + args.seconds + 4,
+                    warmup_s,
+                    inputs[0].parent,
+                    args.out / f"{spec.name}_locust",
+                ),
+            )
+        )
         driver.start()
         time.sleep(warmup_s + 2)
         pids = process_tree(server.process.pid)
         count_before, before = images_predicted(server.base_url), thread_ticks(pids)
         raw_path = args.out / f"{spec.name}.pyspy.txt"
         print(f"profiling pid {server.process.pid} for {args.seconds:g} s ...", flush=True)
-        subprocess.run([py_spy, "record", "--gil", "--threads", "-r", str(SAMPLE_RATE), "-d", f"{args.seconds:g}",
-                        "-f", "raw", "-o", str(raw_path), "--pid", str(server.process.pid)],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                py_spy,
+                "record",
+                "--gil",
+                "--threads",
+                "-r",
+                str(SAMPLE_RATE),
+                "-d",
+                f"{args.seconds:g}",
+                "-f",
+                "raw",
+                "-o",
+                str(raw_path),
+                "--pid",
+                str(server.process.pid),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         after, count_after = thread_ticks(pids), images_predicted(server.base_url)
-        machine = describe_machine(json.loads((args.models / "manifest.json").read_text()),
-                                   served_providers(server.base_url), load_at_start)
+        machine = describe_machine(
+            json.loads((args.models / "manifest.json").read_text()), served_providers(server.base_url), load_at_start
+        )
         driver.join()
     finally:
         stop_server(server)
     if "run" not in load:
         raise SystemExit(f"the load generator failed; see {args.out}/{spec.name}_locust_locust.log")
     cpu = {key: after[key] - before.get(key, 0) for key in after}
-    report = render(read_collapsed(raw_path.read_text()), cpu, args.seconds, count_after - count_before, args.users,
-                    spec.name, server.process.pid, started, machine)
+    report = render(
+        read_collapsed(raw_path.read_text()),
+        cpu,
+        args.seconds,
+        count_after - count_before,
+        args.users,
+        spec.name,
+        server.process.pid,
+        started,
+        machine,
+    )
     (args.out / f"{spec.name}.md").write_text(report + "\n")
     print(f"wrote {args.out / (spec.name + '.md')}")
 

@@ -74,18 +74,27 @@ class Results:
 
 def results_from_json(data: dict) -> Results:
     """A Results back from its results.json (to render the summary and plots again without measuring)."""
-    return Results(**(data | {"model_only": [BatchRate(**r) for r in data["model_only"]],
-                              "pipeline": [BatchRate(**r) for r in data["pipeline"]],
-                              "http": [HttpLevel(**level) for level in data["http"]],
-                              "footprints": [Footprint(**f) for f in data["footprints"]]}))
+    return Results(
+        **(
+            data
+            | {
+                "model_only": [BatchRate(**r) for r in data["model_only"]],
+                "pipeline": [BatchRate(**r) for r in data["pipeline"]],
+                "http": [HttpLevel(**level) for level in data["http"]],
+                "footprints": [Footprint(**f) for f in data["footprints"]],
+            }
+        )
+    )
 
 
 # --- targets -------------------------------------------------------------------------------------
 
 
 def levels_of(http: Sequence[HttpLevel], service: str, input_set: str) -> list[HttpLevel]:
-    return sorted((level for level in http if level.service == service and level.input_set == input_set),
-                  key=lambda level: level.users)
+    return sorted(
+        (level for level in http if level.service == service and level.input_set == input_set),
+        key=lambda level: level.users,
+    )
 
 
 def peak(levels: Sequence[HttpLevel], clean_only: bool) -> HttpLevel | None:
@@ -101,9 +110,13 @@ def check_pipeline_ratio(http: Sequence[HttpLevel], pipeline: Sequence[BatchRate
     if ours is None or inprocess is None:
         return TargetCheck(target, input_set, None, "not measured")
     ratio = ours.rps / inprocess.images_per_s
-    return TargetCheck(target, input_set, ratio >= PIPELINE_RATIO_TARGET,
-                       f"{ours.rps:.2f} req/s (concurrency {ours.users}) vs {inprocess.images_per_s:.2f} images/s "
-                       f"(batch {inprocess.batch_size}): ratio {ratio:.2f}")
+    return TargetCheck(
+        target,
+        input_set,
+        ratio >= PIPELINE_RATIO_TARGET,
+        f"{ours.rps:.2f} req/s (concurrency {ours.users}) vs {inprocess.images_per_s:.2f} images/s "
+        f"(batch {inprocess.batch_size}): ratio {ratio:.2f}",
+    )
 
 
 def check_peer(http: Sequence[HttpLevel], peer: str, input_set: str, peer_title: str) -> TargetCheck:
@@ -117,13 +130,18 @@ def check_peer(http: Sequence[HttpLevel], peer: str, input_set: str, peer_title:
         return TargetCheck(target, input_set, None, "not measured")
     eligible = [level for level in ours if level.p99_ms <= peer_peak.p99_ms]
     best = max(eligible, key=lambda level: level.rps) if eligible else None
-    peer_text = (f"{peer_title} peak {peer_peak.rps:.2f} req/s at p99 {peer_peak.p99_ms:.0f} ms "
-                 f"(concurrency {peer_peak.users})")
+    peer_text = (
+        f"{peer_title} peak {peer_peak.rps:.2f} req/s at p99 {peer_peak.p99_ms:.0f} ms (concurrency {peer_peak.users})"
+    )
     if best is None:
         return TargetCheck(target, input_set, False, f"{peer_text}; no level of ours has a p99 that low")
-    return TargetCheck(target, input_set, best.rps >= peer_peak.rps,
-                       f"{peer_text}; ours {best.rps:.2f} req/s at p99 {best.p99_ms:.0f} ms (concurrency {best.users}): "
-                       f"{best.rps / peer_peak.rps:.2f}× the peer")
+    return TargetCheck(
+        target,
+        input_set,
+        best.rps >= peer_peak.rps,
+        f"{peer_text}; ours {best.rps:.2f} req/s at p99 {best.p99_ms:.0f} ms (concurrency {best.users}): "
+        f"{best.rps / peer_peak.rps:.2f}× the peer",
+    )
 
 
 def target_checks(results: Results) -> list[TargetCheck]:
@@ -152,8 +170,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | Non
     """A markdown table; `align` holds one 'l' or 'r' per column (default: first left, others right)."""
     align = align or "l" + "r" * (len(header) - 1)
     rule = ["---" if a == "l" else "---:" for a in align]
-    return ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |",
-            *("| " + " | ".join(row) + " |" for row in rows)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(rule) + " |",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
 
 
 def inprocess_table(results: Results) -> list[str]:
@@ -169,8 +190,14 @@ def inprocess_table(results: Results) -> list[str]:
         text = f"{rate.images_per_s:.2f}"
         return f"**{text}**" if winner is not None and rate == winner else text
 
-    rows = [[str(size), cell(results.model_only, "model-only", size, best_model),
-             *(cell(results.pipeline, name, size, best[name]) for name in sets)] for size in batch_sizes]
+    rows = [
+        [
+            str(size),
+            cell(results.model_only, "model-only", size, best_model),
+            *(cell(results.pipeline, name, size, best[name]) for name in sets),
+        ]
+        for size in batch_sizes
+    ]
     return table(["batch size", "model only (images/s)", *(f"pipeline, {name} (images/s)" for name in sets)], rows)
 
 
@@ -190,62 +217,120 @@ def http_table(results: Results, input_set: str) -> list[str]:
         row = [str(count)]
         for service in services:
             level = next((lv for lv in levels_of(results.http, service, input_set) if lv.users == count), None)
-            row.append("–" if level is None else
-                       f"{level.rps:.2f} ({number(level.p50_ms, 0)} / {number(level.p95_ms, 0)} / {number(level.p99_ms, 0)})"
-                       + (" †" if is_rough(level) else "") + (f" ⚠ {level.failures} failed" if level.failures else ""))
+            row.append(
+                "–"
+                if level is None
+                else f"{level.rps:.2f} ({number(level.p50_ms, 0)} / {number(level.p95_ms, 0)} / {number(level.p99_ms, 0)})"
+                + (" †" if is_rough(level) else "")
+                + (f" ⚠ {level.failures} failed" if level.failures else "")
+            )
         rows.append(row)
     return table(["concurrency", *(results.services[s]["title"] for s in services)], rows)
 
 
 def http_details_table(results: Results, input_set: str) -> list[str]:
-    rows = [[results.services[level.service]["title"], str(level.users), str(level.requests), str(level.failures),
-             f"{level.measured_s:.1f}", f"{level.server_cpu_cores:.2f}", f"{level.locust_cpu_cores:.2f}"]
-            for service in results.services for level in levels_of(results.http, service, input_set)]
-    return table(["service", "concurrency", "requests", "failed", "measured s", "server CPU (cores)",
-                  "locust CPU (cores)"], rows, "lrrrrrr")
+    rows = [
+        [
+            results.services[level.service]["title"],
+            str(level.users),
+            str(level.requests),
+            str(level.failures),
+            f"{level.measured_s:.1f}",
+            f"{level.server_cpu_cores:.2f}",
+            f"{level.locust_cpu_cores:.2f}",
+        ]
+        for service in results.services
+        for level in levels_of(results.http, service, input_set)
+    ]
+    return table(
+        ["service", "concurrency", "requests", "failed", "measured s", "server CPU (cores)", "locust CPU (cores)"],
+        rows,
+        "lrrrrrr",
+    )
 
 
 def footprint_table(results: Results) -> list[str]:
-    rows = [[results.services[f.service]["title"], number(f.cold_start_s), str(f.processes),
-             *(f"{number(ready, 0)} / {number(peak, 0)} / {number(after, 0)}" for ready, peak, after in
-               ((f.ready_rss_mib, f.peak_rss_mib, f.after_rss_mib), (f.ready_pss_mib, f.peak_pss_mib, f.after_pss_mib)))]
-            for f in results.footprints]
-    return table(["service", "cold start (s)", "processes", "RSS MiB (ready / peak / after)",
-                  "PSS MiB (ready / peak / after)"], rows)
+    rows = [
+        [
+            results.services[f.service]["title"],
+            number(f.cold_start_s),
+            str(f.processes),
+            *(
+                f"{number(ready, 0)} / {number(peak, 0)} / {number(after, 0)}"
+                for ready, peak, after in (
+                    (f.ready_rss_mib, f.peak_rss_mib, f.after_rss_mib),
+                    (f.ready_pss_mib, f.peak_pss_mib, f.after_pss_mib),
+                )
+            ),
+        ]
+        for f in results.footprints
+    ]
+    return table(
+        ["service", "cold start (s)", "processes", "RSS MiB (ready / peak / after)", "PSS MiB (ready / peak / after)"],
+        rows,
+    )
 
 
 def header_section(results: Results) -> list[str]:
-    lines = [f"# Throughput and latency ({results.mode} run)", "",
-             f"Command: `{results.command}`  ",
-             f"Started {results.started_at}, took {results.duration_s / 60:.1f} min. Every number below was measured "
-             "by this run; the raw data is beside this file (results.json, CSVs, locust/).", ""]
+    lines = [
+        f"# Throughput and latency ({results.mode} run)",
+        "",
+        f"Command: `{results.command}`  ",
+        f"Started {results.started_at}, took {results.duration_s / 60:.1f} min. Every number below was measured "
+        "by this run; the raw data is beside this file (results.json, CSVs, locust/).",
+        "",
+    ]
     if results.mode == "quick":
-        lines += ["> **Smoke run** (`--quick`: a few seconds per level): it checks that everything runs; its numbers "
-                  "are too short-lived to be results.", ""]
+        lines += [
+            "> **Smoke run** (`--quick`: a few seconds per level): it checks that everything runs; its numbers "
+            "are too short-lived to be results.",
+            "",
+        ]
     return lines
 
 
 def machine_section(results: Results) -> list[str]:
-    return ["## Machine", "", *table(["", ""], [[key, value] for key, value in results.machine.items()], "ll"), "",
-            "The load generator (locust) runs on the same machine and competes for the same cores; the CPU it used "
-            "(start-up included) is in the details tables beside the server's.", ""]
+    return [
+        "## Machine",
+        "",
+        *table(["", ""], [[key, value] for key, value in results.machine.items()], "ll"),
+        "",
+        "The load generator (locust) runs on the same machine and competes for the same cores; the CPU it used "
+        "(start-up included) is in the details tables beside the server's.",
+        "",
+    ]
 
 
 def inputs_section(results: Results) -> list[str]:
-    return ["## Inputs", "", *(f"- **{spec['name']}**: {spec['count']} distinct {spec['rows']}×{spec['cols']} phantoms "
-                               f"(`training.synthetic`, seeds {spec['first_seed']}–{spec['first_seed'] + spec['count'] - 1}), "
-                               f"{spec['description']}, {spec['mean_mib']:.1f} MiB per file on average."
-                               for spec in results.input_sets), ""]
+    return [
+        "## Inputs",
+        "",
+        *(
+            f"- **{spec['name']}**: {spec['count']} distinct {spec['rows']}×{spec['cols']} phantoms "
+            f"(`training.synthetic`, seeds {spec['first_seed']}–{spec['first_seed'] + spec['count'] - 1}), "
+            f"{spec['description']}, {spec['mean_mib']:.1f} MiB per file on average."
+            for spec in results.input_sets
+        ),
+        "",
+    ]
 
 
 def targets_section(results: Results) -> list[str]:
-    lines = ["## Targets", "",
-             *table(["target", "input set", "result", "measured"],
-                    [[c.target, c.input_set, verdict(c.met), c.detail] for c in target_checks(results)], "llll"), "",
-             "Rules: our HTTP throughput is the best successful requests/s over the concurrency levels that had no "
-             "failed request; the pipeline's is its best batch size. Against a peer, the target is met when some level "
-             "of ours (no failures) serves at least the peer's peak throughput with a p99 no higher than the peer's p99 "
-             "at that peak (the peer's peak may include failed requests).", ""]
+    lines = [
+        "## Targets",
+        "",
+        *table(
+            ["target", "input set", "result", "measured"],
+            [[c.target, c.input_set, verdict(c.met), c.detail] for c in target_checks(results)],
+            "llll",
+        ),
+        "",
+        "Rules: our HTTP throughput is the best successful requests/s over the concurrency levels that had no "
+        "failed request; the pipeline's is its best batch size. Against a peer, the target is met when some level "
+        "of ours (no failures) serves at least the peer's peak throughput with a p99 no higher than the peer's p99 "
+        "at that peak (the peer's peak may include failed requests).",
+        "",
+    ]
     for service, reason in results.skipped.items():
         title = results.services.get(service, {}).get("title", service)
         lines += [f"- **{title} was not (fully) measured**: {reason}", ""]
@@ -253,46 +338,77 @@ def targets_section(results: Results) -> list[str]:
 
 
 def inprocess_section(results: Results) -> list[str]:
-    return ["## In-process throughput (no HTTP)", "", *inprocess_table(results), "",
-            f"Pipeline = `service.dicom.pipeline.prepare` routed as the service routes it ({results.plan.get('decode_workers', '?')} "
-            "threads for uncompressed pixel data, as many worker processes for compressed syntaxes) "
-            "→ batch → both models → postprocess to the JSON answer; models only = both models on ready-made "
-            "tensors. Best batch size in bold.", ""]
+    return [
+        "## In-process throughput (no HTTP)",
+        "",
+        *inprocess_table(results),
+        "",
+        f"Pipeline = `service.dicom.pipeline.prepare` routed as the service routes it ({results.plan.get('decode_workers', '?')} "
+        "threads for uncompressed pixel data, as many worker processes for compressed syntaxes) "
+        "→ batch → both models → postprocess to the JSON answer; models only = both models on ready-made "
+        "tensors. Best batch size in bold.",
+        "",
+    ]
 
 
 def http_section(results: Results, input_set: str) -> list[str]:
-    return [f"## HTTP, {input_set} inputs", "",
-            "Successful requests/s (p50 / p95 / p99 latency in ms) per concurrency:", "",
-            *http_table(results, input_set), "",
-            f"† rough: fewer than {ROUGH_MIN_REQUESTS} answers in the measured window, or a median latency above a "
-            "third of it. ⚠ requests that got no 200 (not counted in the rate). The rate is successful answers over "
-            "the measured window (warm-up excluded), not locust's own Requests/s column.", "",
-            *http_details_table(results, input_set), ""]
+    return [
+        f"## HTTP, {input_set} inputs",
+        "",
+        "Successful requests/s (p50 / p95 / p99 latency in ms) per concurrency:",
+        "",
+        *http_table(results, input_set),
+        "",
+        f"† rough: fewer than {ROUGH_MIN_REQUESTS} answers in the measured window, or a median latency above a "
+        "third of it. ⚠ requests that got no 200 (not counted in the rate). The rate is successful answers over "
+        "the measured window (warm-up excluded), not locust's own Requests/s column.",
+        "",
+        *http_details_table(results, input_set),
+        "",
+    ]
 
 
 def footprint_section(results: Results) -> list[str]:
-    return ["## Cold start and memory", "", *footprint_table(results), "",
-            "Cold start: process spawned → first 200 from `/readyz`. Memory at ready (before any request), peak "
-            "while under load (sampled every 5 s), and after the last level, summed over the server's whole process "
-            "tree (server, decode workers, a framework's daemons and replicas), read from /proc. RSS counts shared "
-            "pages once per process; PSS splits them, so it adds up to what the tree occupies.", ""]
+    return [
+        "## Cold start and memory",
+        "",
+        *footprint_table(results),
+        "",
+        "Cold start: process spawned → first 200 from `/readyz`. Memory at ready (before any request), peak "
+        "while under load (sampled every 5 s), and after the last level, summed over the server's whole process "
+        "tree (server, decode workers, a framework's daemons and replicas), read from /proc. RSS counts shared "
+        "pages once per process; PSS splits them, so it adds up to what the tree occupies.",
+        "",
+    ]
 
 
 def configuration_section(results: Results) -> list[str]:
     plan = results.plan
-    return ["## Configurations", "",
-            *(f"- **{info['title']}**: {info['configuration']}"
-              + (f" Models ran on {', '.join(info['providers'])}." if info.get("providers") else "")
-              for info in results.services.values()), "",
-            "Load: locust headless, closed loop (no think time), each user posts the set's files in turn to "
-            f"`POST /v1/predict` as `application/dicom`; {plan['run_time_s']:g} s per level, statistics reset after "
-            f"the first {plan['warmup_s']:g} s (warm-up). Locust rounds latencies above 100 ms to two significant "
-            "digits. Server CPU is the CPU time of its process tree over the measured window, in cores.", ""]
+    return [
+        "## Configurations",
+        "",
+        *(
+            f"- **{info['title']}**: {info['configuration']}"
+            + (f" Models ran on {', '.join(info['providers'])}." if info.get("providers") else "")
+            for info in results.services.values()
+        ),
+        "",
+        "Load: locust headless, closed loop (no think time), each user posts the set's files in turn to "
+        f"`POST /v1/predict` as `application/dicom`; {plan['run_time_s']:g} s per level, statistics reset after "
+        f"the first {plan['warmup_s']:g} s (warm-up). Locust rounds latencies above 100 ms to two significant "
+        "digits. Server CPU is the CPU time of its process tree over the measured window, in cores.",
+        "",
+    ]
 
 
 def render_summary(results: Results, plots: Sequence[str] = ()) -> str:
-    lines = [*header_section(results), *machine_section(results), *inputs_section(results),
-             *targets_section(results), *inprocess_section(results)]
+    lines = [
+        *header_section(results),
+        *machine_section(results),
+        *inputs_section(results),
+        *targets_section(results),
+        *inprocess_section(results),
+    ]
     for spec in results.input_sets:
         lines += http_section(results, spec["name"])
     lines += [*footprint_section(results), *configuration_section(results)]
@@ -341,8 +457,9 @@ def plot_throughput(results: Results, path: Path) -> Path:
                 axis.plot([lv.users for lv in levels], [lv.rps for lv in levels], marker="o", label=info["title"])
         best = best_rate(results.pipeline, name)
         if best is not None:
-            axis.axhline(best.images_per_s, linestyle="--", color="grey",
-                         label=f"in-process pipeline (batch {best.batch_size})")
+            axis.axhline(
+                best.images_per_s, linestyle="--", color="grey", label=f"in-process pipeline (batch {best.batch_size})"
+            )
         _log_axes(axis, sorted({lv.users for lv in results.http if lv.input_set == name}), log_y=False)
         axis.set(xlabel="concurrency (users)", ylabel="successful requests/s", title=f"{name} inputs")
         axis.set_ylim(bottom=0)
@@ -368,8 +485,12 @@ def plot_latency(results: Results, path: Path) -> Path:
             for service, info in results.services.items():
                 levels = levels_of(results.http, service, name)
                 if levels:
-                    axis.plot([lv.users for lv in levels], [getattr(lv, attribute) for lv in levels], marker="o",
-                              label=info["title"])
+                    axis.plot(
+                        [lv.users for lv in levels],
+                        [getattr(lv, attribute) for lv in levels],
+                        marker="o",
+                        label=info["title"],
+                    )
             _log_axes(axis, sorted({lv.users for lv in results.http if lv.input_set == name}), log_y=True)
             axis.set(xlabel="concurrency (users)", ylabel="latency (ms)", title=f"{title}, {name} inputs")
             axis.legend(fontsize=8)
@@ -380,11 +501,16 @@ def plot_inprocess(results: Results, path: Path) -> Path:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name in ["model-only", *(spec["name"] for spec in results.input_sets)]:
-        rates = sorted((r for r in results.model_only + results.pipeline if r.input_set == name),
-                       key=lambda r: r.batch_size)
+        rates = sorted(
+            (r for r in results.model_only + results.pipeline if r.input_set == name), key=lambda r: r.batch_size
+        )
         if rates:
-            axis.plot([r.batch_size for r in rates], [r.images_per_s for r in rates], marker="o",
-                      label="models only" if name == "model-only" else f"pipeline, {name}")
+            axis.plot(
+                [r.batch_size for r in rates],
+                [r.images_per_s for r in rates],
+                marker="o",
+                label="models only" if name == "model-only" else f"pipeline, {name}",
+            )
     _log_axes(axis, sorted({r.batch_size for r in results.model_only + results.pipeline}), log_y=True)
     axis.set(xlabel="batch size", ylabel="images/s", title="In-process throughput")
     axis.legend(fontsize=8)

@@ -71,8 +71,9 @@ def start_server(spec: ServerSpec, log_dir: Path) -> RunningServer:
     command = [part.replace("{port}", str(port)) for part in spec.command]
     with log_path.open("w") as log:
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=ROOT, env=os.environ | spec.env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=os.environ | spec.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     if not wait_until_ready(base_url, process, spec.ready_timeout_s):
         stop_server_process(process)
         raise RuntimeError(f"{spec.title} never became ready (exit code {process.poll()}); log:\n{log_tail(log_path)}")
@@ -109,4 +110,3 @@ def stop_server_process(process: subprocess.Popen, grace_s: float = 30.0) -> Non
 
 def stop_server(server: RunningServer) -> None:
     stop_server_process(server.process)
-

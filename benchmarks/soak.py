@@ -35,8 +35,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def make_inputs(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    variants = {"explicit.dcm": {"transfer_syntax": "explicit"}, "rle.dcm": {"transfer_syntax": "rle"},
-                "j2k.dcm": {"transfer_syntax": "j2k"}, "monochrome1.dcm": {"photometric": "MONOCHROME1"}}
+    variants = {
+        "explicit.dcm": {"transfer_syntax": "explicit"},
+        "rle.dcm": {"transfer_syntax": "rle"},
+        "j2k.dcm": {"transfer_syntax": "j2k"},
+        "monochrome1.dcm": {"photometric": "MONOCHROME1"},
+    }
     for index, (name, options) in enumerate(variants.items()):
         ds, _ = synthesize_instance(seed=100 + index, rows=1643, cols=1349, difficulty="easy", **options)
         (folder / name).write_bytes(dicom_bytes(ds))
@@ -54,10 +58,14 @@ def main(args: argparse.Namespace) -> None:
     inputs = ROOT / "benchmarks" / ".soak-inputs"
     make_inputs(inputs)
     port = free_port()
-    env = os.environ | {"CXR_MAX_QUEUE_SIZE": str(args.queue_size), "CXR_MAX_BATCH_SIZE": str(args.max_batch),
-                        "SOAK_INPUTS": str(inputs)}
-    server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
-                              env=env, cwd=ROOT)
+    env = os.environ | {
+        "CXR_MAX_QUEUE_SIZE": str(args.queue_size),
+        "CXR_MAX_BATCH_SIZE": str(args.max_batch),
+        "SOAK_INPUTS": str(inputs),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT
+    )
     base = f"http://127.0.0.1:{port}"
     started = time.time()
     while time.time() - started < 120:
@@ -80,10 +88,31 @@ def main(args: argparse.Namespace) -> None:
     sampler.start()
     out = RESULTS / "soak"
     out.mkdir(parents=True, exist_ok=True)
-    locust = subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "soak_locustfile.py"),
-                             "--headless", "--host", base, "--users", str(args.users), "--spawn-rate", str(args.users),
-                             "--run-time", f"{args.minutes * 60:.0f}s", "--csv", str(out / "soak"), "--only-summary"],
-                            env=env, cwd=ROOT, capture_output=True, text=True)
+    locust = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(ROOT / "benchmarks" / "soak_locustfile.py"),
+            "--headless",
+            "--host",
+            base,
+            "--users",
+            str(args.users),
+            "--spawn-rate",
+            str(args.users),
+            "--run-time",
+            f"{args.minutes * 60:.0f}s",
+            "--csv",
+            str(out / "soak"),
+            "--only-summary",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     stop.set()
     sampler.join()
     alive = httpx.get(f"{base}/readyz", timeout=5).status_code
@@ -100,10 +129,13 @@ def main(args: argparse.Namespace) -> None:
     growth = (warm[-1] - warm[0]) / warm[0] * 100 if len(warm) >= 2 else float("nan")
     failures = (out / "soak_failures.csv").read_text() if (out / "soak_failures.csv").exists() else ""
     report = [
-        "# Reliability: soak run", "",
+        "# Reliability: soak run",
+        "",
         f"Command: `python -m benchmarks.soak --minutes {args.minutes:g} --users {args.users} --queue-size {args.queue_size} "
-        f"--max-batch {args.max_batch}` (demo pack, CPU).", "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}.", "",
+        f"--max-batch {args.max_batch}` (demo pack, CPU).",
+        "",
+        f"Machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}.",
+        "",
         f"- Duration {args.minutes:g} min, {args.users} concurrent users (no think time), queue limited to {args.queue_size} images "
         "so the offered load exceeds capacity and must be shed with 429.",
         "- Mix per user: 12 valid 1643x1349 images (explicit VR, RLE, JPEG 2000, MONOCHROME1) : 4 bad inputs (truncated, "
@@ -115,11 +147,18 @@ def main(args: argparse.Namespace) -> None:
         f"- Cold start (process start to ready): {cold_start_s:.1f} s. `/readyz` after the run: {alive}.",
         f"- Resident memory, server + decode workers: {warm[0] / 1024:.0f} MiB at {args.warmup_s:g} s (after warm-up), "
         f"{warm[-1] / 1024:.0f} MiB at the end, peak {max(r for _, r in samples) / 1024:.0f} MiB: "
-        f"**growth {growth:+.1f}%** after warm-up (target < 5%).", "",
-        "Per request type (locust):", "", "| type | requests | unexpected | p50 ms | p99 ms |", "| --- | ---: | ---: | ---: | ---: |",
+        f"**growth {growth:+.1f}%** after warm-up (target < 5%).",
+        "",
+        "Per request type (locust):",
+        "",
+        "| type | requests | unexpected | p50 ms | p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
-    report += [f"| {row['Name']} | {row['Request Count']} | {row['Failure Count']} | {row['50%']} | {row['99%']} |"
-               for row in rows if row["Name"] != "Aggregated"]
+    report += [
+        f"| {row['Name']} | {row['Request Count']} | {row['Failure Count']} | {row['50%']} | {row['99%']} |"
+        for row in rows
+        if row["Name"] != "Aggregated"
+    ]
     report += ["", "Raw data: `benchmarks/results/soak/` (locust CSVs, `memory.csv`)."]
     if failures.count("\n") > 1:
         report += ["", "Unexpected answers:", "", "```", failures.strip(), "```"]

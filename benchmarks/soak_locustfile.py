@@ -25,14 +25,20 @@ class ClinicalApp(HttpUser):
 
     def on_start(self) -> None:
         self.valid = [_read(name) for name in ("explicit.dcm", "rle.dcm", "j2k.dcm", "monochrome1.dcm")]
-        self.bad = {"truncated": (_read("truncated.dcm"), (400,)), "text": (b"hello, not a dicom" * 40, (400,)),
-                    "colour": (_read("colour.dcm"), (422,)), "empty": (b"", (400,))}
+        self.bad = {
+            "truncated": (_read("truncated.dcm"), (400,)),
+            "text": (b"hello, not a dicom" * 40, (400,)),
+            "colour": (_read("colour.dcm"), (422,)),
+            "empty": (b"", (400,)),
+        }
         self.stow = _read("stow.multipart")
         self.index = 0
 
     def _post(self, name: str, body: bytes, expected: tuple[int, ...], **kwargs) -> None:
         headers = kwargs.pop("headers", {"Content-Type": "application/dicom"})
-        with self.client.post("/v1/predict", data=body, headers=headers, name=name, catch_response=True, **kwargs) as response:
+        with self.client.post(
+            "/v1/predict", data=body, headers=headers, name=name, catch_response=True, **kwargs
+        ) as response:
             if response.status_code in expected:
                 response.success()
             elif response.status_code in SHED and "Retry-After" in response.headers:
@@ -54,9 +60,13 @@ class ClinicalApp(HttpUser):
 
     @task(1)
     def study(self) -> None:
-        headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=soak-boundary',
-                   "Accept": "application/json"}
-        with self.client.post("/v1/studies", data=self.stow, headers=headers, name="stow", catch_response=True) as response:
+        headers = {
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=soak-boundary',
+            "Accept": "application/json",
+        }
+        with self.client.post(
+            "/v1/studies", data=self.stow, headers=headers, name="stow", catch_response=True
+        ) as response:
             # Two good instances and one broken one. The broken one (index 1) must fail, as not DICOM,
             # or shed before it was even parsed; any instance may be shed (overloaded, DICOMweb 0xA700).
             body = response.json() if response.status_code in (202, 409) else {}

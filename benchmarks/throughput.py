@@ -35,8 +35,19 @@ from benchmarks.inputs import INPUT_SETS, InputSet, input_set, make_input_set, r
 from benchmarks.loadgen import run_level
 from benchmarks.machine import describe_machine, load_average
 from benchmarks.peers.common import load_models, prepare_body
-from benchmarks.report import (OURS, Footprint, HttpLevel, Results, plot_inprocess, plot_latency, plot_throughput,
-                               render_summary, results_from_json, target_checks, verdict)
+from benchmarks.report import (
+    OURS,
+    Footprint,
+    HttpLevel,
+    Results,
+    plot_inprocess,
+    plot_latency,
+    plot_throughput,
+    render_summary,
+    results_from_json,
+    target_checks,
+    verdict,
+)
 from benchmarks.sampling import TreeSample, TreeSampler, cpu_cores_between
 from benchmarks.servers import RunningServer, ServerSpec, served_providers, start_server, stop_server
 from service.settings import Settings
@@ -58,8 +69,14 @@ class Plan:
 
 
 # 3 services x 2 input sets x 7 levels x ~22 s plus in-process, start-ups and plots: ~20 min on 2 cores.
-FULL = Plan(levels=(1, 2, 4, 8, 16, 32, 64), run_time_s=20, warmup_s=5, batch_sizes=(1, 2, 4, 8, 16, 32),
-            pipeline_s=8, model_s=3)
+FULL = Plan(
+    levels=(1, 2, 4, 8, 16, 32, 64),
+    run_time_s=20,
+    warmup_s=5,
+    batch_sizes=(1, 2, 4, 8, 16, 32),
+    pipeline_s=8,
+    model_s=3,
+)
 QUICK = Plan(levels=(1, 4, 16), run_time_s=6, warmup_s=2, batch_sizes=(1, 4, 16), pipeline_s=2, model_s=1)
 
 
@@ -81,51 +98,93 @@ def estimated_minutes(plan: Plan, services: int, input_sets: int) -> float:
     return (levels + inprocess + services * 30) / 60
 
 
-def service_specs(settings: Settings, models: Path, peer_python: Path | None, service_workers: int) -> dict[str, ServerSpec]:
+def service_specs(
+    settings: Settings, models: Path, peer_python: Path | None, service_workers: int
+) -> dict[str, ServerSpec]:
     """Our service and the peers, every peer given our batcher's and decode pool's settings."""
     pack = str(models)
-    batching = (f"max batch {settings.max_batch_size}, max queue delay {settings.max_queue_delay_ms:g} ms, "
-                f"queue {settings.max_queue_size}")
+    batching = (
+        f"max batch {settings.max_batch_size}, max queue delay {settings.max_queue_delay_ms:g} ms, "
+        f"queue {settings.max_queue_size}"
+    )
     threads = f"ONNX Runtime intra-op threads {settings.intra_op_threads or 'one per core'}"
     workers = ["--workers", str(service_workers)] if service_workers > 1 else []
     # With --workers N the service gives each HTTP process cores // N decode processes unless CXR_DECODE_WORKERS is set.
-    decoders = (f"{settings.decode_workers} decode threads (uncompressed) and as many decode processes (compressed)"
-                if not workers else "decode threads and processes per HTTP process as `--workers` assigns them")
+    decoders = (
+        f"{settings.decode_workers} decode threads (uncompressed) and as many decode processes (compressed)"
+        if not workers
+        else "decode threads and processes per HTTP process as `--workers` assigns them"
+    )
     specs = {
-        OURS: ServerSpec(OURS, "ours", [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "{port}",
-                                        "--models", pack, "--log-level", "warning", *workers],
-                         f"`python -m service{' --workers ' + str(service_workers) if workers else ''}`: "
-                         f"{service_workers} uvicorn process(es), dynamic batcher ({batching}), "
-                         f"{decoders}, {threads}, glibc malloc keeping {settings.malloc_keep_mb} MiB of freed memory "
-                         f"for reuse (CXR_MALLOC_KEEP_MB)."),
-        NAIVE: ServerSpec(NAIVE, "naive FastAPI", [sys.executable, "-m", "benchmarks.peers.naive", "--port", "{port}",
-                                                   "--models", pack],
-                          "`benchmarks/peers/naive.py`: one uvicorn worker, a plain `def` endpoint (FastAPI's thread "
-                          "pool), per request `service.dicom.pipeline.prepare` + both models at batch 1; no batcher, no "
-                          f"decode processes; sessions loaded by the service's loader; {threads}; glibc's default "
-                          f"malloc (a process-level tuning of ours, not part of the shared decode code)."),
+        OURS: ServerSpec(
+            OURS,
+            "ours",
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "{port}",
+                "--models",
+                pack,
+                "--log-level",
+                "warning",
+                *workers,
+            ],
+            f"`python -m service{' --workers ' + str(service_workers) if workers else ''}`: "
+            f"{service_workers} uvicorn process(es), dynamic batcher ({batching}), "
+            f"{decoders}, {threads}, glibc malloc keeping {settings.malloc_keep_mb} MiB of freed memory "
+            f"for reuse (CXR_MALLOC_KEEP_MB).",
+        ),
+        NAIVE: ServerSpec(
+            NAIVE,
+            "naive FastAPI",
+            [sys.executable, "-m", "benchmarks.peers.naive", "--port", "{port}", "--models", pack],
+            "`benchmarks/peers/naive.py`: one uvicorn worker, a plain `def` endpoint (FastAPI's thread "
+            "pool), per request `service.dicom.pipeline.prepare` + both models at batch 1; no batcher, no "
+            f"decode processes; sessions loaded by the service's loader; {threads}; glibc's default "
+            f"malloc (a process-level tuning of ours, not part of the shared decode code).",
+        ),
     }
     if peer_python is not None:
         specs[RAY] = ServerSpec(
-            RAY, "Ray Serve", [str(peer_python), "-m", "benchmarks.peers.ray_serve", "--port", "{port}", "--models", pack,
-                               "--decode-replicas", str(settings.decode_workers),
-                               "--max-batch-size", str(settings.max_batch_size),
-                               "--batch-wait-timeout-s", f"{settings.max_queue_delay_ms / 1e3:g}",
-                               "--max-ongoing-requests", str(settings.max_queue_size)],
+            RAY,
+            "Ray Serve",
+            [
+                str(peer_python),
+                "-m",
+                "benchmarks.peers.ray_serve",
+                "--port",
+                "{port}",
+                "--models",
+                pack,
+                "--decode-replicas",
+                str(settings.decode_workers),
+                "--max-batch-size",
+                str(settings.max_batch_size),
+                "--batch-wait-timeout-s",
+                f"{settings.max_queue_delay_ms / 1e3:g}",
+                "--max-ongoing-requests",
+                str(settings.max_queue_size),
+            ],
             "`benchmarks/peers/ray_serve.py` (ray[serve] 2.60 in benchmarks/.venv-peers): Ingress ×1 (FastAPI) → "
             f"Decoder ×{settings.decode_workers} (`service.dicom.pipeline.prepare`, ≤ 2 requests each) → Model ×1 with "
             f"`@serve.batch(max_batch_size={settings.max_batch_size}, batch_wait_timeout_s="
             f"{settings.max_queue_delay_ms / 1e3:g}, max_concurrent_batches=1)`; max_ongoing_requests "
             f"{settings.max_queue_size} for Ingress and Model; 0 logical CPUs reserved per replica; {threads}.",
-            env={"PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"})
+            env={"PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"},
+        )
     return specs
 
 
 # --- 1. in process ------------------------------------------------------------------------------------
 
 
-def measure_inprocess(results: Results, settings: Settings, sets: Sequence[InputSet], plan: Plan,
-                      progress: Callable[[str], None]) -> list[str]:
+def measure_inprocess(
+    results: Results, settings: Settings, sets: Sequence[InputSet], plan: Plan, progress: Callable[[str], None]
+) -> list[str]:
     """Fill results.model_only and results.pipeline; returns the providers the sessions run on."""
     pack, models = load_models(settings)
     bodies = {spec.name: read_bodies(make_input_set(spec)) for spec in sets}
@@ -138,8 +197,18 @@ def measure_inprocess(results: Results, settings: Settings, sets: Sequence[Input
         # Start every worker (and the forkserver) before anything is timed: the pool spawns them on demand.
         wait([pool.processes.submit(time.sleep, 0.2) for _ in range(workers)])
         for spec in sets:
-            results.pipeline += pipeline_rates(spec.name, bodies[spec.name], pack, settings, models, pool, workers,
-                                               plan.batch_sizes, plan.pipeline_s, progress)
+            results.pipeline += pipeline_rates(
+                spec.name,
+                bodies[spec.name],
+                pack,
+                settings,
+                models,
+                pool,
+                workers,
+                plan.batch_sizes,
+                plan.pipeline_s,
+                progress,
+            )
     return list(models.providers)
 
 
@@ -149,20 +218,35 @@ def measure_inprocess(results: Results, settings: Settings, sets: Sequence[Input
 def http_level(service: str, set_name: str, users: int, run, samples: Sequence[TreeSample]) -> HttpLevel:
     stats = run.stats
     successes = stats.requests - stats.failures
-    return HttpLevel(service=service, input_set=set_name, users=users, requests=stats.requests, failures=stats.failures,
-                     rps=successes / run.measured_s, p50_ms=stats.p50_ms, p95_ms=stats.p95_ms, p99_ms=stats.p99_ms,
-                     measured_s=run.measured_s,
-                     server_cpu_cores=cpu_cores_between(samples, run.measured_from, run.stopped_at),
-                     locust_cpu_cores=run.cpu_s / run.wall_s)
+    return HttpLevel(
+        service=service,
+        input_set=set_name,
+        users=users,
+        requests=stats.requests,
+        failures=stats.failures,
+        rps=successes / run.measured_s,
+        p50_ms=stats.p50_ms,
+        p95_ms=stats.p95_ms,
+        p99_ms=stats.p99_ms,
+        measured_s=run.measured_s,
+        server_cpu_cores=cpu_cores_between(samples, run.measured_from, run.stopped_at),
+        locust_cpu_cores=run.cpu_s / run.wall_s,
+    )
 
 
 def footprint(server: RunningServer, samples: Sequence[TreeSample]) -> Footprint:
     ready, after = samples[0], samples[-1]
-    return Footprint(service=server.spec.name, cold_start_s=server.cold_start_s,
-                     processes=max(s.processes for s in samples),
-                     ready_rss_mib=ready.rss_kib / 1024, ready_pss_mib=ready.pss_kib / 1024,
-                     peak_rss_mib=max(s.rss_kib for s in samples) / 1024, peak_pss_mib=max(s.pss_kib for s in samples) / 1024,
-                     after_rss_mib=after.rss_kib / 1024, after_pss_mib=after.pss_kib / 1024)
+    return Footprint(
+        service=server.spec.name,
+        cold_start_s=server.cold_start_s,
+        processes=max(s.processes for s in samples),
+        ready_rss_mib=ready.rss_kib / 1024,
+        ready_pss_mib=ready.pss_kib / 1024,
+        peak_rss_mib=max(s.rss_kib for s in samples) / 1024,
+        peak_pss_mib=max(s.pss_kib for s in samples) / 1024,
+        after_rss_mib=after.rss_kib / 1024,
+        after_pss_mib=after.pss_kib / 1024,
+    )
 
 
 def write_samples(samples: Sequence[TreeSample], path: Path) -> None:
@@ -181,8 +265,9 @@ class ServiceRun:
     error: str | None  # why the levels stopped early, if they did (the ones measured are kept)
 
 
-def measure_service(spec: ServerSpec, sets: Sequence[InputSet], plan: Plan, out: Path,
-                    progress: Callable[[str], None]) -> ServiceRun:
+def measure_service(
+    spec: ServerSpec, sets: Sequence[InputSet], plan: Plan, out: Path, progress: Callable[[str], None]
+) -> ServiceRun:
     """Start the server, run every level of every input set against it, stop it. Raises if it never gets ready."""
     progress(f"starting {spec.title}")
     server = start_server(spec, out / "logs")
@@ -200,9 +285,11 @@ def measure_service(spec: ServerSpec, sets: Sequence[InputSet], plan: Plan, out:
                 run = run_level(server.base_url, users, plan.run_time_s, plan.warmup_s, folder, prefix)
                 runs.append((input_spec.name, users, run))
                 stats = run.stats
-                progress(f"  {spec.title:>13} {input_spec.name:>12} concurrency {users:>2}: "
-                         f"{(stats.requests - stats.failures) / run.measured_s:7.2f} req/s, p50 {stats.p50_ms:.0f} ms, "
-                         f"p99 {stats.p99_ms:.0f} ms, {stats.failures} failed, locust CPU {run.cpu_s / run.wall_s:.2f} cores")
+                progress(
+                    f"  {spec.title:>13} {input_spec.name:>12} concurrency {users:>2}: "
+                    f"{(stats.requests - stats.failures) / run.measured_s:7.2f} req/s, p50 {stats.p50_ms:.0f} ms, "
+                    f"p99 {stats.p99_ms:.0f} ms, {stats.failures} failed, locust CPU {run.cpu_s / run.wall_s:.2f} cores"
+                )
     except RuntimeError as exc:
         error = str(exc)
         progress(f"  {spec.title} stopped early: {error}")
@@ -235,8 +322,11 @@ def write_outputs(results: Results, out: Path) -> Path:
     write_rows(out / "http.csv", results.http)
     write_rows(out / "inprocess.csv", results.model_only + results.pipeline)
     write_rows(out / "footprint.csv", results.footprints)
-    plots = [plot_throughput(results, out / "throughput.png"), plot_latency(results, out / "latency.png"),
-             plot_inprocess(results, out / "inprocess.png")]
+    plots = [
+        plot_throughput(results, out / "throughput.png"),
+        plot_latency(results, out / "latency.png"),
+        plot_inprocess(results, out / "inprocess.png"),
+    ]
     summary = out / "summary.md"
     summary.write_text(render_summary(results, [str(p) for p in plots]))
     return summary
@@ -247,8 +337,12 @@ def write_outputs(results: Results, out: Path) -> Path:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     plan = QUICK if args.quick else FULL
-    overrides = {"levels": tuple(args.levels) if args.levels else None, "run_time_s": args.run_time,
-                 "warmup_s": args.warmup, "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None}
+    overrides = {
+        "levels": tuple(args.levels) if args.levels else None,
+        "run_time_s": args.run_time,
+        "warmup_s": args.warmup,
+        "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None,
+    }
     return dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -272,8 +366,10 @@ def main(args: argparse.Namespace) -> int:
     models = settings.models.resolve()
     sets = [input_set(name) for name in args.input_sets]
     started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    progress(f"{'quick' if args.quick else 'full'} run, results in {out}; about "
-             f"{estimated_minutes(plan, len(args.services), len(sets)):.0f} min planned")
+    progress(
+        f"{'quick' if args.quick else 'full'} run, results in {out}; about "
+        f"{estimated_minutes(plan, len(args.services), len(sets)):.0f} min planned"
+    )
 
     peer_python, skipped = None, {}
     if RAY in args.services:
@@ -290,14 +386,24 @@ def main(args: argparse.Namespace) -> int:
     input_sets = []
     for spec in sets:
         paths = make_input_set(spec)
-        input_sets.append(dataclasses.asdict(spec) | {"files": len(paths),
-                                                      "mean_mib": sum(p.stat().st_size for p in paths) / len(paths) / 2**20})
-    results = Results(command="python -m benchmarks.throughput " + shlex.join(sys.argv[1:]),
-                      mode="quick" if args.quick else "full", machine={}, input_sets=input_sets,
-                      plan=dataclasses.asdict(plan) | {"decode_workers": settings.decode_workers},
-                      services={name: {"title": spec.title, "configuration": spec.configuration}
-                                for name, spec in specs.items() if name in args.services or name in skipped},
-                      skipped=skipped, started_at=started_at)
+        input_sets.append(
+            dataclasses.asdict(spec)
+            | {"files": len(paths), "mean_mib": sum(p.stat().st_size for p in paths) / len(paths) / 2**20}
+        )
+    results = Results(
+        command="python -m benchmarks.throughput " + shlex.join(sys.argv[1:]),
+        mode="quick" if args.quick else "full",
+        machine={},
+        input_sets=input_sets,
+        plan=dataclasses.asdict(plan) | {"decode_workers": settings.decode_workers},
+        services={
+            name: {"title": spec.title, "configuration": spec.configuration}
+            for name, spec in specs.items()
+            if name in args.services or name in skipped
+        },
+        skipped=skipped,
+        started_at=started_at,
+    )
 
     progress("in-process throughput (no HTTP)")
     providers = measure_inprocess(results, settings, sets, plan, progress)
@@ -318,8 +424,10 @@ def main(args: argparse.Namespace) -> int:
         results.services[name]["providers"] = run.providers
         if run.error:
             results.skipped[name] = f"stopped after {len(run.levels)} levels: {run.error.splitlines()[0]}"
-        progress(f"  {specs[name].title}: cold start {run.footprint.cold_start_s:.1f} s, {run.footprint.processes} "
-                 f"processes, PSS at ready {run.footprint.ready_pss_mib:.0f} MiB, peak {run.footprint.peak_pss_mib:.0f} MiB")
+        progress(
+            f"  {specs[name].title}: cold start {run.footprint.cold_start_s:.1f} s, {run.footprint.processes} "
+            f"processes, PSS at ready {run.footprint.ready_pss_mib:.0f} MiB, peak {run.footprint.peak_pss_mib:.0f} MiB"
+        )
 
     results.duration_s = time.perf_counter() - progress.started
     summary = write_outputs(results, out)
@@ -330,20 +438,34 @@ def main(args: argparse.Namespace) -> int:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: a few seconds per level, fewer levels")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default benchmarks/results/throughput, or throughput-quick with --quick)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default benchmarks/results/throughput, or throughput-quick with --quick)",
+    )
     parser.add_argument("--models", type=Path, default=None, help="model pack (default: the service's, CXR_MODELS)")
     parser.add_argument("--services", nargs="+", choices=SERVICES, default=list(SERVICES))
-    parser.add_argument("--input-sets", nargs="+", choices=[s.name for s in INPUT_SETS], default=[s.name for s in INPUT_SETS])
+    parser.add_argument(
+        "--input-sets", nargs="+", choices=[s.name for s in INPUT_SETS], default=[s.name for s in INPUT_SETS]
+    )
     parser.add_argument("--levels", type=int, nargs="+", help="concurrency levels (default: the mode's)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="in-process batch sizes (default: the mode's)")
     parser.add_argument("--run-time", type=float, help="seconds per level, warm-up included (default: the mode's)")
-    parser.add_argument("--warmup", type=float, help="seconds discarded at the start of each level (default: the mode's)")
-    parser.add_argument("--rerender", action="store_true",
-                        help="only write summary.md and the plots again from the --out folder's results.json")
+    parser.add_argument(
+        "--warmup", type=float, help="seconds discarded at the start of each level (default: the mode's)"
+    )
+    parser.add_argument(
+        "--rerender",
+        action="store_true",
+        help="only write summary.md and the plots again from the --out folder's results.json",
+    )
     parser.add_argument("--service-workers", type=int, default=1, help="our service's --workers (HTTP processes)")
     return parser
 

@@ -16,11 +16,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m service", description="Serve a model pack over HTTP.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--models", type=Path, default=None, help="model pack folder (default: CXR_MODELS or the demo pack)")
+    parser.add_argument(
+        "--models", type=Path, default=None, help="model pack folder (default: CXR_MODELS or the demo pack)"
+    )
     parser.add_argument("--log-level", default="info")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="HTTP worker processes; above 1 they share one inference server (one set of ONNX "
-                             "sessions) and each gets max(1, cores // N) decode processes unless CXR_DECODE_WORKERS is set")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="HTTP worker processes; above 1 they share one inference server (one set of ONNX "
+        "sessions) and each gets max(1, cores // N) decode processes unless CXR_DECODE_WORKERS is set",
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")

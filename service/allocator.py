@@ -38,8 +38,10 @@ def keep_freed_memory(keep_mb: int) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     keep_bytes = keep_mb * 1024 * 1024
-    applied = (mallopt(M_MMAP_THRESHOLD, min(keep_bytes, MAX_MMAP_THRESHOLD)) == 1
-               and mallopt(M_TRIM_THRESHOLD, keep_bytes) == 1)
+    applied = (
+        mallopt(M_MMAP_THRESHOLD, min(keep_bytes, MAX_MMAP_THRESHOLD)) == 1
+        and mallopt(M_TRIM_THRESHOLD, keep_bytes) == 1
+    )
     if not applied:
         log.warning("mallopt refused the thresholds; memory allocation keeps its defaults")
     return applied

@@ -60,8 +60,9 @@ def restart_delay(consecutive_failures: int) -> float:
     return min(30.0, 2.0 ** max(consecutive_failures - 1, 0))
 
 
-def worker_environment(environ: Mapping[str, str], socket_path: Path, models: Path, http_workers: int,
-                       cores: int) -> dict[str, str]:
+def worker_environment(
+    environ: Mapping[str, str], socket_path: Path, models: Path, http_workers: int, cores: int
+) -> dict[str, str]:
     """The CXR_* variables the HTTP workers need on top of `environ` (uvicorn's workers build Settings from it)."""
     extra = {"CXR_INFERENCE_SOCKET": str(socket_path), "CXR_MODELS": str(models)}
     if "CXR_DECODE_WORKERS" not in environ:  # an explicit setting wins
@@ -73,8 +74,11 @@ def worker_log_config(level: str) -> dict:
     """uvicorn's logging plus the service's own loggers, formatted as in single-process mode."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     config["formatters"]["service"] = {"format": "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"}
-    config["handlers"]["service"] = {"formatter": "service", "class": "logging.StreamHandler",
-                                     "stream": "ext://sys.stderr"}
+    config["handlers"]["service"] = {
+        "formatter": "service",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+    }
     config["root"] = {"handlers": ["service"], "level": level.upper()}
     return config
 
@@ -128,8 +132,14 @@ class InferenceProcess:
             ran_s = time.monotonic() - self._started_at
             failures = 1 if ran_s >= STABLE_AFTER_S else failures + 1
             delay = restart_delay(failures)
-            log.error("inference server (pid %d) exited with code %s after %.0f s; restarting in %.0f s "
-                      "(workers answer 503 meanwhile)", process.pid, code, ran_s, delay)
+            log.error(
+                "inference server (pid %d) exited with code %s after %.0f s; restarting in %.0f s "
+                "(workers answer 503 meanwhile)",
+                process.pid,
+                code,
+                ran_s,
+                delay,
+            )
             if self._stopping.wait(delay):
                 return
             self.start()
@@ -155,8 +165,19 @@ class InferenceProcess:
 
 
 def inference_server_command(socket_path: Path, models: Path, log_level: str) -> list[str]:
-    return [sys.executable, "-m", "service.inference.server", "--socket", str(socket_path), "--models", str(models),
-            "--log-level", log_level, "--parent-pid", str(os.getpid())]
+    return [
+        sys.executable,
+        "-m",
+        "service.inference.server",
+        "--socket",
+        str(socket_path),
+        "--models",
+        str(models),
+        "--log-level",
+        log_level,
+        "--parent-pid",
+        str(os.getpid()),
+    ]
 
 
 def run_workers(args: argparse.Namespace, settings: Settings) -> None:
@@ -180,21 +201,38 @@ def run_workers(args: argparse.Namespace, settings: Settings) -> None:
         if stop_requested.is_set():
             return
         if hello is None:
-            raise SystemExit(f"the inference server did not start (see its log above); nothing listens at {socket_path}")
+            raise SystemExit(
+                f"the inference server did not start (see its log above); nothing listens at {socket_path}"
+            )
         if hello.get("ready"):
-            log.info("inference server ready on %s after %.1f s", ", ".join(hello["providers"]), time.monotonic() - started)
+            log.info(
+                "inference server ready on %s after %.1f s", ", ".join(hello["providers"]), time.monotonic() - started
+            )
         else:  # as in single-process mode: serve anyway, unready with the reason, so probes can say why
             log.error("inference server is up but not ready: %s", hello.get("reason"))
         server.supervise()
         extra = worker_environment(os.environ, socket_path, settings.models, args.workers, usable_cores())
         os.environ.update(extra)  # uvicorn's worker processes are spawned with this environment
-        log.info("starting %d HTTP workers (%s decode processes each) on %s:%d", args.workers,
-                 os.environ.get("CXR_DECODE_WORKERS"), args.host, args.port)
+        log.info(
+            "starting %d HTTP workers (%s decode processes each) on %s:%d",
+            args.workers,
+            os.environ.get("CXR_DECODE_WORKERS"),
+            args.host,
+            args.port,
+        )
         if stop_requested.is_set():
             return
         # uvicorn's supervisor now takes SIGTERM/SIGINT over: it stops the workers, each draining its requests.
-        uvicorn.run("service.api.app:create_app", factory=True, workers=args.workers, host=args.host, port=args.port,
-                    log_level=args.log_level, log_config=worker_log_config(args.log_level), access_log=False)
+        uvicorn.run(
+            "service.api.app:create_app",
+            factory=True,
+            workers=args.workers,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            log_config=worker_log_config(args.log_level),
+            access_log=False,
+        )
     finally:
         code = server.stop()
         log.info("inference server stopped (exit code %s)", code)

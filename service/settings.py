@@ -35,82 +35,127 @@ class Settings(BaseSettings):
     providers: list[str] = Field(
         ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime execution providers in order of preference; unusable ones are skipped (TensorRT "
-                    "before CUDA only when its libraries are installed) and running on any but the first usable one "
-                    "is a fallback: a warning, or unready with CXR_STRICT_PROVIDERS",
+        "before CUDA only when its libraries are installed) and running on any but the first usable one "
+        "is a fallback: a warning, or unready with CXR_STRICT_PROVIDERS",
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session (0: one per core)")
     inter_op_threads: int = Field(
-        1, ge=0, description="ONNX Runtime threads running graph nodes side by side (0: one per core); the sessions "
-                             "run nodes sequentially, so more than 1 only idles")
+        1,
+        ge=0,
+        description="ONNX Runtime threads running graph nodes side by side (0: one per core); the sessions "
+        "run nodes sequentially, so more than 1 only idles",
+    )
     intra_op_spinning: bool = Field(
-        False, description="let ONNX Runtime's threads busy-wait between batches (lower CPU latency when the cores "
-                           "are otherwise idle; off, because the decode processes need those cores)")
+        False,
+        description="let ONNX Runtime's threads busy-wait between batches (lower CPU latency when the cores "
+        "are otherwise idle; off, because the decode processes need those cores)",
+    )
     precision: Literal["auto", "fp32", "fp16"] = Field(
-        "auto", description="model variant to serve: auto = the pack's fp16 variant on CUDA/TensorRT, fp32 on CPU "
-                            "(fp16 on CPU works but is slower; a pack without fp16 serves fp32)")
+        "auto",
+        description="model variant to serve: auto = the pack's fp16 variant on CUDA/TensorRT, fp32 on CPU "
+        "(fp16 on CPU works but is slower; a pack without fp16 serves fp32)",
+    )
     io_binding: bool = Field(
-        True, description="on CUDA/TensorRT, copy each batch to the GPU once for both models and bind the outputs to "
-                          "host memory; no effect on CPU")
+        True,
+        description="on CUDA/TensorRT, copy each batch to the GPU once for both models and bind the outputs to "
+        "host memory; no effect on CPU",
+    )
     cuda_device_id: int = Field(0, ge=0, description="GPU the CUDA and TensorRT providers run on")
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
-        "EXHAUSTIVE", description="how cuDNN picks convolution kernels; EXHAUSTIVE benchmarks them once per batch "
-                                  "shape, during warm-up")
+        "EXHAUSTIVE",
+        description="how cuDNN picks convolution kernels; EXHAUSTIVE benchmarks them once per batch "
+        "shape, during warm-up",
+    )
     cuda_gpu_mem_limit_mb: int | None = Field(
-        None, ge=1, description="cap of each session's CUDA memory arena in MiB (two sessions: detector, classifier); "
-                                "unset: no cap")
+        None,
+        ge=1,
+        description="cap of each session's CUDA memory arena in MiB (two sessions: detector, classifier); "
+        "unset: no cap",
+    )
     cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
-        "kSameAsRequested", description="how the CUDA arena grows; kSameAsRequested fits the fixed batch shapes "
-                                        "without doubling")
+        "kSameAsRequested",
+        description="how the CUDA arena grows; kSameAsRequested fits the fixed batch shapes without doubling",
+    )
     cuda_copy_in_default_stream: bool = Field(
-        True, description="CUDA copies on the compute stream (ONNX Runtime's default; separate streams can race)")
+        True, description="CUDA copies on the compute stream (ONNX Runtime's default; separate streams can race)"
+    )
     cudnn_conv_use_max_workspace: bool = Field(
-        True, description="let cuDNN use its largest workspace when searching for the fastest convolution kernels")
+        True, description="let cuDNN use its largest workspace when searching for the fastest convolution kernels"
+    )
     cuda_use_tf32: bool = Field(
-        False, description="let float32 convolutions use TF32 tensor cores (10-bit mantissa); off so that fp32 "
-                           "means float32 (the fp16 variant is the fast path)")
+        False,
+        description="let float32 convolutions use TF32 tensor cores (10-bit mantissa); off so that fp32 "
+        "means float32 (the fp16 variant is the fast path)",
+    )
     trt_engine_cache: bool = Field(True, description="keep built TensorRT engines on disk (a build takes minutes)")
     trt_engine_cache_dir: Path = Field(
-        Path("~/.cache/pediatric-cxr/tensorrt"), description="TensorRT engine and timing caches, one folder per model file")
+        Path("~/.cache/pediatric-cxr/tensorrt"),
+        description="TensorRT engine and timing caches, one folder per model file",
+    )
     trt_max_workspace_mb: int = Field(2048, ge=1, description="TensorRT builder workspace in MiB")
     max_batch_size: int = Field(16, ge=1, le=1024, description="images per inference batch")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill up")
     max_queue_size: int = Field(256, ge=1, description="images waiting for inference before 429")
     decode_workers: int = Field(max(1, os.cpu_count() or 1), ge=1, description="processes decoding DICOMs")
-    decode_in_processes: bool = Field(True, description="decode in worker processes (False: threads, no hard time bound)")
+    decode_in_processes: bool = Field(
+        True, description="decode in worker processes (False: threads, no hard time bound)"
+    )
     decode_native_in_threads: bool = Field(
-        True, description="decode uncompressed pixel data in threads (numpy releases the GIL; no body copy to a worker "
-                          "process); compressed syntaxes stay in the process pool")
+        True,
+        description="decode uncompressed pixel data in threads (numpy releases the GIL; no body copy to a worker "
+        "process); compressed syntaxes stay in the process pool",
+    )
     malloc_keep_mb: int = Field(
-        256, ge=0, le=2047, description="MiB of freed memory each process keeps for reuse instead of returning it to "
-                                        "the kernel (glibc mallopt; 0: glibc's defaults); see service/allocator.py")
+        256,
+        ge=0,
+        le=2047,
+        description="MiB of freed memory each process keeps for reuse instead of returning it to "
+        "the kernel (glibc mallopt; 0: glibc's defaults); see service/allocator.py",
+    )
     decode_timeout_s: float = Field(30.0, gt=0, description="longest one image may take to decode and preprocess")
     inference_socket: Path | None = Field(
-        None, description="Unix socket of a shared inference server (service/inference/server.py) to run the models; "
-                          "unset: ONNX Runtime in this process. `python -m service --workers N` sets it for its workers")
+        None,
+        description="Unix socket of a shared inference server (service/inference/server.py) to run the models; "
+        "unset: ONNX Runtime in this process. `python -m service --workers N` sets it for its workers",
+    )
     finding_score_floor: float | None = Field(
-        None, ge=0, le=1,
-        description="report findings scoring at least this, for every label, instead of the pack's per-label operating points")
-    request_timeout_s: float = Field(120.0, gt=0, description="longest a request may take, upload included (503 request_timeout)")
-    strict_providers: bool = Field(False, description="stay unready instead of falling back when the first provider is unusable")
-    strict_intended_use: bool = Field(False, description="reject (422) images outside the pack's intended population instead of warning")
+        None,
+        ge=0,
+        le=1,
+        description="report findings scoring at least this, for every label, instead of the pack's per-label operating points",
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="longest a request may take, upload included (503 request_timeout)"
+    )
+    strict_providers: bool = Field(
+        False, description="stay unready instead of falling back when the first provider is unusable"
+    )
+    strict_intended_use: bool = Field(
+        False, description="reject (422) images outside the pack's intended population instead of warning"
+    )
     max_instances_per_request: int = Field(64, ge=1, description="instances accepted in one STOW-RS request")
     max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="largest accepted upload (bytes)")
     max_pixels: int = Field(DecodeLimits.max_pixels, ge=1024, description="largest accepted Rows x Columns")
-    max_pixel_bytes: int = Field(DecodeLimits.max_pixel_bytes, ge=1024, description="largest decoded pixel array (bytes)")
+    max_pixel_bytes: int = Field(
+        DecodeLimits.max_pixel_bytes, ge=1024, description="largest decoded pixel array (bytes)"
+    )
     image_id_hash: str = Field("md5", description="hashlib algorithm turning SOP Instance UIDs into image ids")
 
     # Access (README "Deploying safely"). Off by default so the local demo needs no key.
     auth_enabled: bool = Field(False, description="require an API key (Authorization: Bearer or X-API-Key)")
     api_key_sha256s: list[str] = Field(
-        [], description="accepted keys as sha256 hex digests, each optionally `name:digest`; never the keys themselves")
+        [], description="accepted keys as sha256 hex digests, each optionally `name:digest`; never the keys themselves"
+    )
     api_keys_file: Path | None = Field(
-        None, description="file of `name:sha256hex` lines, re-read when it changes (rotation without restart)")
+        None, description="file of `name:sha256hex` lines, re-read when it changes (rotation without restart)"
+    )
     auth_protect_health: bool = Field(False, description="require a key for /healthz and /readyz (orchestrator probes)")
     auth_protect_metrics: bool = Field(True, description="require a key for /metrics")
     auth_protect_docs: bool = Field(False, description="require a key for /docs, /redoc and /openapi.json")
     hsts: bool = Field(False, description="send Strict-Transport-Security (only when TLS terminates in front)")
     cors_allow_origins: list[str] = Field(
-        [], description="browser origins allowed to call the API (CORS); empty: CORS off")
+        [], description="browser origins allowed to call the API (CORS); empty: CORS off"
+    )
 
     @property
     def decode_limits(self) -> DecodeLimits:

@@ -30,10 +30,28 @@ def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
     from training import train
 
     run = tmp_path_factory.mktemp("run")
-    args = train.get_args_parser().parse_args([
-        "--data", str(tiny_dataset), "--out", str(run), "--epochs", "2", "--max-steps", "3", "--batch-size", "8",
-        "--input-size", str(TINY_SIZE), "--min-examples", "1", "--workers", "1", "--seed", "3",
-    ])
+    args = train.get_args_parser().parse_args(
+        [
+            "--data",
+            str(tiny_dataset),
+            "--out",
+            str(run),
+            "--epochs",
+            "2",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--input-size",
+            str(TINY_SIZE),
+            "--min-examples",
+            "1",
+            "--workers",
+            "1",
+            "--seed",
+            "3",
+        ]
+    )
     train.main(args)
     return run
 
@@ -43,14 +61,21 @@ def tiny_pack(tiny_run, tmp_path_factory) -> Path:
     from training import export
 
     pack = tmp_path_factory.mktemp("packs") / "tiny"
-    export.main(export.get_args_parser().parse_args(["--run", str(tiny_run), "--out", str(pack), "--parity-images", "4"]))
+    export.main(
+        export.get_args_parser().parse_args(["--run", str(tiny_run), "--out", str(pack), "--parity-images", "4"])
+    )
     return pack
 
 
 @pytest.fixture(scope="session")
 def tiny_settings(tiny_pack) -> Settings:
-    return Settings(models=tiny_pack, max_batch_size=4, max_queue_delay_ms=2, providers=["CPUExecutionProvider"],
-                    max_body_bytes=16 * 1024 * 1024)
+    return Settings(
+        models=tiny_pack,
+        max_batch_size=4,
+        max_queue_delay_ms=2,
+        providers=["CPUExecutionProvider"],
+        max_body_bytes=16 * 1024 * 1024,
+    )
 
 
 @pytest.fixture(scope="session")

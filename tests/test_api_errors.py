@@ -17,7 +17,9 @@ def _error(response, status: int, code: str) -> dict:
     return body
 
 
-@pytest.mark.parametrize("body", [b"", b"hello, this is not a DICOM file" * 10, b"\x00" * 200, b"%PDF-1.7\n" + b"x" * 500])
+@pytest.mark.parametrize(
+    "body", [b"", b"hello, this is not a DICOM file" * 10, b"\x00" * 200, b"%PDF-1.7\n" + b"x" * 500]
+)
 def test_non_dicom_bodies_get_400(client, body):
     """Empty bodies, text, zeros and other file types are rejected as not DICOM."""
     _error(client.post("/v1/predict", content=body, headers={"Content-Type": "application/dicom"}), 400, "not_dicom")
@@ -33,7 +35,11 @@ def test_truncated_dicom_gets_4xx(client):
 
 def test_unsupported_content_type_gets_415(client):
     """A body that is neither application/dicom nor multipart/form-data gets 415."""
-    _error(client.post("/v1/predict", content=b"{}", headers={"Content-Type": "application/json"}), 415, "unsupported_media_type")
+    _error(
+        client.post("/v1/predict", content=b"{}", headers={"Content-Type": "application/json"}),
+        415,
+        "unsupported_media_type",
+    )
 
 
 def test_multipart_without_file_field_gets_400(client):
@@ -46,20 +52,29 @@ def test_colour_image_gets_422(client):
     ds, _ = synthesize_instance(seed=2, rows=64, cols=64)
     ds.PhotometricInterpretation = "RGB"
     ds.SamplesPerPixel = 3
-    _error(client.post("/v1/predict", content=dicom_bytes(ds), headers={"Content-Type": "application/dicom"}), 422, "unusable_image")
+    _error(
+        client.post("/v1/predict", content=dicom_bytes(ds), headers={"Content-Type": "application/dicom"}),
+        422,
+        "unusable_image",
+    )
 
 
 def test_dicom_without_pixels_gets_422(client):
     """A DICOM object with no Pixel Data (e.g. a report) is unusable (422)."""
     ds, _ = synthesize_instance(seed=3, rows=64, cols=64)
     del ds.PixelData
-    _error(client.post("/v1/predict", content=dicom_bytes(ds), headers={"Content-Type": "application/dicom"}), 422, "unusable_image")
+    _error(
+        client.post("/v1/predict", content=dicom_bytes(ds), headers={"Content-Type": "application/dicom"}),
+        422,
+        "unusable_image",
+    )
 
 
 def test_oversized_declared_body_gets_413(client):
     """A Content-Length above the limit is refused before the body is read."""
-    response = client.post("/v1/predict", content=b"x" * 1024,
-                           headers={"Content-Type": "application/dicom", "Content-Length": str(10**12)})
+    response = client.post(
+        "/v1/predict", content=b"x" * 1024, headers={"Content-Type": "application/dicom", "Content-Length": str(10**12)}
+    )
     _error(response, 413, "payload_too_large")
 
 

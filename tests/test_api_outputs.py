@@ -42,8 +42,11 @@ def test_sr_polylines_equal_json_boxes(client, tiny_dataset):
     assert response.status_code == 200 and response.headers["content-type"] == "application/dicom"
     sr = pydicom.dcmread(io.BytesIO(response.content))
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
-    polylines = [np.array(item.GraphicData, dtype=float).reshape(-1, 2) for item in _walk(sr.ContentSequence)
-                 if item.get("ValueType") == "SCOORD"]
+    polylines = [
+        np.array(item.GraphicData, dtype=float).reshape(-1, 2)
+        for item in _walk(sr.ContentSequence)
+        if item.get("ValueType") == "SCOORD"
+    ]
     assert all(len(p) == 5 and np.allclose(p[0], p[-1]) for p in polylines)
     boxes = _json_boxes(client, data)
     np.testing.assert_allclose(sorted(_corners(p) for p in polylines), sorted(boxes.tolist()), atol=0.01)
@@ -61,9 +64,14 @@ def test_gsps_graphics_equal_json_boxes(client, tiny_dataset):
     source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     referenced = gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID
     assert referenced == source.SOPInstanceUID
-    polylines = [np.array(g.GraphicData, dtype=float).reshape(-1, 2) for annotation in gsps.GraphicAnnotationSequence
-                 for g in annotation.get("GraphicObjectSequence", [])]
-    np.testing.assert_allclose(sorted(_corners(p) for p in polylines), sorted(_json_boxes(client, data).tolist()), atol=0.01)
+    polylines = [
+        np.array(g.GraphicData, dtype=float).reshape(-1, 2)
+        for annotation in gsps.GraphicAnnotationSequence
+        for g in annotation.get("GraphicObjectSequence", [])
+    ]
+    np.testing.assert_allclose(
+        sorted(_corners(p) for p in polylines), sorted(_json_boxes(client, data).tolist()), atol=0.01
+    )
 
 
 @pytest.mark.parametrize("how", [{"params": {"format": "png"}}, {"accept": "image/png"}])

@@ -26,7 +26,9 @@ def key_pair():
 @pytest.fixture(scope="module")
 def secured(tiny_settings, key_pair):
     """One app with auth on and a single inline key, shared by the read-only checks."""
-    settings = tiny_settings.model_copy(update={"auth_enabled": True, "api_key_sha256s": [f"ward-viewer:{key_pair[1]}"]})
+    settings = tiny_settings.model_copy(
+        update={"auth_enabled": True, "api_key_sha256s": [f"ward-viewer:{key_pair[1]}"]}
+    )
     with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -81,7 +83,9 @@ def test_key_name_is_logged_never_the_key(secured, key_pair, caplog):
 def test_two_keys_both_work(tiny_settings):
     """With two digests configured (one named, one bare), each key opens /v1/models."""
     (key_a, digest_a), (key_b, digest_b) = make_key(), make_key()
-    settings = tiny_settings.model_copy(update={"auth_enabled": True, "api_key_sha256s": [f"pacs:{digest_a}", digest_b.upper()]})
+    settings = tiny_settings.model_copy(
+        update={"auth_enabled": True, "api_key_sha256s": [f"pacs:{digest_a}", digest_b.upper()]}
+    )
     with TestClient(create_app(settings)) as local:
         for key in (key_a, key_b):
             assert local.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
@@ -104,9 +108,15 @@ def test_openapi_declares_the_key_schemes(secured):
 
 def test_probes_and_docs_protected_when_configured(tiny_settings, key_pair):
     """CXR_AUTH_PROTECT_HEALTH / _DOCS require a key there; CXR_AUTH_PROTECT_METRICS=false opens /metrics."""
-    settings = tiny_settings.model_copy(update={
-        "auth_enabled": True, "api_key_sha256s": [key_pair[1]], "auth_protect_health": True,
-        "auth_protect_docs": True, "auth_protect_metrics": False})
+    settings = tiny_settings.model_copy(
+        update={
+            "auth_enabled": True,
+            "api_key_sha256s": [key_pair[1]],
+            "auth_protect_health": True,
+            "auth_protect_docs": True,
+            "auth_protect_metrics": False,
+        }
+    )
     with TestClient(create_app(settings)) as local:
         for path in ("/healthz", "/readyz", "/docs", "/openapi.json"):
             assert_error(local.get(path), 401, "unauthorized")
@@ -125,7 +135,9 @@ def test_keys_file_rotation_without_restart(tiny_settings, tmp_path):
         assert local.get("/v1/models", headers={"X-API-Key": key_b}).status_code == 403
         stamp = keys_file.stat().st_mtime_ns
         keys_file.write_text(f"new:{digest_b}\n")
-        os.utime(keys_file, ns=(stamp + 2_000_000_000, stamp + 2_000_000_000))  # a coarse-mtime filesystem still sees a change
+        os.utime(
+            keys_file, ns=(stamp + 2_000_000_000, stamp + 2_000_000_000)
+        )  # a coarse-mtime filesystem still sees a change
         assert_error(local.get("/v1/models", headers={"X-API-Key": key_a}), 403, "forbidden")
         assert local.get("/v1/models", headers={"X-API-Key": key_b}).status_code == 200
         keys_file.unlink()  # a removed file revokes its keys (fail closed)
@@ -181,12 +193,22 @@ def test_cors_off_by_default(client):
 
 def test_cors_for_configured_origin_before_auth(tiny_settings, key_pair):
     """A configured origin's preflight is answered (no key needed) with the allowed headers; others get none."""
-    settings = tiny_settings.model_copy(update={"cors_allow_origins": ["https://viewer.example.org"], "auth_enabled": True,
-                                                "api_key_sha256s": [key_pair[1]]})
+    settings = tiny_settings.model_copy(
+        update={
+            "cors_allow_origins": ["https://viewer.example.org"],
+            "auth_enabled": True,
+            "api_key_sha256s": [key_pair[1]],
+        }
+    )
     with TestClient(create_app(settings)) as local:
-        preflight = local.options("/v1/predict", headers={
-            "Origin": "https://viewer.example.org", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type"})
+        preflight = local.options(
+            "/v1/predict",
+            headers={
+                "Origin": "https://viewer.example.org",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == "https://viewer.example.org"
         assert "authorization" in preflight.headers["access-control-allow-headers"].lower()

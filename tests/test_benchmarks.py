@@ -25,26 +25,49 @@ POST,predict,120,2,410,433.2,120.5,1503.4,1424.5,6.1,0.1,410,450,470,500,800,950
 """
 
 
-def level(service: str, users: int, rps: float, p99: float, input_set: str = "j2k", failures: int = 0,
-          requests: int = 100) -> HttpLevel:
-    return HttpLevel(service=service, input_set=input_set, users=users, requests=requests, failures=failures, rps=rps,
-                     p50_ms=p99 / 2, p95_ms=p99 * 0.9, p99_ms=p99, measured_s=15.0, server_cpu_cores=1.8,
-                     locust_cpu_cores=0.2)
+def level(
+    service: str, users: int, rps: float, p99: float, input_set: str = "j2k", failures: int = 0, requests: int = 100
+) -> HttpLevel:
+    return HttpLevel(
+        service=service,
+        input_set=input_set,
+        users=users,
+        requests=requests,
+        failures=failures,
+        rps=rps,
+        p50_ms=p99 / 2,
+        p95_ms=p99 * 0.9,
+        p99_ms=p99,
+        measured_s=15.0,
+        server_cpu_cores=1.8,
+        locust_cpu_cores=0.2,
+    )
 
 
 def fake_results() -> Results:
     sets = [dataclasses.asdict(spec) | {"files": spec.count, "mean_mib": 4.2} for spec in inputs.INPUT_SETS]
-    results = Results(command="python -m benchmarks.throughput --quick", mode="quick",
-                      machine={"CPU": "Test CPU", "Cores": "2"}, plan=dataclasses.asdict(throughput.QUICK) | {"decode_workers": 2},
-                      input_sets=sets,
-                      services={"ours": {"title": "ours", "configuration": "batcher"},
-                                "naive": {"title": "naive FastAPI", "configuration": "per request"},
-                                "ray-serve": {"title": "Ray Serve", "configuration": "serve.batch"}},
-                      started_at="2026-01-01T00:00:00+00:00", duration_s=60.0)
+    results = Results(
+        command="python -m benchmarks.throughput --quick",
+        mode="quick",
+        machine={"CPU": "Test CPU", "Cores": "2"},
+        plan=dataclasses.asdict(throughput.QUICK) | {"decode_workers": 2},
+        input_sets=sets,
+        services={
+            "ours": {"title": "ours", "configuration": "batcher"},
+            "naive": {"title": "naive FastAPI", "configuration": "per request"},
+            "ray-serve": {"title": "Ray Serve", "configuration": "serve.batch"},
+        },
+        started_at="2026-01-01T00:00:00+00:00",
+        duration_s=60.0,
+    )
     for name in ("uncompressed", "j2k"):
         results.pipeline += [BatchRate(name, 1, 5.0, 10, 2.0), BatchRate(name, 16, 10.0, 32, 3.2)]
-        results.http += [level("ours", 1, 4.0, 300, name), level("ours", 16, 9.5, 2000, name),
-                         level("naive", 1, 3.0, 400, name), level("naive", 16, 4.0, 5000, name, failures=3)]
+        results.http += [
+            level("ours", 1, 4.0, 300, name),
+            level("ours", 16, 9.5, 2000, name),
+            level("naive", 1, 3.0, 400, name),
+            level("naive", 16, 4.0, 5000, name, failures=3),
+        ]
     results.model_only = [BatchRate("model-only", 1, 20.0, 60, 3.0), BatchRate("model-only", 16, 40.0, 160, 4.0)]
     results.footprints = [Footprint("ours", 2.5, 5, 250, 200, 600, 500, 580, 480)]
     results.skipped = {"ray-serve": "the peers' venv could not be set up (offline)"}
@@ -129,7 +152,10 @@ def test_machine_description_parsers():
     """CPU model, memory and OS name come from /proc and /etc/os-release text."""
     assert machine.cpu_model("processor\t: 0\nmodel name\t: AMD EPYC 7B13\n") == "AMD EPYC 7B13"
     assert machine.memory_total_gib("MemTotal:       24576000 kB\n") == pytest.approx(23.44, abs=0.01)
-    assert machine.os_name('NAME="Debian"\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n') == "Debian GNU/Linux 12 (bookworm)"
+    assert (
+        machine.os_name('NAME="Debian"\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n')
+        == "Debian GNU/Linux 12 (bookworm)"
+    )
 
 
 def test_describe_machine_names_pack_runtime_and_commit():
@@ -170,8 +196,9 @@ def test_memory_report_states_the_verdict():
     """The memory report says whether memory grows, with both quarters' medians."""
     samples = [memory.MemorySample(i * 100, i * 10.0, 500_000 + i, 400_000) for i in range(1, 9)]
     rss = memory.quarter_growth([s.rss_kib for s in samples])
-    text = memory.render_memory_report("python -m benchmarks.memory", {"CPU": "x"}, "now", 800, 8, ["j2k"], {200: 800},
-                                       samples, rss, rss, "ours")
+    text = memory.render_memory_report(
+        "python -m benchmarks.memory", {"CPU": "x"}, "now", 800, 8, ["j2k"], {200: 800}, samples, rss, rss, "ours"
+    )
     assert "**Memory does not grow**" in text and "0 not 200" in text
 
 
@@ -225,8 +252,11 @@ def test_prediction_json_matches_the_services_schema():
     boxes = np.tile(np.array([[10, 10, 60, 80]], dtype=np.float32), (locations, 1))
     scores = np.full((locations, classes), 0.99, dtype=np.float32)
     probabilities = np.full(len(pack.global_labels), 0.7, dtype=np.float32)
-    answer = response_body(prediction_json(prepared, (boxes, scores, probabilities), pack,
-                                           Settings(models=pack.path), "r1", {"inference": 1.0}))
+    answer = response_body(
+        prediction_json(
+            prepared, (boxes, scores, probabilities), pack, Settings(models=pack.path), "r1", {"inference": 1.0}
+        )
+    )
     assert answer["request_id"] == "r1" and answer["instance"]["rows"] == 320
     assert answer["findings"] and len(answer["diseases"]) == len(pack.global_labels)
     assert {"decode", "preprocess", "inference", "postprocess"} <= set(answer["timing_ms"])
@@ -236,11 +266,13 @@ def test_profile_reads_py_spy_collapsed_stacks():
     """benchmarks.profile: samples per thread id, thread names without pool suffixes, each frame once per stack."""
     from benchmarks.profile import read_collapsed
 
-    raw = ("thread (11): MainThread;run (uvicorn/main.py:10);read_body (service/api/upload.py:51) 7\n"
-           "thread (11): MainThread;run (uvicorn/main.py:10);run (uvicorn/main.py:12) 3\n"
-           "thread (12): decode-native_0;prepare (service/dicom/pipeline.py:65) 5\n"
-           "thread (13): decode-native_1;prepare (service/dicom/pipeline.py:70) 2\n"
-           "not a stack line\n")
+    raw = (
+        "thread (11): MainThread;run (uvicorn/main.py:10);read_body (service/api/upload.py:51) 7\n"
+        "thread (11): MainThread;run (uvicorn/main.py:10);run (uvicorn/main.py:12) 3\n"
+        "thread (12): decode-native_0;prepare (service/dicom/pipeline.py:65) 5\n"
+        "thread (13): decode-native_1;prepare (service/dicom/pipeline.py:70) 2\n"
+        "not a stack line\n"
+    )
     profile = read_collapsed(raw)
     assert profile.samples_by_thread == {11: 10, 12: 5, 13: 2}
     assert profile.names == {11: "MainThread", 12: "decode-native", 13: "decode-native"}

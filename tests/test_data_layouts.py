@@ -29,17 +29,24 @@ def _touch(folder: Path, *names: str) -> None:
 def pcxr(tmp_path) -> Path:
     """VinDr-PCXR: one reader per image, CSVs at the top, columns shuffled, one .dcm file and one image missing."""
     _touch(tmp_path / "train", "img_a.dicom", "img_b.dcm")
-    _write_csv(tmp_path / "image_labels_train.csv", ["Pneumonia", "image_id", "No finding", "rad_ID", "Consolidation"], [
-        ["1", "img_b", "0", "R2", "1"],
-        ["0", "img_a", "1", "R1", "0"],
-        ["0", "img_c", "", "R3", "0"],
-    ])
-    _write_csv(tmp_path / "annotations_train.csv",
-               ["class_id", "x_max", "image_id", "class_name", "y_min", "rad_id", "x_min", "y_max"], [
-        ["11", "110", "img_b", "Consolidation", "20", "R2", "10", "220"],
-        ["11", "115", "img_b", "Consolidation", "20", "R2", "15", "220"],  # same reader, overlapping: two findings
-        ["37", "", "img_a", "No finding", "", "R1", "", ""],
-    ])
+    _write_csv(
+        tmp_path / "image_labels_train.csv",
+        ["Pneumonia", "image_id", "No finding", "rad_ID", "Consolidation"],
+        [
+            ["1", "img_b", "0", "R2", "1"],
+            ["0", "img_a", "1", "R1", "0"],
+            ["0", "img_c", "", "R3", "0"],
+        ],
+    )
+    _write_csv(
+        tmp_path / "annotations_train.csv",
+        ["class_id", "x_max", "image_id", "class_name", "y_min", "rad_id", "x_min", "y_max"],
+        [
+            ["11", "110", "img_b", "Consolidation", "20", "R2", "10", "220"],
+            ["11", "115", "img_b", "Consolidation", "20", "R2", "15", "220"],  # same reader, overlapping: two findings
+            ["37", "", "img_a", "No finding", "", "R1", "", ""],
+        ],
+    )
     return tmp_path
 
 
@@ -47,11 +54,19 @@ def test_pcxr_layout_reads_rows_as_written(pcxr):
     """Single-reader images keep every box and label as written; .dcm files are found; records sorted by id."""
     assert detect_layout(pcxr, "train") == "vindr"
     assert read_split(pcxr, "train") == [
-        Record("img_a", pcxr / "train" / "img_a.dicom", (), {"Pneumonia": 0, "No finding": 1, "Consolidation": 0}, ("R1",)),
-        Record("img_b", pcxr / "train" / "img_b.dcm",
-               (Box("Consolidation", 10.0, 20.0, 110.0, 220.0), Box("Consolidation", 15.0, 20.0, 115.0, 220.0)),
-               {"Pneumonia": 1, "No finding": 0, "Consolidation": 1}, ("R2",)),
-        Record("img_c", pcxr / "train" / "img_c.dicom", (), {"Pneumonia": 0, "No finding": 0, "Consolidation": 0}, ("R3",)),
+        Record(
+            "img_a", pcxr / "train" / "img_a.dicom", (), {"Pneumonia": 0, "No finding": 1, "Consolidation": 0}, ("R1",)
+        ),
+        Record(
+            "img_b",
+            pcxr / "train" / "img_b.dcm",
+            (Box("Consolidation", 10.0, 20.0, 110.0, 220.0), Box("Consolidation", 15.0, 20.0, 115.0, 220.0)),
+            {"Pneumonia": 1, "No finding": 0, "Consolidation": 1},
+            ("R2",),
+        ),
+        Record(
+            "img_c", pcxr / "train" / "img_c.dicom", (), {"Pneumonia": 0, "No finding": 0, "Consolidation": 0}, ("R3",)
+        ),
     ]
 
 
@@ -66,32 +81,45 @@ def vindr_cxr(tmp_path) -> Path:
     _touch(tmp_path / "train", "x1.dicom", "x2.dicom")
     _touch(tmp_path / "test", "t1.dcm")
     labels = ["image_id", "rad_ID", "Aortic enlargement", "ILD", "Nodule/Mass", "No finding", "Other diseases"]
-    _write_csv(tmp_path / "annotations" / "image_labels_train.csv", labels, [
-        ["x1", "R1", "1", "0", "1", "0", "1"],
-        ["x1", "R2", "1", "0", "0", "0", "0"],
-        ["x1", "R3", "0", "0", "0", "1", "0"],
-        ["x2", "R1", "0", "0", "0", "1", "0"],
-        ["x2", "R4", "0", "0", "0", "1", "0"],
-        ["x2", "R5", "0", "0", "0", "1", "0"],
-    ])
-    _write_csv(tmp_path / "annotations" / "annotations_train.csv",
-               ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"], [
-        ["x1", "R1", "Aortic enlargement", "100", "100", "200", "200"],
-        ["x1", "R1", "Nodule/Mass", "300", "300", "340", "340"],
-        ["x1", "R2", "Aortic enlargement", "110", "100", "210", "200"],  # IoU 0.82 with R1's: fused
-        ["x1", "R2", "ILD", "10", "10", "50", "50"],
-        ["x1", "R3", "No finding", "", "", "", ""],
-        ["x2", "R1", "No finding", "", "", "", ""],
-        ["x2", "R4", "No finding", "", "", "", ""],
-        ["x2", "R5", "No finding", "", "", "", ""],
-    ])
-    _write_csv(tmp_path / "annotations" / "image_labels_test.csv",
-               ["image_id", "Aortic enlargement", "Other disease", "No finding"], [["t1", "1", "1", "0"]])
-    _write_csv(tmp_path / "annotations" / "annotations_test.csv",
-               ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"], [
-        ["t1", "Aortic enlargement", "100", "100", "200", "200"],
-        ["t1", "Aortic enlargement", "110", "100", "210", "200"],
-    ])
+    _write_csv(
+        tmp_path / "annotations" / "image_labels_train.csv",
+        labels,
+        [
+            ["x1", "R1", "1", "0", "1", "0", "1"],
+            ["x1", "R2", "1", "0", "0", "0", "0"],
+            ["x1", "R3", "0", "0", "0", "1", "0"],
+            ["x2", "R1", "0", "0", "0", "1", "0"],
+            ["x2", "R4", "0", "0", "0", "1", "0"],
+            ["x2", "R5", "0", "0", "0", "1", "0"],
+        ],
+    )
+    _write_csv(
+        tmp_path / "annotations" / "annotations_train.csv",
+        ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"],
+        [
+            ["x1", "R1", "Aortic enlargement", "100", "100", "200", "200"],
+            ["x1", "R1", "Nodule/Mass", "300", "300", "340", "340"],
+            ["x1", "R2", "Aortic enlargement", "110", "100", "210", "200"],  # IoU 0.82 with R1's: fused
+            ["x1", "R2", "ILD", "10", "10", "50", "50"],
+            ["x1", "R3", "No finding", "", "", "", ""],
+            ["x2", "R1", "No finding", "", "", "", ""],
+            ["x2", "R4", "No finding", "", "", "", ""],
+            ["x2", "R5", "No finding", "", "", "", ""],
+        ],
+    )
+    _write_csv(
+        tmp_path / "annotations" / "image_labels_test.csv",
+        ["image_id", "Aortic enlargement", "Other disease", "No finding"],
+        [["t1", "1", "1", "0"]],
+    )
+    _write_csv(
+        tmp_path / "annotations" / "annotations_test.csv",
+        ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"],
+        [
+            ["t1", "Aortic enlargement", "100", "100", "200", "200"],
+            ["t1", "Aortic enlargement", "110", "100", "210", "200"],
+        ],
+    )
     return tmp_path
 
 
@@ -106,27 +134,50 @@ def test_vindr_cxr_training_readers_are_fused(vindr_cxr):
         Box("Nodule/Mass", 300.0, 300.0, 340.0, 340.0, support=1),
         Box("Interstitial lung disease (ILD)", 10.0, 10.0, 50.0, 50.0, support=1),
     )
-    assert x1.image_labels == {"Aortic enlargement": 1, "Interstitial lung disease (ILD)": 0, "Nodule/Mass": 0,
-                               "No finding": 0, "Other diseases": 0}
+    assert x1.image_labels == {
+        "Aortic enlargement": 1,
+        "Interstitial lung disease (ILD)": 0,
+        "Nodule/Mass": 0,
+        "No finding": 0,
+        "Other diseases": 0,
+    }
     assert x2.boxes == () and x2.raters == ("R1", "R4", "R5")
-    assert x2.image_labels == {"Aortic enlargement": 0, "Interstitial lung disease (ILD)": 0, "Nodule/Mass": 0,
-                               "No finding": 1, "Other diseases": 0}
+    assert x2.image_labels == {
+        "Aortic enlargement": 0,
+        "Interstitial lung disease (ILD)": 0,
+        "Nodule/Mass": 0,
+        "No finding": 1,
+        "Other diseases": 0,
+    }
 
 
 def test_vindr_cxr_fusion_settings(vindr_cxr):
     """min_raters=2 drops single marks; vote threshold 0 makes any reader's label positive."""
     x1 = read_split(vindr_cxr, "train", fusion=FusionConfig(min_raters=2, vote_threshold=0.0))[0]
     assert x1.boxes == (Box("Aortic enlargement", 105.0, 100.0, 205.0, 200.0, support=2),)
-    assert x1.image_labels == {"Aortic enlargement": 1, "Interstitial lung disease (ILD)": 0, "Nodule/Mass": 1,
-                               "No finding": 1, "Other diseases": 1}
+    assert x1.image_labels == {
+        "Aortic enlargement": 1,
+        "Interstitial lung disease (ILD)": 0,
+        "Nodule/Mass": 1,
+        "No finding": 1,
+        "Other diseases": 1,
+    }
 
 
 def test_vindr_cxr_consensus_test_split_is_not_fused(vindr_cxr):
     """The test CSVs (consensus, no rad_id) keep both overlapping boxes; 'Other disease' reads as 'Other diseases'."""
-    assert read_split(vindr_cxr, "test") == [Record(
-        "t1", vindr_cxr / "test" / "t1.dcm",
-        (Box("Aortic enlargement", 100.0, 100.0, 200.0, 200.0), Box("Aortic enlargement", 110.0, 100.0, 210.0, 200.0)),
-        {"Aortic enlargement": 1, "Other diseases": 1, "No finding": 0}, ())]
+    assert read_split(vindr_cxr, "test") == [
+        Record(
+            "t1",
+            vindr_cxr / "test" / "t1.dcm",
+            (
+                Box("Aortic enlargement", 100.0, 100.0, 200.0, 200.0),
+                Box("Aortic enlargement", 110.0, 100.0, 210.0, 200.0),
+            ),
+            {"Aortic enlargement": 1, "Other diseases": 1, "No finding": 0},
+            (),
+        )
+    ]
 
 
 @pytest.fixture
@@ -134,15 +185,19 @@ def kaggle(tmp_path) -> Path:
     """VinBigData Kaggle: one train.csv, columns shuffled and spelled rad_ID, "No finding" rows with empty coordinates."""
     _touch(tmp_path / "train", "k1.dicom", "k2.dicom")
     _touch(tmp_path / "test", "k9.dicom")
-    _write_csv(tmp_path / "train.csv", ["rad_ID", "x_min", "image_id", "y_max", "class_name", "x_max", "class_id", "y_min"], [
-        ["R8", "600", "k1", "1300", "Cardiomegaly", "1400", "3", "1000"],
-        ["R9", "620", "k1", "1300", "Cardiomegaly", "1420", "3", "1000"],
-        ["R10", "", "k1", "", "No finding", "", "14", ""],
-        ["R9", "100", "k1", "400", "ILD", "300", "5", "100"],
-        ["R8", "", "k2", "", "No finding", "", "14", ""],
-        ["R9", "", "k2", "", "No finding", "", "14", ""],
-        ["R10", "", "k2", "", "No finding", "", "14", ""],
-    ])
+    _write_csv(
+        tmp_path / "train.csv",
+        ["rad_ID", "x_min", "image_id", "y_max", "class_name", "x_max", "class_id", "y_min"],
+        [
+            ["R8", "600", "k1", "1300", "Cardiomegaly", "1400", "3", "1000"],
+            ["R9", "620", "k1", "1300", "Cardiomegaly", "1420", "3", "1000"],
+            ["R10", "", "k1", "", "No finding", "", "14", ""],
+            ["R9", "100", "k1", "400", "ILD", "300", "5", "100"],
+            ["R8", "", "k2", "", "No finding", "", "14", ""],
+            ["R9", "", "k2", "", "No finding", "", "14", ""],
+            ["R10", "", "k2", "", "No finding", "", "14", ""],
+        ],
+    )
     return tmp_path
 
 
@@ -150,12 +205,23 @@ def test_kaggle_layout_labels_come_from_the_marked_classes(kaggle):
     """Kaggle train.csv: boxes fused across raters; image labels are the 2-of-3 vote on the classes each rater marked."""
     assert detect_layout(kaggle, "train") == "kaggle"
     assert read_split(kaggle, "train") == [
-        Record("k1", kaggle / "train" / "k1.dicom",
-               (Box("Cardiomegaly", 610.0, 1000.0, 1410.0, 1300.0, support=2),
-                Box("Interstitial lung disease (ILD)", 100.0, 100.0, 300.0, 400.0, support=1)),
-               {"Cardiomegaly": 1, "No finding": 0, "Interstitial lung disease (ILD)": 0}, ("R8", "R9", "R10")),
-        Record("k2", kaggle / "train" / "k2.dicom", (),
-               {"Cardiomegaly": 0, "No finding": 1, "Interstitial lung disease (ILD)": 0}, ("R8", "R9", "R10")),
+        Record(
+            "k1",
+            kaggle / "train" / "k1.dicom",
+            (
+                Box("Cardiomegaly", 610.0, 1000.0, 1410.0, 1300.0, support=2),
+                Box("Interstitial lung disease (ILD)", 100.0, 100.0, 300.0, 400.0, support=1),
+            ),
+            {"Cardiomegaly": 1, "No finding": 0, "Interstitial lung disease (ILD)": 0},
+            ("R8", "R9", "R10"),
+        ),
+        Record(
+            "k2",
+            kaggle / "train" / "k2.dicom",
+            (),
+            {"Cardiomegaly": 0, "No finding": 1, "Interstitial lung disease (ILD)": 0},
+            ("R8", "R9", "R10"),
+        ),
     ]
 
 
@@ -167,8 +233,11 @@ def test_kaggle_layout_has_no_test_labels(kaggle):
 
 def test_physionet_csvs_win_over_kaggle_and_layout_can_be_forced(pcxr):
     """A folder with both layouts is read as PhysioNet unless layout='kaggle' is asked for."""
-    _write_csv(pcxr / "train.csv", ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"],
-               [["img_a", "No finding", "14", "R1", "", "", "", ""]])
+    _write_csv(
+        pcxr / "train.csv",
+        ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"],
+        [["img_a", "No finding", "14", "R1", "", "", "", ""]],
+    )
     assert detect_layout(pcxr, "train") == "vindr"
     assert [r.image_labels for r in read_split(pcxr, "train", layout="kaggle")] == [{"No finding": 1}]
 

@@ -29,26 +29,55 @@ LAUNCH_TIMEOUT_S = 180  # two fresh interpreters importing torch on a loaded 2-c
 def _torchrun(dataset: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --nproc_per_node=2 -m training.train ...` on CPU, as a user runs it."""
     # Drop any torchrun variables of an enclosing launcher so the child job sets up its own world.
-    env = {key: value for key, value in os.environ.items()
-           if key not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    }
     env |= {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks, one thread each: two cores suffice
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD_SIZE}",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        "-m", "training.train", "--data", str(dataset), "--out", str(run),
-        "--max-steps", str(MAX_STEPS), "--batch-size", str(BATCH_SIZE), "--input-size", "64",
-        "--min-examples", "1", "--workers", "1", "--seed", "5", "--dist-backend", "gloo", *extra,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={WORLD_SIZE}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "training.train",
+        "--data",
+        str(dataset),
+        "--out",
+        str(run),
+        "--max-steps",
+        str(MAX_STEPS),
+        "--batch-size",
+        str(BATCH_SIZE),
+        "--input-size",
+        "64",
+        "--min-examples",
+        "1",
+        "--workers",
+        "1",
+        "--seed",
+        "5",
+        "--dist-backend",
+        "gloo",
+        *extra,
     ]
     # A session of its own, so a timeout can kill the ranks too and not only the launcher.
-    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as launcher:
+    with subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as launcher:
         try:
             stdout, stderr = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(launcher.pid, signal.SIGKILL)
             stdout, stderr = launcher.communicate()
-            pytest.fail(f"torchrun did not finish within {LAUNCH_TIMEOUT_S} s (a rank stuck in a collective?)\n"
-                        f"{stdout}\n{stderr}")
+            pytest.fail(
+                f"torchrun did not finish within {LAUNCH_TIMEOUT_S} s (a rank stuck in a collective?)\n"
+                f"{stdout}\n{stderr}"
+            )
     return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
 
 

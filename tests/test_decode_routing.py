@@ -25,8 +25,10 @@ def test_peek_reads_the_transfer_syntax_of_every_encoding(small_files):
         assert peek_transfer_syntax(body) == S.TRANSFER_SYNTAXES[name], name
 
 
-@pytest.mark.parametrize("body", [b"", b"not dicom at all" * 20, b"\0" * 128 + b"DICM",
-                                  b"\0" * 128 + b"DICM" + b"\x08\x00\x10\x00UI\x04\x001.2\0"])
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"not dicom at all" * 20, b"\0" * 128 + b"DICM", b"\0" * 128 + b"DICM" + b"\x08\x00\x10\x00UI\x04\x001.2\0"],
+)
 def test_peek_gives_none_without_a_readable_meta_header(body):
     assert peek_transfer_syntax(body) is None
 

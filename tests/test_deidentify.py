@@ -86,8 +86,21 @@ def phi_instance(seed: int = 1, transfer_syntax: str = "explicit", **kwargs) -> 
 
 def phi_strings(ds: Dataset) -> list[bytes]:
     """Every identifying string planted by phi_instance, plus the original UIDs and dates."""
-    texts = [*PHI_TEXT.values(), *NESTED_PHI, PRIVATE_PHI, OVERLAY_PHI, CURVE_PHI, AE_TITLE, PATIENT_NAME,
-             "Jane Doe", "DOE JANE", ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.StudyDate]
+    texts = [
+        *PHI_TEXT.values(),
+        *NESTED_PHI,
+        PRIVATE_PHI,
+        OVERLAY_PHI,
+        CURVE_PHI,
+        AE_TITLE,
+        PATIENT_NAME,
+        "Jane Doe",
+        "DOE JANE",
+        ds.SOPInstanceUID,
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.StudyDate,
+    ]
     return [text.encode() for text in texts] + [PREAMBLE_PHI]
 
 
@@ -187,10 +200,18 @@ def test_the_source_dataset_is_not_modified():
     assert dicom_bytes(source) == before
 
 
-@pytest.mark.parametrize("transfer_syntax,signed", [
-    ("explicit", False), ("implicit", True), ("big-endian", True), ("deflate", False), ("rle", True),
-    ("jpeg-ls", False), ("j2k", False),
-])
+@pytest.mark.parametrize(
+    "transfer_syntax,signed",
+    [
+        ("explicit", False),
+        ("implicit", True),
+        ("big-endian", True),
+        ("deflate", False),
+        ("rle", True),
+        ("jpeg-ls", False),
+        ("j2k", False),
+    ],
+)
 def test_pixels_unchanged_and_the_service_decoder_reads_the_output(transfer_syntax, signed):
     """Same Pixel Data bytes and pixel_array, and service.dicom.pipeline.prepare gives the model the same input."""
     source_ds = phi_instance(transfer_syntax=transfer_syntax, signed=signed, windowed=True)
@@ -357,8 +378,13 @@ def test_command_line_process_prints_no_phi(phi_tree, tmp_path):
     """`python -m training.deidentify` with two workers, as a user runs it: same files, clean console."""
     src, sources = phi_tree
     out = tmp_path / "deid"
-    result = subprocess.run([sys.executable, "-m", "training.deidentify", "--src", str(src), "--out", str(out),
-                             "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "training.deidentify", "--src", str(src), "--out", str(out), "--workers", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list(out.glob("*.dicom"))) == 3 and "wrote 3" in result.stdout
     _console_has_no_phi(result.stdout + result.stderr, sources)

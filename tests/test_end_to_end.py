@@ -62,11 +62,19 @@ def test_concurrent_requests_are_batched_and_answered_individually(client, tiny_
     from concurrent.futures import ThreadPoolExecutor
 
     files = sorted((tiny_dataset / "test").glob("*.dicom"))[:6]
-    single = {f.stem: client.post("/v1/predict", content=f.read_bytes(), headers={"Content-Type": "application/dicom"}).json()
-              for f in files}
+    single = {
+        f.stem: client.post("/v1/predict", content=f.read_bytes(), headers={"Content-Type": "application/dicom"}).json()
+        for f in files
+    }
     with ThreadPoolExecutor(6) as pool:
-        together = list(pool.map(lambda f: client.post("/v1/predict", content=f.read_bytes(),
-                                                       headers={"Content-Type": "application/dicom"}).json(), files * 2))
+        together = list(
+            pool.map(
+                lambda f: client.post(
+                    "/v1/predict", content=f.read_bytes(), headers={"Content-Type": "application/dicom"}
+                ).json(),
+                files * 2,
+            )
+        )
     for answer in together:
         alone = single[answer["instance"]["image_id"]]
         got = np.array([d["probability"] for d in answer["diseases"]])
@@ -77,8 +85,7 @@ def test_concurrent_requests_are_batched_and_answered_individually(client, tiny_
 def test_demo_pack_answers_a_1643x1349_dicom():
     """The committed demo pack verifies, serves, and answers a generated 1643x1349 DICOM (the paper's median size)."""
     pack = ModelPack.load(DEFAULT_PACK)
-    ds, _ = synthesize_instance(seed=2024, rows=1643, cols=1349,
-                                findings=["Consolidation", "Cardiomegaly"])
+    ds, _ = synthesize_instance(seed=2024, rows=1643, cols=1349, findings=["Consolidation", "Cardiomegaly"])
     settings = Settings(models=DEFAULT_PACK, max_batch_size=2, providers=["CPUExecutionProvider"])
     with TestClient(create_app(settings)) as demo:
         response = demo.post("/v1/predict", content=dicom_bytes(ds), headers={"Content-Type": "application/dicom"})

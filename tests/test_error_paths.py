@@ -71,12 +71,20 @@ def test_inference_bug_is_500_with_request_id_and_service_recovers(tiny_settings
             raise RuntimeError("simulated kernel failure")
 
         batcher._infer = broken
-        response = app_client.post("/v1/predict", content=data, headers={"Content-Type": "application/dicom", "X-Request-ID": "trace-42"})
+        response = app_client.post(
+            "/v1/predict", content=data, headers={"Content-Type": "application/dicom", "X-Request-ID": "trace-42"}
+        )
         assert response.status_code == 500
-        assert response.json()["error"] == {"code": "internal_error", "request_id": "trace-42",
-                                             "message": "An internal error occurred; report the request id."}
+        assert response.json()["error"] == {
+            "code": "internal_error",
+            "request_id": "trace-42",
+            "message": "An internal error occurred; report the request id.",
+        }
         batcher._infer = working
-        assert app_client.post("/v1/predict", content=data, headers={"Content-Type": "application/dicom"}).status_code == 200
+        assert (
+            app_client.post("/v1/predict", content=data, headers={"Content-Type": "application/dicom"}).status_code
+            == 200
+        )
 
 
 def test_polyglot_preamble_is_ignored(client):
@@ -124,6 +132,7 @@ def test_uploads_are_never_written_to_disk(tiny_settings, tiny_dataset, monkeypa
                 if isinstance(mode, str) and any(flag in mode for flag in "wax+"):
                     written.append(str(file))
                 return opener(file, mode, *args, **kwargs)
+
             return open_
 
         def no_temp(*args, **kwargs):
@@ -141,7 +150,21 @@ def test_uploads_are_never_written_to_disk(tiny_settings, tiny_dataset, monkeypa
         assert local.post("/v1/predict", content=data, headers=headers, params={"format": "sr"}).status_code == 200
         assert local.post("/v1/predict", content=data, headers=headers, params={"format": "png"}).status_code == 200
         boundary = "b0undary"
-        stow = b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--" + boundary.encode() + b"--\r\n"
-        assert local.post("/v1/studies", content=stow,
-                          headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}).status_code == 200
+        stow = (
+            b"--"
+            + boundary.encode()
+            + b"\r\nContent-Type: application/dicom\r\n\r\n"
+            + data
+            + b"\r\n--"
+            + boundary.encode()
+            + b"--\r\n"
+        )
+        assert (
+            local.post(
+                "/v1/studies",
+                content=stow,
+                headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
+            ).status_code
+            == 200
+        )
     assert written == []

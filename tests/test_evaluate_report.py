@@ -9,12 +9,26 @@ import numpy as np
 import pytest
 
 from training.evaluate import (
-    BootstrapSpec, EvaluationInputs, command_line, detection_matches, get_args_parser, markdown_report, score,
+    BootstrapSpec,
+    EvaluationInputs,
+    command_line,
+    detection_matches,
+    get_args_parser,
+    markdown_report,
+    score,
     write_outputs,
 )
 from training.metrics import (
-    ImageDetections, auroc, bootstrap_auroc, bootstrap_average_precision, bootstrap_operating_point, class_matches,
-    mean_average_precision, operating_point, percentile_interval, resample_counts,
+    ImageDetections,
+    auroc,
+    bootstrap_auroc,
+    bootstrap_average_precision,
+    bootstrap_operating_point,
+    class_matches,
+    mean_average_precision,
+    operating_point,
+    percentile_interval,
+    resample_counts,
 )
 
 LOCAL = ["Consolidation", "Pleural effusion"]
@@ -32,12 +46,20 @@ def _images(rng: np.random.Generator, count: int, num_classes: int = 2) -> list[
         gt_classes = rng.integers(0, num_classes, size=boxes)
         found = rng.random(boxes) < 0.8
         stray = rng.uniform(0, 300, size=(1, 2))
-        pred = np.concatenate([gt[found] + rng.normal(0, 3, size=(int(found.sum()), 4)),
-                               np.concatenate([stray, stray + 40], axis=1)])
+        pred = np.concatenate(
+            [gt[found] + rng.normal(0, 3, size=(int(found.sum()), 4)), np.concatenate([stray, stray + 40], axis=1)]
+        )
         pred_classes = np.concatenate([gt_classes[found], rng.integers(0, num_classes, size=1)])
         scores = np.concatenate([rng.uniform(0.4, 1.0, size=int(found.sum())), rng.uniform(0.0, 0.7, size=1)])
-        images.append(ImageDetections(pred.astype(np.float32), scores.astype(np.float32), pred_classes.astype(np.int64),
-                                      gt.astype(np.float32).reshape(-1, 4), gt_classes.astype(np.int64)))
+        images.append(
+            ImageDetections(
+                pred.astype(np.float32),
+                scores.astype(np.float32),
+                pred_classes.astype(np.int64),
+                gt.astype(np.float32).reshape(-1, 4),
+                gt_classes.astype(np.int64),
+            )
+        )
     return images
 
 
@@ -46,10 +68,14 @@ def _inputs(seed: int = 0, count: int = 120, perfect: bool = False) -> Evaluatio
     rng = np.random.default_rng(seed)
     targets = (rng.random((count, len(GLOBAL))) < [0.4, 0.3, 0.2]).astype(np.int64)
     if perfect:
-        probabilities = np.where(targets == 1, rng.uniform(0.6, 1.0, targets.shape), rng.uniform(0.0, 0.4, targets.shape))
+        probabilities = np.where(
+            targets == 1, rng.uniform(0.6, 1.0, targets.shape), rng.uniform(0.0, 0.4, targets.shape)
+        )
     else:
         probabilities = 1 / (1 + np.exp(-(2.0 * (2 * targets - 1) + rng.normal(0, 1.5, targets.shape))))
-    return EvaluationInputs(_images(rng, count), targets, probabilities, LOCAL, GLOBAL, {label: 0.5 for label in GLOBAL})
+    return EvaluationInputs(
+        _images(rng, count), targets, probabilities, LOCAL, GLOBAL, {label: 0.5 for label in GLOBAL}
+    )
 
 
 def _score(inputs: EvaluationInputs, resamples: int = 200, seed: int = 0) -> dict:
@@ -87,8 +113,12 @@ def test_bootstrap_ap_equals_ap_of_the_replicated_images():
     counts = resample_counts(len(images), 20, np.random.default_rng(2))
     for label in range(2):
         samples = bootstrap_average_precision(class_matches(images, label, 0.4), counts)
-        expected = [mean_average_precision(_replicate(images, row), LOCAL, 0.4)["per_class"][LOCAL[label]] for row in counts]
-        np.testing.assert_allclose(samples, [np.nan if value is None else value for value in expected], rtol=0, atol=1e-12)
+        expected = [
+            mean_average_precision(_replicate(images, row), LOCAL, 0.4)["per_class"][LOCAL[label]] for row in counts
+        ]
+        np.testing.assert_allclose(
+            samples, [np.nan if value is None else value for value in expected], rtol=0, atol=1e-12
+        )
     ones = np.ones((1, len(images)), dtype=np.int64)
     point = mean_average_precision(images, LOCAL, 0.5)["per_class"][LOCAL[0]]
     assert bootstrap_average_precision(class_matches(images, 0, 0.5), ones)[0] == pytest.approx(point, abs=1e-12)
@@ -105,9 +135,9 @@ def test_bootstrap_auroc_and_operating_point_equal_the_replicated_labels():
     for b, row in enumerate(counts):
         repeated_targets, repeated_scores = np.repeat(targets, row), np.repeat(scores, row)
         expected = auroc(repeated_targets, repeated_scores)
-        assert (np.isnan(samples[b]) if expected is None else samples[b] == pytest.approx(expected, abs=1e-12))
+        assert np.isnan(samples[b]) if expected is None else samples[b] == pytest.approx(expected, abs=1e-12)
         for name, value in operating_point(repeated_targets, repeated_scores, 0.5).items():
-            assert (np.isnan(points[name][b]) if value is None else points[name][b] == pytest.approx(value, abs=1e-12))
+            assert np.isnan(points[name][b]) if value is None else points[name][b] == pytest.approx(value, abs=1e-12)
 
 
 def test_bootstrap_is_deterministic_with_a_seed():
@@ -122,8 +152,15 @@ def test_intervals_contain_the_point_estimates():
     """For a realistic classifier and detector, every interval brackets its point estimate."""
     report = _score(_inputs(seed=5, count=200), resamples=300)
     intervals = _intervals(report)
-    assert {"detection/map40", "detection/map50", "classification/mean_auroc", "classification/mean_f1",
-            "ap/Consolidation/ap40", "label/Pneumonia/auroc", "label/Pneumonia/sensitivity"} <= set(intervals)
+    assert {
+        "detection/map40",
+        "detection/map50",
+        "classification/mean_auroc",
+        "classification/mean_f1",
+        "ap/Consolidation/ap40",
+        "label/Pneumonia/auroc",
+        "label/Pneumonia/sensitivity",
+    } <= set(intervals)
     for name, (value, interval) in intervals.items():
         assert interval["low"] <= value <= interval["high"], name
         assert interval["valid_resamples"] == 300, name
@@ -166,25 +203,51 @@ def test_resamples_without_positives_are_skipped_and_counted():
 def test_percentile_interval_of_known_samples():
     """The 95% interval is the 2.5th and 97.5th percentiles of the defined samples."""
     samples = np.append(np.arange(101, dtype=np.float64), np.nan)
-    assert percentile_interval(samples) == {"low": pytest.approx(2.5), "high": pytest.approx(97.5), "valid_resamples": 101}
+    assert percentile_interval(samples) == {
+        "low": pytest.approx(2.5),
+        "high": pytest.approx(97.5),
+        "valid_resamples": 101,
+    }
 
 
 def test_report_writer_writes_tables_and_plots(tmp_path):
     """JSON keeps the established keys, markdown holds the tables with intervals and the command, PNGs are real images."""
     inputs = _inputs(seed=9)
     matches = detection_matches(inputs)
-    args = get_args_parser().parse_args(["--data", "data/x", "--pack", "models/p", "--out", str(tmp_path), "--bootstrap", "100"])
-    report = {"source": "pack p 0.1.0", "data": "data/x", "split": "test", "command": command_line(args),
-              "thresholds_method": "Youden's J on validation"} | score(inputs, matches, BootstrapSpec(100, 0))
+    args = get_args_parser().parse_args(
+        ["--data", "data/x", "--pack", "models/p", "--out", str(tmp_path), "--bootstrap", "100"]
+    )
+    report = {
+        "source": "pack p 0.1.0",
+        "data": "data/x",
+        "split": "test",
+        "command": command_line(args),
+        "thresholds_method": "Youden's J on validation",
+    } | score(inputs, matches, BootstrapSpec(100, 0))
     written = write_outputs(tmp_path, "test", report, inputs, matches, "Evaluation of pack p on x/test")
-    assert [path.name for path in written] == ["evaluation_test.json", "evaluation_test.md", "pr_curves_test.png", "roc_curves_test.png"]
+    assert [path.name for path in written] == [
+        "evaluation_test.json",
+        "evaluation_test.md",
+        "pr_curves_test.png",
+        "roc_curves_test.png",
+    ]
     saved = json.loads((tmp_path / "evaluation_test.json").read_text())
     assert {"map40", "map50", "per_class", "map40_ci"} <= set(saved["detection"])
     assert {"mean_auroc", "per_label", "mean_auroc_ci", "mean_f1"} <= set(saved["classification"])
     text = (tmp_path / "evaluation_test.md").read_text()
-    for expected in ("| mAP@0.4 |", "| local label | boxes | AP@0.4 | AP@0.5 |", "| global label | positives | threshold |",
-                     "| macro mean |", "| Consolidation |", "| Pneumonia |", "--bootstrap 100", "Youden's J", "120 images",
-                     "pr_curves_test.png", "roc_curves_test.png"):
+    for expected in (
+        "| mAP@0.4 |",
+        "| local label | boxes | AP@0.4 | AP@0.5 |",
+        "| global label | positives | threshold |",
+        "| macro mean |",
+        "| Consolidation |",
+        "| Pneumonia |",
+        "--bootstrap 100",
+        "Youden's J",
+        "120 images",
+        "pr_curves_test.png",
+        "roc_curves_test.png",
+    ):
         assert expected in text, expected
     mean_auroc = saved["classification"]["mean_auroc_ci"]
     assert f"[{mean_auroc['low']:.3f}, {mean_auroc['high']:.3f}]" in text

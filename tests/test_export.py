@@ -12,8 +12,19 @@ from service.inference.modelpack import ModelPack, PackError
 from service.inference.postprocess import Detections
 from training.data import Box, Record, load_tensors, read_split
 from training.evaluate import predict_records, torch_infer_from_run
-from training.export import (FP16_TOLERANCES, FP32_TOLERANCES, Tolerances, check_parity, copy_evaluation, export_float16,
-                             export_onnx, float32_tail, label_selection, load_run, missed_top_detections)
+from training.export import (
+    FP16_TOLERANCES,
+    FP32_TOLERANCES,
+    Tolerances,
+    check_parity,
+    copy_evaluation,
+    export_float16,
+    export_onnx,
+    float32_tail,
+    label_selection,
+    load_run,
+    missed_top_detections,
+)
 
 from tests.reference import at_operating_points
 
@@ -29,7 +40,9 @@ def exported(tiny_run, tiny_dataset, tmp_path_factory):
     from service.dicom.preprocess import Normalization
 
     spec = InputSpec(size, Normalization(*checkpoint["normalization"]))
-    images = load_tensors(read_split(tiny_dataset, "test")[:5], spec, checkpoint["local_labels"], checkpoint["global_labels"]).images
+    images = load_tensors(
+        read_split(tiny_dataset, "test")[:5], spec, checkpoint["local_labels"], checkpoint["global_labels"]
+    ).images
     return detector, classifier, folder, images
 
 
@@ -37,7 +50,9 @@ def exported(tiny_run, tiny_dataset, tmp_path_factory):
 def test_onnx_matches_pytorch_on_real_images(exported, batch):
     """Boxes, scores and probabilities agree within the export tolerances at batch sizes 1 and 5."""
     detector, classifier, folder, images = exported
-    worst = check_parity(detector, classifier, folder / "detector.onnx", folder / "classifier.onnx", images[:batch], Tolerances())
+    worst = check_parity(
+        detector, classifier, folder / "detector.onnx", folder / "classifier.onnx", images[:batch], Tolerances()
+    )
     assert worst["box_pixels"] <= Tolerances().box_pixels and worst["probability"] <= Tolerances().probability
 
 
@@ -50,7 +65,9 @@ def test_parity_gate_refuses_a_mismatched_graph(exported):
         classifier.head[-1].bias += 1.0
     try:
         with pytest.raises(SystemExit, match="disagree"):
-            check_parity(detector, classifier, folder / "detector.onnx", folder / "classifier.onnx", images, Tolerances())
+            check_parity(
+                detector, classifier, folder / "detector.onnx", folder / "classifier.onnx", images, Tolerances()
+            )
     finally:
         with torch.no_grad():
             classifier.head[-1].bias -= 1.0
@@ -66,7 +83,11 @@ def test_graphs_have_dynamic_batch_fixed_size_and_metadata(tiny_pack):
             graph = onnx.load(str(pack.model_file(model, precision)))
             tensor_type = graph.graph.input[0].type.tensor_type
             dims = tensor_type.shape.dim
-            assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, pack.input_spec.size, pack.input_spec.size]
+            assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [
+                1,
+                pack.input_spec.size,
+                pack.input_spec.size,
+            ]
             assert tensor_type.elem_type == onnx.TensorProto.FLOAT
             assert all(output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for output in graph.graph.output)
             metadata = {p.key: p.value for p in graph.metadata_props}
@@ -81,8 +102,9 @@ def test_fp16_variant_matches_pytorch_within_its_tolerances(exported):
     detector, classifier, folder, images = exported
     for model in ("detector", "classifier"):
         export_float16(folder / f"{model}.onnx", folder / f"{model}.fp16.onnx", {"model": model})
-    worst = check_parity(detector, classifier, folder / "detector.fp16.onnx", folder / "classifier.fp16.onnx", images,
-                         FP16_TOLERANCES)
+    worst = check_parity(
+        detector, classifier, folder / "detector.fp16.onnx", folder / "classifier.fp16.onnx", images, FP16_TOLERANCES
+    )
     assert worst["probability"] <= FP16_TOLERANCES.probability and worst["score"] <= FP16_TOLERANCES.score
     assert worst["top_detections_missed"] == 0
     assert worst["probability"] > FP32_TOLERANCES.probability / 100  # it really ran in float16
@@ -170,11 +192,22 @@ def _detections(rows: list[tuple[float, float, float, float, float, int]]) -> De
 def test_top_detection_check_counts_only_missing_or_different_findings():
     """A reference detection counts as found when the candidate has one of the same class with IoU >= 0.5 and a
     score within tolerance; detections below the minimum score and beyond the top k are not checked."""
-    reference = _detections([(0, 0, 10, 10, 0.9, 0), (20, 20, 30, 30, 0.8, 1), (40, 40, 50, 50, 0.7, 2),
-                             (60, 60, 70, 70, 0.6, 3), (80, 80, 90, 90, 0.06, 4)])
-    candidate = _detections([(0, 0, 10, 11, 0.89, 0),  # found: small box and score change
-                             (20, 20, 30, 30, 0.8, 2),  # class changed: missed
-                             (40, 40, 50, 50, 0.6, 2)])  # score moved by 0.1: missed
+    reference = _detections(
+        [
+            (0, 0, 10, 10, 0.9, 0),
+            (20, 20, 30, 30, 0.8, 1),
+            (40, 40, 50, 50, 0.7, 2),
+            (60, 60, 70, 70, 0.6, 3),
+            (80, 80, 90, 90, 0.06, 4),
+        ]
+    )
+    candidate = _detections(
+        [
+            (0, 0, 10, 11, 0.89, 0),  # found: small box and score change
+            (20, 20, 30, 30, 0.8, 2),  # class changed: missed
+            (40, 40, 50, 50, 0.6, 2),
+        ]
+    )  # score moved by 0.1: missed
     assert missed_top_detections(reference, candidate, count=4, min_score=0.07, score_tolerance=0.02) == (4, 3)
     assert missed_top_detections(reference, candidate, count=1, min_score=0.07, score_tolerance=0.02) == (1, 0)
     assert missed_top_detections(reference, reference, count=10, min_score=0.07, score_tolerance=0.0) == (4, 0)
@@ -183,8 +216,15 @@ def test_top_detection_check_counts_only_missing_or_different_findings():
 def test_label_selection_says_why_labels_were_not_trained():
     """Labels of the dataset's label set that were not trained get a reason: too few examples (with the count)
     under the --min-examples rule, or not requested when labels were named."""
-    records = [Record(image_id=f"i{k}", path=None, boxes=(Box("Cardiomegaly", 0, 0, 1, 1),) * (k < 3),
-                      image_labels={"Pneumonia": int(k < 12)}) for k in range(12)]
+    records = [
+        Record(
+            image_id=f"i{k}",
+            path=None,
+            boxes=(Box("Cardiomegaly", 0, 0, 1, 1),) * (k < 3),
+            image_labels={"Pneumonia": int(k < 12)},
+        )
+        for k in range(12)
+    ]
     run_args = {"dataset": "vindr-pcxr", "min_examples": 10, "local_labels": None, "global_labels": None}
     selection = label_selection(run_args, [], ["Pneumonia"], records)
     assert selection["local"]["not_trained"]["Cardiomegaly"] == "fewer than 10 examples (3 in the training split)"
@@ -198,19 +238,36 @@ def test_evaluation_report_is_summarised_and_copied(tmp_path):
     and the report, its .md and its curves are copied beside the pack."""
     source, pack = tmp_path / "run", tmp_path / "pack"
     source.mkdir(), pack.mkdir()
-    report = {"source": "run x", "data": "d", "split": "test", "images": 5,
-              "detection": {"map40": 0.5, "map40_ci": {"low": 0.4, "high": 0.6}, "map50": 0.4,
-                            "per_class": {"Cardiomegaly": {"ap40": 0.5, "ap50": 0.4, "boxes": 3}}},
-              "classification": {"mean_auroc": 0.8, "per_label": {"Pneumonia": {"auroc": 0.8, "f1": 0.5}}}}
+    report = {
+        "source": "run x",
+        "data": "d",
+        "split": "test",
+        "images": 5,
+        "detection": {
+            "map40": 0.5,
+            "map40_ci": {"low": 0.4, "high": 0.6},
+            "map50": 0.4,
+            "per_class": {"Cardiomegaly": {"ap40": 0.5, "ap50": 0.4, "boxes": 3}},
+        },
+        "classification": {"mean_auroc": 0.8, "per_label": {"Pneumonia": {"auroc": 0.8, "f1": 0.5}}},
+    }
     (source / "evaluation_test.json").write_text(json.dumps(report))
     (source / "evaluation_test.md").write_text("# report")
     (source / "roc_curves_test.png").write_bytes(b"png")
     summary = copy_evaluation(source / "evaluation_test.json", pack)
-    assert summary["detection"] == {"map40": 0.5, "map40_ci": {"low": 0.4, "high": 0.6}, "map50": 0.4,
-                                    "per_class": {"Cardiomegaly": {"ap40": 0.5}}}
+    assert summary["detection"] == {
+        "map40": 0.5,
+        "map40_ci": {"low": 0.4, "high": 0.6},
+        "map50": 0.4,
+        "per_class": {"Cardiomegaly": {"ap40": 0.5}},
+    }
     assert summary["classification"] == {"mean_auroc": 0.8, "per_label": {"Pneumonia": {"auroc": 0.8}}}
     assert summary["report"] == "evaluation_test.json" and summary["images"] == 5
-    assert sorted(p.name for p in pack.iterdir()) == ["evaluation_test.json", "evaluation_test.md", "roc_curves_test.png"]
+    assert sorted(p.name for p in pack.iterdir()) == [
+        "evaluation_test.json",
+        "evaluation_test.md",
+        "roc_curves_test.png",
+    ]
 
 
 def test_tampered_pack_is_rejected(tiny_pack, tmp_path):
@@ -233,10 +290,16 @@ def test_evaluation_in_pytorch_equals_service_json(client, tiny_run, tiny_datase
     records = read_split(tiny_dataset, "test")[:3]
     evaluation = predict_records(records, spec, infer, params, batch_size=3, threads=1)
     for index, record in enumerate(records):
-        served = client.post("/v1/predict", content=record.path.read_bytes(), headers={"Content-Type": "application/dicom"}).json()
-        np.testing.assert_allclose([d["probability"] for d in served["diseases"]], evaluation.probabilities[index], atol=1e-4)
+        served = client.post(
+            "/v1/predict", content=record.path.read_bytes(), headers={"Content-Type": "application/dicom"}
+        ).json()
+        np.testing.assert_allclose(
+            [d["probability"] for d in served["diseases"]], evaluation.probabilities[index], atol=1e-4
+        )
         expected = at_operating_points(evaluation.detections[index], reporting)
         assert [f["label"] for f in served["findings"]] == [local_labels[c] for c in expected.classes]
-        served_boxes = np.array([[f["box"][k] for k in ("x_min", "y_min", "x_max", "y_max")] for f in served["findings"]]).reshape(-1, 4)
+        served_boxes = np.array(
+            [[f["box"][k] for k in ("x_min", "y_min", "x_max", "y_max")] for f in served["findings"]]
+        ).reshape(-1, 4)
         np.testing.assert_allclose(served_boxes, expected.boxes, atol=0.011)  # the JSON rounds boxes to 0.01 px
         np.testing.assert_allclose([f["score"] for f in served["findings"]], expected.scores, atol=1e-4)

@@ -25,8 +25,9 @@ def test_killed_decode_worker_is_replaced(tiny_settings, tiny_dataset):
     """Killing a decode worker process mid-life does not fail the next requests: the pool is replaced."""
     headers = {"Content-Type": "application/dicom"}
     # RLE: compressed pixel data is what the worker processes decode (uncompressed goes to threads).
-    compressed = [dicom_bytes(synthesize_instance(seed=seed, rows=320, cols=288, transfer_syntax="rle")[0])
-                  for seed in (21, 22)]
+    compressed = [
+        dicom_bytes(synthesize_instance(seed=seed, rows=320, cols=288, transfer_syntax="rle")[0]) for seed in (21, 22)
+    ]
     with TestClient(create_app(tiny_settings.model_copy(update={"decode_workers": 1}))) as local:
         assert local.post("/v1/predict", content=compressed[0], headers=headers).status_code == 200
         pool = local.app.state.serving.decoder
@@ -42,17 +43,27 @@ def test_killed_decode_worker_is_replaced(tiny_settings, tiny_dataset):
 def test_sigterm_drains_requests_in_flight(tiny_pack, tiny_dataset):
     """With requests parked in the batcher, SIGTERM lets every one finish with 200 before the process exits."""
     port = free_port()
-    env = os.environ | {"CXR_MAX_QUEUE_DELAY_MS": "2000", "CXR_MAX_BATCH_SIZE": "16",
-                        "CXR_PROVIDERS": '["CPUExecutionProvider"]', "CXR_DECODE_WORKERS": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--models", str(tiny_pack),
-                               "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = os.environ | {
+        "CXR_MAX_QUEUE_DELAY_MS": "2000",
+        "CXR_MAX_BATCH_SIZE": "16",
+        "CXR_PROVIDERS": '["CPUExecutionProvider"]',
+        "CXR_DECODE_WORKERS": "1",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), "--models", str(tiny_pack), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(base)
         data = _dicom(tiny_dataset)
 
         def post(_):
-            return httpx.post(f"{base}/v1/predict", content=data, headers={"Content-Type": "application/dicom"}, timeout=30).status_code
+            return httpx.post(
+                f"{base}/v1/predict", content=data, headers={"Content-Type": "application/dicom"}, timeout=30
+            ).status_code
 
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(post, i) for i in range(4)]
@@ -83,7 +94,9 @@ def test_request_time_is_bounded(tiny_settings, tiny_dataset):
     """A request still waiting when the request time limit passes gets 503 request_timeout with Retry-After, as a metric too."""
     slow = tiny_settings.model_copy(update={"max_queue_delay_ms": 3000, "request_timeout_s": 0.5})
     with TestClient(create_app(slow)) as local:
-        response = local.post("/v1/predict", content=_dicom(tiny_dataset), headers={"Content-Type": "application/dicom"})
+        response = local.post(
+            "/v1/predict", content=_dicom(tiny_dataset), headers={"Content-Type": "application/dicom"}
+        )
         assert response.status_code == 503 and response.headers["Retry-After"] == "1"
         assert response.json()["error"]["code"] == "request_timeout"
         assert 'cxr_errors_total{code="request_timeout",status="503"} 1.0' in local.get("/metrics").text
@@ -95,6 +108,8 @@ def test_unusable_preferred_provider_fails_clearly_in_strict_mode(tiny_settings)
     wanted = ["MIGraphXExecutionProvider", "CPUExecutionProvider"]  # AMD's provider: absent from this build anywhere
     with TestClient(create_app(tiny_settings.model_copy(update={"providers": wanted}))) as lenient:
         assert lenient.get("/v1/models").json()["providers"] == ["CPUExecutionProvider"]
-    with TestClient(create_app(tiny_settings.model_copy(update={"providers": wanted, "strict_providers": True}))) as strict:
+    with TestClient(
+        create_app(tiny_settings.model_copy(update={"providers": wanted, "strict_providers": True}))
+    ) as strict:
         ready = strict.get("/readyz")
         assert ready.status_code == 503 and "MIGraphXExecutionProvider is not usable" in ready.json()["reason"]

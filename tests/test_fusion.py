@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from training.fusion import (
-    FusionConfig, cluster_boxes, enough_support, fuse_rater_boxes, vote, vote_labels, weighted_box_fusion,
+    FusionConfig,
+    cluster_boxes,
+    enough_support,
+    fuse_rater_boxes,
+    vote,
+    vote_labels,
+    weighted_box_fusion,
     weighted_mean_box,
 )
 
@@ -69,8 +75,9 @@ def test_match_is_against_the_fused_box_not_the_first_member():
 
 def test_fused_coordinates_are_confidence_weighted():
     """WBF's fused box is the confidence-weighted mean; higher confidence goes first."""
-    np.testing.assert_allclose(weighted_mean_box(np.array([[0, 0, 10, 10], [4, 0, 14, 10]]), np.array([3.0, 1.0])),
-                               [1.0, 0.0, 11.0, 10.0])
+    np.testing.assert_allclose(
+        weighted_mean_box(np.array([[0, 0, 10, 10], [4, 0, 14, 10]]), np.array([3.0, 1.0])), [1.0, 0.0, 11.0, 10.0]
+    )
     boxes = np.array([[0, 0, 10, 10], [4, 0, 14, 10]], dtype=np.float64)
     fused = weighted_box_fusion(boxes, ["A", "A"], ["R1", "R2"], 0.4, weights=np.array([1.0, 3.0]))
     assert fused.boxes.tolist() == [[3.0, 0.0, 13.0, 10.0]]
@@ -124,8 +131,17 @@ def test_vote_labels_over_rater_dicts():
     assert vote_labels(readings, 0.0) == {"A": 1, "B": 1, "No finding": 1}
 
 
-@pytest.mark.parametrize("kwargs", [{"iou_threshold": 0.0}, {"iou_threshold": 1.5}, {"min_raters": 0},
-                                    {"min_raters": 1.5}, {"vote_threshold": 1.0}, {"vote_threshold": -0.1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"iou_threshold": 0.0},
+        {"iou_threshold": 1.5},
+        {"min_raters": 0},
+        {"min_raters": 1.5},
+        {"vote_threshold": 1.0},
+        {"vote_threshold": -0.1},
+    ],
+)
 def test_fusion_config_rejects_meaningless_values(kwargs):
     """IoU must be in (0, 1], min_raters a positive integer, the vote threshold in [0, 1)."""
     with pytest.raises(ValueError, match=next(iter(kwargs))):

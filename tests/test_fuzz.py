@@ -40,12 +40,28 @@ PIXEL_DATA = (0x7FE0, 0x0010)
 HEADER_NUMBERS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "SamplesPerPixel", "PixelRepresentation")
 ABSURD_US = (0, 1, 2, 7, 8, 12, 15, 16, 17, 31, 32, 33, 64, 255, 256, 32767, 32768, 65534, 65535)
 TRANSFER_SYNTAXES = (
-    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
-    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
-    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90",
-    "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.203",
-    "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.102", "1.2.3.4.5.6", "",
-    "not a uid", "1." + "9" * 70,
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.5",
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.203",
+    "1.2.840.10008.1.2.4.100",
+    "1.2.840.10008.1.2.4.94",
+    "1.2.840.10008.1.2.4.102",
+    "1.2.3.4.5.6",
+    "",
+    "not a uid",
+    "1." + "9" * 70,
 )
 
 
@@ -107,7 +123,7 @@ def _with_transfer_syntax(data: bytes, uid: str) -> bytes:
     meta.TransferSyntaxUID = uid
     buffer = pydicom.filebase.DicomBytesIO()
     write_file_meta_info(buffer, meta, enforce_standard=True)
-    return data[:132] + buffer.getvalue() + data[_meta_end(data):]
+    return data[:132] + buffer.getvalue() + data[_meta_end(data) :]
 
 
 def _with_header(data: bytes, keyword: str, value) -> bytes:
@@ -141,7 +157,7 @@ def overwritten_runs(draw):
     def mutate(data: bytes) -> bytes:
         at = position if isinstance(position, int) else int(len(data) * position)
         at = min(at, len(data) - 1)
-        return data[:at] + run + data[at + len(run):]
+        return data[:at] + run + data[at + len(run) :]
 
     return f"overwrite {len(run)} bytes", mutate
 
@@ -159,27 +175,51 @@ def header_values(draw):
 @st.composite
 def raw_header_values(draw):
     """Any 2 bytes as the value of a US element, and any declared length for it."""
-    element = draw(st.sampled_from([(0x0028, 0x0010), (0x0028, 0x0011), (0x0028, 0x0100), (0x0028, 0x0101),
-                                    (0x0028, 0x0102), (0x0028, 0x0002), (0x0028, 0x0103)]))
+    element = draw(
+        st.sampled_from(
+            [
+                (0x0028, 0x0010),
+                (0x0028, 0x0011),
+                (0x0028, 0x0100),
+                (0x0028, 0x0101),
+                (0x0028, 0x0102),
+                (0x0028, 0x0002),
+                (0x0028, 0x0103),
+            ]
+        )
+    )
     value = draw(st.binary(min_size=2, max_size=2))
     length = draw(st.sampled_from([2, 0, 1, 4, 0xFFFF]))
 
     def mutate(data: bytes) -> bytes:
         at = _find(data, *element)
-        return data[:at + 6] + struct.pack("<H", length) + value + data[at + 10:]
+        return data[: at + 6] + struct.pack("<H", length) + value + data[at + 10 :]
 
     return f"raw {element} length {length}", mutate
 
 
 @st.composite
 def wrong_vrs(draw):
-    element = draw(st.sampled_from([(0x0028, 0x0010), (0x0028, 0x0011), (0x0028, 0x0100), (0x0028, 0x0004),
-                                    (0x0008, 0x0018), (0x0028, 0x1053), (0x0010, 0x1010)]))
-    vr = draw(st.sampled_from([b"DS", b"IS", b"LO", b"FD", b"AT", b"UN", b"SQ", b"OB", b"UT", b"XX", b"\0\0", b"\xff\xff"]))
+    element = draw(
+        st.sampled_from(
+            [
+                (0x0028, 0x0010),
+                (0x0028, 0x0011),
+                (0x0028, 0x0100),
+                (0x0028, 0x0004),
+                (0x0008, 0x0018),
+                (0x0028, 0x1053),
+                (0x0010, 0x1010),
+            ]
+        )
+    )
+    vr = draw(
+        st.sampled_from([b"DS", b"IS", b"LO", b"FD", b"AT", b"UN", b"SQ", b"OB", b"UT", b"XX", b"\0\0", b"\xff\xff"])
+    )
 
     def mutate(data: bytes) -> bytes:
         at = _find(data, *element)
-        return data if at < 0 else data[:at + 4] + vr + data[at + 6:]
+        return data if at < 0 else data[: at + 4] + vr + data[at + 6 :]
 
     return f"VR of {element} -> {vr!r}", mutate
 
@@ -201,7 +241,7 @@ def huge_lengths(draw):
     def mutate(data: bytes) -> bytes:
         if where == "pixels":
             at = _pixel_value_offset(data) - 4
-            return data[:at] + struct.pack("<I", length) + data[at + 4:]
+            return data[:at] + struct.pack("<I", length) + data[at + 4 :]
         return _insert_before_pixels(data, _element(0x0040, 0xA160, b"UT", b"some text", length))
 
     return f"{where} length {length:#x}", mutate
@@ -231,15 +271,15 @@ def broken_fragments(draw):
         (bot_length,) = struct.unpack_from("<I", data, start + 4)
         fragment = start + 8 + bot_length  # first fragment's item tag
         if how == "item length":
-            return data[:fragment + 4] + struct.pack("<I", number) + data[fragment + 8:]
+            return data[: fragment + 4] + struct.pack("<I", number) + data[fragment + 8 :]
         if how == "item tag":
-            return data[:fragment] + struct.pack("<I", number) + data[fragment + 4:]
+            return data[:fragment] + struct.pack("<I", number) + data[fragment + 4 :]
         if how == "no delimiter":
             return data[:-8]
         if how == "extra item":
             return data[:-8] + b"\xfe\xff\x00\xe0" + struct.pack("<I", len(run)) + run + data[-8:]
         at = fragment + 8 + int((len(data) - fragment - 16) * position)
-        return data[:at] + run + data[at + len(run):]
+        return data[:at] + run + data[at + len(run) :]
 
     return f"fragments: {how}", mutate
 
@@ -251,9 +291,18 @@ def transfer_syntaxes(draw):
 
 
 def _mutation(name: str):
-    byte_level = [truncations(), overwritten_runs(), header_values(), raw_header_values(), wrong_vrs(),
-                  nested_sequences(), huge_lengths(), preambles(), transfer_syntaxes(),
-                  st.just(("zero-length PixelData", _zero_length_pixels))]
+    byte_level = [
+        truncations(),
+        overwritten_runs(),
+        header_values(),
+        raw_header_values(),
+        wrong_vrs(),
+        nested_sequences(),
+        huge_lengths(),
+        preambles(),
+        transfer_syntaxes(),
+        st.just(("zero-length PixelData", _zero_length_pixels)),
+    ]
     if name in ENCAPSULATED:
         byte_level.append(broken_fragments())
     return st.one_of(byte_level)
@@ -322,8 +371,13 @@ def test_fuzzed_uploads_never_get_a_500(client, seeds, tiny_dataset):
     """Hundreds of mutated DICOMs, answered as JSON, SR, GSPS or PNG, each get a 4xx JSON error or a 200; afterwards the service is ready and serves a good DICOM."""
     rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    @settings(max_examples=250, deadline=None, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=250,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(case=mutated_dicoms(seeds), output=st.sampled_from([None, None, "sr", "gsps", "png"]))
     def fuzz(case, output):
         what, data = case
@@ -343,18 +397,32 @@ def test_fuzzed_study_lists_each_failure(client, seeds):
     """A STOW-RS body of mutated parts answers < 500, with every bad part listed as a failure by index."""
     boundary = "fuzzboundary"
 
-    @settings(max_examples=15, deadline=None, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=15,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(cases=st.lists(mutated_dicoms(seeds), min_size=1, max_size=3), good_first=st.booleans())
     def fuzz(cases, good_first):
         parts = [data for _, data in cases]
         if good_first:
             parts.insert(0, seeds["explicit-16"])
-        body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
-                        for part in parts) + f"--{boundary}--\r\n".encode()
-        response = client.post("/v1/studies", content=body, headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": "application/json"})
+        body = (
+            b"".join(
+                f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n" for part in parts
+            )
+            + f"--{boundary}--\r\n".encode()
+        )
+        response = client.post(
+            "/v1/studies",
+            content=body,
+            headers={
+                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                "Accept": "application/json",
+            },
+        )
         what = " | ".join(what for what, _ in cases)
         assert response.status_code in (200, 202, 409), f"{what}: {response.status_code} {response.text}"
         answer = response.json()
@@ -392,7 +460,7 @@ def _with_raw_value(data: bytes, group: int, element: int, value: bytes) -> byte
     """Replace the value of a short-form (2-byte length) explicit VR element with raw bytes."""
     at = _find(data, group, element)
     (length,) = struct.unpack_from("<H", data, at + 6)
-    return data[:at + 6] + struct.pack("<H", len(value)) + value + data[at + 8 + length:]
+    return data[: at + 6] + struct.pack("<H", len(value)) + value + data[at + 8 + length :]
 
 
 def test_rle_segments_longer_than_rows_get_400(client, seeds, tiny_dataset):
@@ -407,7 +475,7 @@ def test_unknown_vr_in_the_header_gets_400(client, seeds):
     """An element with an unknown VR (read lazily by pydicom) is malformed (400), not a 500 when the header is summarised."""
     data = seeds["explicit-16"]
     at = _find(data, 0x0008, 0x0018)  # SOP Instance UID
-    _error(_post(client, data[:at + 4] + b"\x55\x8d" + data[at + 6:]), 400, "malformed_dicom")
+    _error(_post(client, data[: at + 4] + b"\x55\x8d" + data[at + 6 :]), 400, "malformed_dicom")
 
 
 @pytest.mark.parametrize("slope", [b"abc ", b"1\\2 ", b"nan ", b"-inf"])
@@ -427,20 +495,27 @@ def test_pixel_element_with_the_wrong_vr_gets_400(client, seeds, vr):
     """Rows written with another VR than US is malformed (400), not a wrongly typed value that fails later."""
     data = seeds["explicit-16"]
     at = _find(data, 0x0028, 0x0010)
-    _error(_post(client, data[:at + 4] + vr + data[at + 6:]), 400, "malformed_dicom")
+    _error(_post(client, data[: at + 4] + vr + data[at + 6 :]), 400, "malformed_dicom")
 
 
 def test_rescale_slope_written_as_is_gets_400(client, seeds):
     """RescaleSlope with VR IS (an int for highdicom, which wants a float) is malformed (400), not a 500 in the GSPS."""
     data = _with_header(seeds["rle-12-mono1"], "RescaleSlope", "1")
     at = _find(data, 0x0028, 0x1053)
-    _error(_post(client, data[:at + 4] + b"IS" + data[at + 6:], "gsps"), 400, "malformed_dicom")
+    _error(_post(client, data[: at + 4] + b"IS" + data[at + 6 :], "gsps"), 400, "malformed_dicom")
 
 
 @pytest.mark.parametrize("output", ["sr", "gsps"])
-@pytest.mark.parametrize("keyword, value", [("SOPInstanceUID", None), ("SOPInstanceUID", ["1.2.3", "1.2.4"]),
-                                            ("SOPClassUID", "1.2.3.4"), ("StudyInstanceUID", "1.2.x"),
-                                            ("SpecificCharacterSet", "ISO_IR 999")])
+@pytest.mark.parametrize(
+    "keyword, value",
+    [
+        ("SOPInstanceUID", None),
+        ("SOPInstanceUID", ["1.2.3", "1.2.4"]),
+        ("SOPClassUID", "1.2.3.4"),
+        ("StudyInstanceUID", "1.2.x"),
+        ("SpecificCharacterSet", "ISO_IR 999"),
+    ],
+)
 def test_dicom_output_without_a_valid_reference_gets_422(client, seeds, output, keyword, value):
     """An SR or GSPS of an image lacking a valid UID to reference it by (or an unknown charset) is 422; JSON still works."""
     ds = pydicom.dcmread(io.BytesIO(seeds["explicit-16"]))

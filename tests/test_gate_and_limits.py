@@ -31,7 +31,10 @@ def test_strict_mode_rejects_out_of_distribution_with_422(tiny_settings):
     with TestClient(create_app(tiny_settings.model_copy(update={"strict_intended_use": True}))) as strict:
         response = _post(strict, _adult_lateral())
         assert response.status_code == 422
-        assert response.json()["error"]["code"] == "out_of_intended_use" and "lateral" in response.json()["error"]["message"]
+        assert (
+            response.json()["error"]["code"] == "out_of_intended_use"
+            and "lateral" in response.json()["error"]["message"]
+        )
         ds, _ = synthesize_instance(seed=12, rows=320, cols=288)
         assert _post(strict, dicom_bytes(ds)).status_code == 200
 
@@ -53,7 +56,9 @@ def test_decode_time_is_bounded_and_the_pool_recovers(tiny_settings):
 def test_oversized_streamed_body_gets_413(tiny_settings):
     """A chunked body with no Content-Length is cut off with 413 once it passes the limit."""
     with TestClient(create_app(tiny_settings.model_copy(update={"max_body_bytes": 4096}))) as small:
-        response = small.post("/v1/predict", content=iter([b"x" * 1024] * 10), headers={"Content-Type": "application/dicom"})
+        response = small.post(
+            "/v1/predict", content=iter([b"x" * 1024] * 10), headers={"Content-Type": "application/dicom"}
+        )
         assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
 
 

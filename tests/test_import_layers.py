@@ -114,11 +114,18 @@ def test_the_check_catches_a_back_edge():
     relative = imported_modules("def f():\n    from ..inference import state\n", "service.dicom.decode", False)
     launcher = imported_modules("import service.multiworker\n", "service.api.app", False)
     assert back_edges("service.dicom.decode", absolute, known) == [
-        "service.dicom.decode -> service.api.app (dicom may not import api)"]
+        "service.dicom.decode -> service.api.app (dicom may not import api)"
+    ]
     assert back_edges("service.dicom.decode", relative, known) == [
         "service.dicom.decode -> service.inference (dicom may not import inference)",
-        "service.dicom.decode -> service.inference.state (dicom may not import inference)"]
+        "service.dicom.decode -> service.inference.state (dicom may not import inference)",
+    ]
     assert back_edges("service.api.app", launcher, known) == [
-        "service.api.app -> service.multiworker (nothing imports the launchers)"]
-    assert back_edges("service.api.app", imported_modules("from service.dicom import decode\n", "service.api.app",
-                                                          False), known) == []
+        "service.api.app -> service.multiworker (nothing imports the launchers)"
+    ]
+    assert (
+        back_edges(
+            "service.api.app", imported_modules("from service.dicom import decode\n", "service.api.app", False), known
+        )
+        == []
+    )

@@ -6,14 +6,25 @@ import numpy as np
 import pytest
 
 from training.metrics import (
-    ImageDetections, auroc, class_average_precision, class_matches, finding_threshold, mean_average_precision,
-    operating_point, youden_threshold,
+    ImageDetections,
+    auroc,
+    class_average_precision,
+    class_matches,
+    finding_threshold,
+    mean_average_precision,
+    operating_point,
+    youden_threshold,
 )
 
 
 def _image(pred, scores, pred_classes, gt, gt_classes) -> ImageDetections:
-    return ImageDetections(np.array(pred, np.float32).reshape(-1, 4), np.array(scores, np.float32),
-                           np.array(pred_classes, np.int64), np.array(gt, np.float32).reshape(-1, 4), np.array(gt_classes, np.int64))
+    return ImageDetections(
+        np.array(pred, np.float32).reshape(-1, 4),
+        np.array(scores, np.float32),
+        np.array(pred_classes, np.int64),
+        np.array(gt, np.float32).reshape(-1, 4),
+        np.array(gt_classes, np.int64),
+    )
 
 
 def test_perfect_detection_scores_one():
@@ -61,8 +72,13 @@ def test_operating_point_and_youden_threshold():
 
 def test_finding_threshold_maximises_f1():
     """The finding threshold keeps the true boxes and cuts the lower-scored false positives (best F1)."""
-    image = _image([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60], [70, 70, 80, 80]], [0.9, 0.7, 0.3, 0.2], [0] * 4,
-                   [[0, 0, 10, 10], [20, 20, 30, 30]], [0, 0])
+    image = _image(
+        [[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60], [70, 70, 80, 80]],
+        [0.9, 0.7, 0.3, 0.2],
+        [0] * 4,
+        [[0, 0, 10, 10], [20, 20, 30, 30]],
+        [0, 0],
+    )
     assert finding_threshold([image], 0) == pytest.approx(0.7)
     assert finding_threshold([image], 1) is None  # no ground truth for class 1
 
@@ -104,19 +120,38 @@ def _coco_evaluator(images: list[ImageDetections], num_classes: int, iou_thresho
         for box, label in zip(image.gt_boxes, image.gt_classes):
             xywh = _xywh(box)
             # ids start at 1: COCOeval treats a match to id 0 as no match.
-            ground_truth.append({"id": len(ground_truth) + 1, "image_id": image_id, "category_id": int(label) + 1,
-                                 "bbox": xywh, "area": xywh[2] * xywh[3], "iscrowd": 0})
+            ground_truth.append(
+                {
+                    "id": len(ground_truth) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label) + 1,
+                    "bbox": xywh,
+                    "area": xywh[2] * xywh[3],
+                    "iscrowd": 0,
+                }
+            )
         for box, score, label in zip(image.pred_boxes, image.pred_scores, image.pred_classes):
             xywh = _xywh(box)
-            detections.append({"id": len(detections) + 1, "image_id": image_id, "category_id": int(label) + 1,
-                               "bbox": xywh, "area": xywh[2] * xywh[3], "iscrowd": 0, "score": float(score)})
+            detections.append(
+                {
+                    "id": len(detections) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label) + 1,
+                    "bbox": xywh,
+                    "area": xywh[2] * xywh[3],
+                    "iscrowd": 0,
+                    "score": float(score),
+                }
+            )
 
     def dataset(annotations: list[dict]) -> COCO:
         # Built directly rather than with COCO.loadRes, which cannot take an empty detection list.
         coco = COCO()
-        coco.dataset = {"images": [{"id": i} for i in range(1, len(images) + 1)],
-                        "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)],
-                        "annotations": annotations}
+        coco.dataset = {
+            "images": [{"id": i} for i in range(1, len(images) + 1)],
+            "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)],
+            "annotations": annotations,
+        }
         coco.createIndex()
         return coco
 
@@ -139,7 +174,7 @@ def _coco_class_ap(evaluator, label: int) -> float | None:
 def _coco_ranked_hits(evaluator, label: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, hits) of one class in the order COCOeval.accumulate ranks them."""
     num_images = len(evaluator.params.imgIds)
-    entries = [e for e in evaluator.evalImgs[label * num_images:(label + 1) * num_images] if e is not None]
+    entries = [e for e in evaluator.evalImgs[label * num_images : (label + 1) * num_images] if e is not None]
     if not entries:
         return np.zeros(0), np.zeros(0, dtype=bool)
     scores = np.concatenate([np.asarray(e["dtScores"], dtype=np.float64) for e in entries])
@@ -167,7 +202,9 @@ def _assert_agrees_with_coco(images: list[ImageDetections], num_classes: int) ->
             np.testing.assert_array_equal(matches.hits, hits, err_msg=context)
 
 
-def _random_images(seed: int, num_images: int = 80, num_classes: int = 3, tied_scores: bool = False) -> list[ImageDetections]:
+def _random_images(
+    seed: int, num_images: int = 80, num_classes: int = 3, tied_scores: bool = False
+) -> list[ImageDetections]:
     """Ground-truth boxes, jittered predictions around them (IoUs spread across 0.4-0.5), duplicates, wrong classes and strays."""
     rng = np.random.default_rng(seed)
     images = []
@@ -177,7 +214,9 @@ def _random_images(seed: int, num_images: int = 80, num_classes: int = 3, tied_s
         size = rng.uniform(10, 120, size=(count, 2))
         gt = np.concatenate([corner, corner + size], axis=1)
         gt_classes = rng.integers(0, num_classes, size=count)
-        if count >= 2 and rng.random() < 0.5:  # overlapping boxes of one class: a prediction can fall back to its second-best box
+        if (
+            count >= 2 and rng.random() < 0.5
+        ):  # overlapping boxes of one class: a prediction can fall back to its second-best box
             gt[1] = gt[0] + rng.normal(0, 0.2, size=4) * np.tile(size[0], 2)
             gt[1, 2:] = np.maximum(gt[1, 2:], gt[1, :2] + 5)
             size[1], gt_classes[1] = gt[1, 2:] - gt[1, :2], gt_classes[0]
@@ -196,8 +235,15 @@ def _random_images(seed: int, num_images: int = 80, num_classes: int = 3, tied_s
         scores = rng.random(len(boxes)).astype(np.float32)
         if tied_scores:
             scores = np.round(scores, 1).astype(np.float32)
-        images.append(ImageDetections(boxes, scores, np.array(classes, dtype=np.int64),
-                                      gt.astype(np.float32).reshape(-1, 4), gt_classes.astype(np.int64)))
+        images.append(
+            ImageDetections(
+                boxes,
+                scores,
+                np.array(classes, dtype=np.int64),
+                gt.astype(np.float32).reshape(-1, 4),
+                gt_classes.astype(np.int64),
+            )
+        )
     return images
 
 
@@ -240,7 +286,13 @@ def test_image_with_ground_truth_and_no_predictions_lowers_recall_like_pycocotoo
 
 def test_duplicate_predictions_on_one_box_agree_with_pycocotools():
     """Three copies of a prediction on one box: the best-scored is a hit, the others false positives."""
-    image = _image([[0, 0, 10, 10]] * 3 + [[50, 50, 70, 70]], [0.9, 0.8, 0.7, 0.6], [0] * 4, [[0, 0, 10, 10], [50, 50, 70, 70]], [0, 0])
+    image = _image(
+        [[0, 0, 10, 10]] * 3 + [[50, 50, 70, 70]],
+        [0.9, 0.8, 0.7, 0.6],
+        [0] * 4,
+        [[0, 0, 10, 10], [50, 50, 70, 70]],
+        [0, 0],
+    )
     _assert_agrees_with_coco([image], num_classes=1)
     np.testing.assert_array_equal(class_matches([image], 0, 0.4).hits, [True, False, False, True])
 

@@ -18,8 +18,15 @@ import pytest
 
 from service.inference.batcher import Batcher
 from service.errors import NotReady, Overloaded
-from service.inference.protocol import (PREFIX, ProtocolError, decode_body, encode_frame, pack_identity, parse_prefix,
-                                        read_frame)
+from service.inference.protocol import (
+    PREFIX,
+    ProtocolError,
+    decode_body,
+    encode_frame,
+    pack_identity,
+    parse_prefix,
+    read_frame,
+)
 from service.inference.server import InferenceServer, input_problem
 from service.inference.modelpack import ModelPack
 from service.multiworker import default_decode_workers, restart_delay, worker_environment
@@ -29,9 +36,16 @@ from service.inference.state import ServingState
 from tests.live import free_port, wait_until_ready
 
 SIZE = 8
-FAKE_PACK = ModelPack(path=Path("unused"), manifest={
-    "name": "fake", "version": "1", "input": {"size": SIZE, "normalization": {"mean": 0.5, "std": 0.25}},
-    "detector": {"sha256": "d" * 64, "labels": ["a"]}, "classifier": {"sha256": "c" * 64, "labels": ["b"]}})
+FAKE_PACK = ModelPack(
+    path=Path("unused"),
+    manifest={
+        "name": "fake",
+        "version": "1",
+        "input": {"size": SIZE, "normalization": {"mean": 0.5, "std": 0.25}},
+        "detector": {"sha256": "d" * 64, "labels": ["a"]},
+        "classifier": {"sha256": "c" * 64, "labels": ["b"]},
+    },
+)
 
 
 def frame_bytes(header: dict, arrays=()) -> bytes:
@@ -40,11 +54,12 @@ def frame_bytes(header: dict, arrays=()) -> bytes:
 
 def decode_frame(frame: bytes, max_payload_bytes: int = 64 * 1024 * 1024) -> tuple[dict, list[np.ndarray]]:
     """One whole frame held in memory -> header and arrays, through the protocol's own parse_prefix and decode_body."""
-    header_length, payload_length = parse_prefix(frame[:PREFIX.size], max_payload_bytes)
-    body = frame[PREFIX.size:]
+    header_length, payload_length = parse_prefix(frame[: PREFIX.size], max_payload_bytes)
+    body = frame[PREFIX.size :]
     if len(body) != header_length + payload_length:
-        raise ProtocolError(f"frame holds {len(body)} bytes after its prefix, the prefix says "
-                            f"{header_length + payload_length}")
+        raise ProtocolError(
+            f"frame holds {len(body)} bytes after its prefix, the prefix says {header_length + payload_length}"
+        )
     return decode_body(body[:header_length], body[header_length:])
 
 
@@ -55,25 +70,33 @@ def raw_frame(header: bytes, payload: bytes = b"") -> bytes:
 
 def test_protocol_round_trips_header_and_arrays():
     """A frame decodes to the same header and arrays (dtype, shape, values), non-contiguous and 0-d arrays included."""
-    arrays = [np.random.default_rng(0).random((1, SIZE, SIZE), dtype=np.float32), np.zeros((0, 4), np.float32),
-              np.arange(12, dtype=np.float64).reshape(3, 4).T, np.float16(1.5).reshape(()), np.array([True, False])]
+    arrays = [
+        np.random.default_rng(0).random((1, SIZE, SIZE), dtype=np.float32),
+        np.zeros((0, 4), np.float32),
+        np.arange(12, dtype=np.float64).reshape(3, 4).T,
+        np.float16(1.5).reshape(()),
+        np.array([True, False]),
+    ]
     header, decoded = decode_frame(frame_bytes({"op": "infer", "id": 7}, arrays))
     assert header == {"op": "infer", "id": 7}
     assert [(a.dtype, a.shape) for a in decoded] == [(a.dtype, a.shape) for a in arrays]
     assert all(np.array_equal(a, b) for a, b in zip(arrays, decoded))
 
 
-@pytest.mark.parametrize("frame, problem", [
-    (b"\x00\x00\x10\x00" + b"\x00" * 4, "header length"),  # 1 MiB header announced
-    (frame_bytes({"op": "infer"}, [np.zeros(300, np.float32)]), "payload of 1200 bytes exceeds"),
-    (frame_bytes({"op": "x"})[:-1], "frame holds"),
-    (raw_frame(b'{"arrays": [{"dtype": "object", "shape": [1]}]}', b"\x00" * 8), "no allowed dtype"),
-    (raw_frame(b'{"arrays": [{"dtype": "float32", "shape": [-1]}]}'), "not a list of sizes"),
-    (raw_frame(b'{"arrays": [{"dtype": "float32", "shape": [2]}]}', b"\x00" * 4), "shorter than the arrays"),
-    (raw_frame(b'{"arrays": [{"dtype": "float32", "shape": [1]}]}', b"\x00" * 8), "longer than the arrays"),
-    (raw_frame(b"[1, 2]"), "not a JSON object"),
-    (raw_frame(b"\x80\x04K\x01."), "not JSON"),  # a pickle: never evaluated
-])
+@pytest.mark.parametrize(
+    "frame, problem",
+    [
+        (b"\x00\x00\x10\x00" + b"\x00" * 4, "header length"),  # 1 MiB header announced
+        (frame_bytes({"op": "infer"}, [np.zeros(300, np.float32)]), "payload of 1200 bytes exceeds"),
+        (frame_bytes({"op": "x"})[:-1], "frame holds"),
+        (raw_frame(b'{"arrays": [{"dtype": "object", "shape": [1]}]}', b"\x00" * 8), "no allowed dtype"),
+        (raw_frame(b'{"arrays": [{"dtype": "float32", "shape": [-1]}]}'), "not a list of sizes"),
+        (raw_frame(b'{"arrays": [{"dtype": "float32", "shape": [2]}]}', b"\x00" * 4), "shorter than the arrays"),
+        (raw_frame(b'{"arrays": [{"dtype": "float32", "shape": [1]}]}', b"\x00" * 8), "longer than the arrays"),
+        (raw_frame(b"[1, 2]"), "not a JSON object"),
+        (raw_frame(b"\x80\x04K\x01."), "not JSON"),  # a pickle: never evaluated
+    ],
+)
 def test_protocol_refuses_malformed_frames(frame, problem):
     """Oversized lengths, truncated frames, non-JSON headers (a pickle), disallowed dtypes and array sizes that
     disagree with the payload are refused."""
@@ -118,7 +141,11 @@ def socket_path():
 def fake_outputs(images: np.ndarray) -> tuple[np.ndarray, ...]:
     """Stands in for OnnxModels.run: per-image outputs that identify the image they came from."""
     total = images.sum(axis=(1, 2, 3))
-    return total[:, None, None] * np.ones((1, 3, 4), np.float32), np.ones((len(images), 3, 2), np.float32), total[:, None]
+    return (
+        total[:, None, None] * np.ones((1, 3, 4), np.float32),
+        np.ones((len(images), 3, 2), np.float32),
+        total[:, None],
+    )
 
 
 async def until(condition, timeout_s: float = 5.0) -> None:
@@ -138,8 +165,12 @@ def test_remote_batcher_gives_local_results_and_errors(socket_path):
 
     async def scenario():
         batcher = Batcher(slow_outputs, max_batch_size=1, max_delay_s=0.001, max_queue_size=1)
-        state = ServingState(pack=FAKE_PACK, models=RemoteModels(socket=socket_path, providers=["FakeProvider"]),
-                             batcher=batcher, not_ready_reason="")
+        state = ServingState(
+            pack=FAKE_PACK,
+            models=RemoteModels(socket=socket_path, providers=["FakeProvider"]),
+            batcher=batcher,
+            not_ready_reason="",
+        )
         server = InferenceServer(state, Settings(max_batch_size=1))
         batcher.start()
         listener = await asyncio.get_running_loop().create_unix_server(server.protocol, path=str(socket_path))
@@ -181,15 +212,20 @@ def test_remote_batcher_fails_queued_images_when_the_connection_drops(socket_pat
 
     async def die_after_one_request(reader, writer):
         await read_frame(reader, 1 << 20)  # hello
-        writer.writelines(encode_frame({"op": "hello", "protocol": 1, "ready": True, "providers": [],
-                                        "pack": pack_identity(FAKE_PACK)}))
+        writer.writelines(
+            encode_frame(
+                {"op": "hello", "protocol": 1, "ready": True, "providers": [], "pack": pack_identity(FAKE_PACK)}
+            )
+        )
         await read_frame(reader, 1 << 20)  # the image, never answered
         writer.close()
 
     async def scenario():
         listener = await asyncio.start_unix_server(die_after_one_request, path=str(socket_path))
         status: list[str] = []
-        remote = RemoteBatcher(socket_path, pack_identity(FAKE_PACK), RemoteModels(socket=socket_path), status.append, 1)
+        remote = RemoteBatcher(
+            socket_path, pack_identity(FAKE_PACK), RemoteModels(socket=socket_path), status.append, 1
+        )
         remote.start()
         await until(lambda: status and status[-1] == "")
         listener.close()
@@ -240,9 +276,12 @@ def assert_same_prediction(remote: dict, local: dict) -> None:
         assert ours["score"] == pytest.approx(theirs["score"], abs=1e-5)
         # Boxes are rounded to 0.01 px in the JSON: a 1e-6 difference may land on the other side of a rounding.
         assert ours["box"] == pytest.approx(theirs["box"], abs=0.011)
-    assert [(d["label"], d["positive"]) for d in remote["diseases"]] == [(d["label"], d["positive"]) for d in local["diseases"]]
+    assert [(d["label"], d["positive"]) for d in remote["diseases"]] == [
+        (d["label"], d["positive"]) for d in local["diseases"]
+    ]
     assert [d["probability"] for d in remote["diseases"]] == pytest.approx(
-        [d["probability"] for d in local["diseases"]], abs=1e-5)
+        [d["probability"] for d in local["diseases"]], abs=1e-5
+    )
 
 
 def test_two_workers_share_one_inference_server(tiny_pack, tiny_dataset, client, tmp_path):
@@ -250,11 +289,31 @@ def test_two_workers_share_one_inference_server(tiny_pack, tiny_dataset, client,
     /readyz 503 and prompt 503s (not a hang) until it is restarted; SIGTERM stops every process it started."""
     port = free_port()
     env = {name: value for name, value in os.environ.items() if not name.startswith("CXR_")} | {
-        "CXR_PROVIDERS": '["CPUExecutionProvider"]', "CXR_MAX_BATCH_SIZE": "4", "CXR_MAX_QUEUE_DELAY_MS": "2",
-        "CXR_DECODE_WORKERS": "1", "CXR_MAX_BODY_BYTES": str(16 * 1024 * 1024)}
+        "CXR_PROVIDERS": '["CPUExecutionProvider"]',
+        "CXR_MAX_BATCH_SIZE": "4",
+        "CXR_MAX_QUEUE_DELAY_MS": "2",
+        "CXR_DECODE_WORKERS": "1",
+        "CXR_MAX_BODY_BYTES": str(16 * 1024 * 1024),
+    }
     log = (tmp_path / "server.log").open("w")
-    launcher = subprocess.Popen([sys.executable, "-m", "service", "--workers", "2", "--port", str(port),
-                                 "--models", str(tiny_pack), "--log-level", "warning"], env=env, stdout=log, stderr=log)
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--workers",
+            "2",
+            "--port",
+            str(port),
+            "--models",
+            str(tiny_pack),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
     base = f"http://127.0.0.1:{port}"
     dicom = sorted((tiny_dataset / "test").glob("*.dicom"))[0].read_bytes()
     headers = {"Content-Type": "application/dicom"}

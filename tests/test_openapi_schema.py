@@ -50,7 +50,9 @@ def _dicom_body(ctx, value) -> bytes:
 def _stow_body(ctx, value) -> bytes:
     data = serialize_binary(value)
     parts = [[GOOD_DICOM], [GOOD_DICOM, data], [data]][len(data) % 3]  # 200, 202 and 409 answers
-    body = b"".join(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n" for part in parts)
+    body = b"".join(
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n" for part in parts
+    )
     return body + f"--{BOUNDARY}--\r\n".encode()
 
 
@@ -72,8 +74,13 @@ def api_client(tiny_settings):
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+)
 def test_api_conforms_to_its_openapi_schema(case, api_client):
     """Generated requests to every operation never get a 5xx, and status, media type and body match the schema."""
     # A multipart body needs its boundary in the Content-Type, which a serializer cannot set.
@@ -94,8 +101,11 @@ def test_schema_declares_the_error_statuses():
 def test_not_ready_answers_conform_to_the_schema(tiny_settings, tmp_path):
     """Without a loadable pack, the 503 answers of /readyz, /v1/models and /v1/predict are the ones the schema declares."""
     with TestClient(create_app(tiny_settings.model_copy(update={"models": tmp_path / "nowhere"}))) as client:
-        for method, path, kwargs in (("GET", "/readyz", {}), ("GET", "/v1/models", {}),
-                                     ("POST", "/v1/predict", {"content": GOOD_DICOM, "headers": {"Content-Type": "application/dicom"}})):
+        for method, path, kwargs in (
+            ("GET", "/readyz", {}),
+            ("GET", "/v1/models", {}),
+            ("POST", "/v1/predict", {"content": GOOD_DICOM, "headers": {"Content-Type": "application/dicom"}}),
+        ):
             response = client.request(method, path, **kwargs)
             assert response.status_code == 503, (path, response.text)
             schema[path][method].validate_response(response)

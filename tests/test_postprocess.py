@@ -3,8 +3,14 @@
 import numpy as np
 import pytest
 
-from service.inference.postprocess import (DetectionParams, Detections, box_iou, nms, select_detections,
-                                 to_original_space)
+from service.inference.postprocess import (
+    DetectionParams,
+    Detections,
+    box_iou,
+    nms,
+    select_detections,
+    to_original_space,
+)
 from service.dicom.preprocess import Letterbox
 from tests.reference import at_operating_points
 
@@ -51,7 +57,9 @@ def test_thresholds_before_nms_keep_the_same_findings_as_after(seed):
     picks = rng.integers(0, len(centres), size=400)
     sizes = rng.uniform(10, 60, size=(400, 2))
     jitter = rng.normal(0, 4, size=(400, 2))
-    boxes = np.concatenate([centres[picks] + jitter - sizes / 2, centres[picks] + jitter + sizes / 2], axis=1).astype(np.float32)
+    boxes = np.concatenate([centres[picks] + jitter - sizes / 2, centres[picks] + jitter + sizes / 2], axis=1).astype(
+        np.float32
+    )
     scores = rng.beta(0.6, 2.0, size=(400, 5)).astype(np.float32)
     floors = rng.uniform(0.1, 0.7, size=5).astype(np.float32)
     params = DetectionParams(score_threshold=0.05, iou_threshold=0.5, max_detections=10_000, pre_nms_top_k=10_000)

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from service.dicom.preprocess import (
-    Letterbox, Normalization, PixelParams, apply_modality_lut, apply_window, display_image, letterbox, model_input,
+    Letterbox,
+    Normalization,
+    PixelParams,
+    apply_modality_lut,
+    apply_window,
+    display_image,
+    letterbox,
+    model_input,
     scale_to_range,
 )
 
@@ -110,8 +117,9 @@ def _display_by_expression(pixels: np.ndarray, params: PixelParams) -> np.ndarra
             image = np.clip((values - np.float32(center - 0.5)) / np.float32(width - 1.0) + np.float32(0.5), 0.0, 1.0)
     else:
         low, high = float(values.min()), float(values.max())
-        image = (np.zeros_like(values) if high <= low
-                 else (values - np.float32(low)) / np.float32(high - low)).astype(np.float32)
+        image = (np.zeros_like(values) if high <= low else (values - np.float32(low)) / np.float32(high - low)).astype(
+            np.float32
+        )
     return 1.0 - image if params.photometric == "MONOCHROME1" else image
 
 
@@ -120,7 +128,7 @@ def test_in_place_display_transform_gives_the_same_bits_as_the_expressions(dtype
     """display_image works in one buffer for speed; training and serving must still see the very same floats."""
     rng = np.random.default_rng(7)
     info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
-    noise = (rng.integers(info.min, info.max, (61, 47), endpoint=True) if info else rng.normal(0, 900, (61, 47)))
+    noise = rng.integers(info.min, info.max, (61, 47), endpoint=True) if info else rng.normal(0, 900, (61, 47))
     for pixels in (noise.astype(dtype), np.full((20, 30), 7, dtype)):
         before = pixels.copy()
         for slope, intercept in [(1.0, 0.0), (0.5, -1024.0), (-2.0, 3.0), (3.7, 12.5)]:

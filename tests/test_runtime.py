@@ -28,18 +28,25 @@ CPU_BUILD = Machine(available=(CPU,), nvidia_driver=True, tensorrt=True)
 @pytest.fixture(scope="module")
 def real_images(tiny_pack, tiny_dataset) -> np.ndarray:
     pack = ModelPack.load(tiny_pack)
-    return load_tensors(read_split(tiny_dataset, "test")[:4], pack.input_spec, pack.local_labels, pack.global_labels).images
+    return load_tensors(
+        read_split(tiny_dataset, "test")[:4], pack.input_spec, pack.local_labels, pack.global_labels
+    ).images
 
 
 def test_cuda_options_default_to_exhaustive_search_and_no_tf32():
     """The CUDA provider gets every option explicitly: device, EXHAUSTIVE cuDNN search, arena growth as requested,
     copies on the compute stream, max workspace, TF32 off, and no memory cap unless one is set."""
     assert runtime.cuda_provider_options(Settings()) == {
-        "device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE", "arena_extend_strategy": "kSameAsRequested",
-        "do_copy_in_default_stream": "1", "cudnn_conv_use_max_workspace": "1", "use_tf32": "0",
+        "device_id": "0",
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+        "arena_extend_strategy": "kSameAsRequested",
+        "do_copy_in_default_stream": "1",
+        "cudnn_conv_use_max_workspace": "1",
+        "use_tf32": "0",
     }
-    options = runtime.cuda_provider_options(Settings(cuda_device_id=1, cuda_gpu_mem_limit_mb=4096, cuda_use_tf32=True,
-                                                     cudnn_conv_algo_search="HEURISTIC"))
+    options = runtime.cuda_provider_options(
+        Settings(cuda_device_id=1, cuda_gpu_mem_limit_mb=4096, cuda_use_tf32=True, cudnn_conv_algo_search="HEURISTIC")
+    )
     assert options["device_id"] == "1" and options["gpu_mem_limit"] == str(4096 * MIB)
     assert options["use_tf32"] == "1" and options["cudnn_conv_algo_search"] == "HEURISTIC"
 
@@ -53,8 +60,16 @@ def test_settings_read_runtime_options_from_cxr_environment(monkeypatch):
     monkeypatch.setenv("CXR_IO_BINDING", "false")
     monkeypatch.setenv("CXR_INTER_OP_THREADS", "2")
     settings = Settings()
-    assert (settings.precision, settings.cuda_gpu_mem_limit_mb, settings.cudnn_conv_algo_search) == ("fp16", 2048, "DEFAULT")
-    assert settings.trt_engine_cache_dir == Path("/cache/trt") and not settings.io_binding and settings.inter_op_threads == 2
+    assert (settings.precision, settings.cuda_gpu_mem_limit_mb, settings.cudnn_conv_algo_search) == (
+        "fp16",
+        2048,
+        "DEFAULT",
+    )
+    assert (
+        settings.trt_engine_cache_dir == Path("/cache/trt")
+        and not settings.io_binding
+        and settings.inter_op_threads == 2
+    )
     assert Settings.model_fields["providers"].default == [TENSORRT, CUDA, CPU]
 
 
@@ -68,9 +83,14 @@ def test_tensorrt_options_cover_every_batch_and_cache_per_model():
     assert options["trt_fp16_enable"] == "1" and options["trt_max_workspace_size"] == str(1024 * MIB)
     assert options["trt_engine_cache_enable"] == "1" and options["trt_engine_cache_path"] == "/cache/" + "ab" * 8
     assert options["trt_timing_cache_path"] == options["trt_engine_cache_path"]
-    fp32 = runtime.tensorrt_provider_options(settings.model_copy(update={"trt_engine_cache": False}), "fp32", "images",
-                                             256, "cd" * 32)
-    assert fp32["trt_fp16_enable"] == "0" and fp32["trt_engine_cache_enable"] == "0" and "trt_engine_cache_path" not in fp32
+    fp32 = runtime.tensorrt_provider_options(
+        settings.model_copy(update={"trt_engine_cache": False}), "fp32", "images", 256, "cd" * 32
+    )
+    assert (
+        fp32["trt_fp16_enable"] == "0"
+        and fp32["trt_engine_cache_enable"] == "0"
+        and "trt_engine_cache_path" not in fp32
+    )
 
 
 def test_provider_options_follow_the_provider_order():
@@ -92,21 +112,24 @@ def test_session_options_are_explicit():
     assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
 
 
-@pytest.mark.parametrize("wanted, machine, attempt, expected, skipped", [
-    # The default order on a GPU machine with TensorRT installed: TensorRT first, CUDA for what it cannot take.
-    ([TENSORRT, CUDA, CPU], GPU_WITH_TENSORRT, (TENSORRT, CUDA, CPU), TENSORRT, ()),
-    # TensorRT missing is no fallback when CUDA follows it: CUDA is what was meant to run.
-    ([TENSORRT, CUDA, CPU], GPU_WITHOUT_TENSORRT, (CUDA, CPU), CUDA, (TENSORRT,)),
-    # No GPU at all: only CPU is tried, and CUDA is the provider that is missed.
-    ([TENSORRT, CUDA, CPU], NO_GPU, (CPU,), CUDA, (TENSORRT, CUDA)),
-    # A CPU-only onnxruntime build, whatever the hardware.
-    ([CUDA, CPU], CPU_BUILD, (CPU,), CUDA, (CUDA,)),
-    # TensorRT asked for alone is required, not opportunistic.
-    ([TENSORRT, CPU], GPU_WITHOUT_TENSORRT, (CPU,), TENSORRT, (TENSORRT,)),
-    # A provider absent from every build; CPU is always the last resort even when not listed.
-    (["MIGraphXExecutionProvider"], NO_GPU, (CPU,), "MIGraphXExecutionProvider", ("MIGraphXExecutionProvider",)),
-    ([CPU], NO_GPU, (CPU,), CPU, ()),
-])
+@pytest.mark.parametrize(
+    "wanted, machine, attempt, expected, skipped",
+    [
+        # The default order on a GPU machine with TensorRT installed: TensorRT first, CUDA for what it cannot take.
+        ([TENSORRT, CUDA, CPU], GPU_WITH_TENSORRT, (TENSORRT, CUDA, CPU), TENSORRT, ()),
+        # TensorRT missing is no fallback when CUDA follows it: CUDA is what was meant to run.
+        ([TENSORRT, CUDA, CPU], GPU_WITHOUT_TENSORRT, (CUDA, CPU), CUDA, (TENSORRT,)),
+        # No GPU at all: only CPU is tried, and CUDA is the provider that is missed.
+        ([TENSORRT, CUDA, CPU], NO_GPU, (CPU,), CUDA, (TENSORRT, CUDA)),
+        # A CPU-only onnxruntime build, whatever the hardware.
+        ([CUDA, CPU], CPU_BUILD, (CPU,), CUDA, (CUDA,)),
+        # TensorRT asked for alone is required, not opportunistic.
+        ([TENSORRT, CPU], GPU_WITHOUT_TENSORRT, (CPU,), TENSORRT, (TENSORRT,)),
+        # A provider absent from every build; CPU is always the last resort even when not listed.
+        (["MIGraphXExecutionProvider"], NO_GPU, (CPU,), "MIGraphXExecutionProvider", ("MIGraphXExecutionProvider",)),
+        ([CPU], NO_GPU, (CPU,), CPU, ()),
+    ],
+)
 def test_provider_plan(wanted, machine, attempt, expected, skipped):
     """Which providers are handed to ONNX Runtime, which one must run the models, and which are left out."""
     plan = runtime.plan_providers(wanted, machine)
@@ -120,19 +143,24 @@ def test_fallback_reason_names_the_missing_provider_and_why():
     assert reason.startswith("execution provider CUDAExecutionProvider is not usable") and "libcuda.so.1" in reason
     assert runtime.fallback_reason(runtime.plan_providers([CUDA, CPU], GPU_WITHOUT_TENSORRT), CUDA) is None
     # Tried but not created by ONNX Runtime (e.g. a CUDA library missing): the log has the details.
-    assert "could not create it" in runtime.fallback_reason(runtime.plan_providers([CUDA, CPU], GPU_WITHOUT_TENSORRT), CPU)
+    assert "could not create it" in runtime.fallback_reason(
+        runtime.plan_providers([CUDA, CPU], GPU_WITHOUT_TENSORRT), CPU
+    )
 
 
-@pytest.mark.parametrize("requested, provider, pack, chosen, warns", [
-    ("auto", CUDA, ("fp32", "fp16"), "fp16", False),
-    ("auto", TENSORRT, ("fp32", "fp16"), "fp16", False),
-    ("auto", CPU, ("fp32", "fp16"), "fp32", False),
-    ("auto", CUDA, ("fp32",), "fp32", False),  # a pack exported with --no-fp16
-    ("fp32", CUDA, ("fp32", "fp16"), "fp32", False),
-    ("fp16", CUDA, ("fp32", "fp16"), "fp16", False),
-    ("fp16", CPU, ("fp32", "fp16"), "fp16", True),  # works, but slower than fp32 on CPU
-    ("fp16", CUDA, ("fp32",), "fp32", True),  # not in the pack
-])
+@pytest.mark.parametrize(
+    "requested, provider, pack, chosen, warns",
+    [
+        ("auto", CUDA, ("fp32", "fp16"), "fp16", False),
+        ("auto", TENSORRT, ("fp32", "fp16"), "fp16", False),
+        ("auto", CPU, ("fp32", "fp16"), "fp32", False),
+        ("auto", CUDA, ("fp32",), "fp32", False),  # a pack exported with --no-fp16
+        ("fp32", CUDA, ("fp32", "fp16"), "fp32", False),
+        ("fp16", CUDA, ("fp32", "fp16"), "fp16", False),
+        ("fp16", CPU, ("fp32", "fp16"), "fp16", True),  # works, but slower than fp32 on CPU
+        ("fp16", CUDA, ("fp32",), "fp32", True),  # not in the pack
+    ],
+)
 def test_precision_choice(requested, provider, pack, chosen, warns):
     """CXR_PRECISION x provider x pack variants -> the variant loaded, with a warning where the choice is poor."""
     precision, warning = runtime.choose_precision(requested, provider, pack)
@@ -161,8 +189,9 @@ def test_variant_follows_the_provider_that_actually_runs(tiny_pack):
     """When ONNX Runtime itself cannot start the CUDA provider, auto reloads fp32 for the CPU that runs instead
     of leaving the fp16 variant on CPU (on a machine whose CUDA works, fp16 runs on CUDA)."""
     pack = ModelPack.load(tiny_pack)
-    pretend_gpu = Machine(available=tuple(__import__("onnxruntime").get_available_providers()), nvidia_driver=True,
-                          tensorrt=False)
+    pretend_gpu = Machine(
+        available=tuple(__import__("onnxruntime").get_available_providers()), nvidia_driver=True, tensorrt=False
+    )
     if CUDA not in pretend_gpu.available:
         pytest.skip("this onnxruntime build has no CUDA provider")
     models = OnnxModels(pack, settings=Settings(providers=[CUDA, CPU], intra_op_threads=1), machine=pretend_gpu)
@@ -202,12 +231,21 @@ def test_models_endpoint_reports_the_runtime_in_effect(client):
     body = client.get("/v1/models").json()
     assert body["precisions"] == ["fp32", "fp16"]
     described = body["runtime"]
-    assert described["provider"] == CPU and described["providers"] == [CPU] and described["requested_providers"] == [CPU]
-    assert described["precision"] == "fp32" and described["files"] == {"detector": "detector.onnx", "classifier": "classifier.onnx"}
+    assert (
+        described["provider"] == CPU and described["providers"] == [CPU] and described["requested_providers"] == [CPU]
+    )
+    assert described["precision"] == "fp32" and described["files"] == {
+        "detector": "detector.onnx",
+        "classifier": "classifier.onnx",
+    }
     assert described["io_binding"] is False and described["provider_options"] == {CPU: {}}
-    assert described["session_options"] == {"intra_op_threads": 0, "inter_op_threads": 1, "intra_op_spinning": False,
-                                            "execution_mode": "sequential",
-                                            "graph_optimization_level": "all"}
+    assert described["session_options"] == {
+        "intra_op_threads": 0,
+        "inter_op_threads": 1,
+        "intra_op_spinning": False,
+        "execution_mode": "sequential",
+        "graph_optimization_level": "all",
+    }
     assert described["fallback"] is None and described["warnings"] == []
 
 
@@ -225,11 +263,15 @@ def test_cuda_serves_fp16_with_io_binding_close_to_cpu(tiny_pack, real_images):
     pack = ModelPack.load(tiny_pack)
     cpu = OnnxModels(pack, settings=Settings(providers=[CPU])).run(real_images)
     fp16 = OnnxModels(pack, settings=Settings(providers=[CUDA, CPU]))
-    assert (fp16.runtime.provider, fp16.runtime.precision, fp16.runtime.io_binding) == (CUDA, "fp16", True), fp16.runtime
+    assert (fp16.runtime.provider, fp16.runtime.precision, fp16.runtime.io_binding) == (CUDA, "fp16", True), (
+        fp16.runtime
+    )
     assert fp16.runtime.provider_options[CUDA]["cudnn_conv_algo_search"] == "EXHAUSTIVE"
     measured = compare_outputs(cpu, fp16.run(real_images), FP16_TOLERANCES)
     assert measured["probability"] <= FP16_TOLERANCES.probability and measured["top_detections_missed"] == 0
     fp32 = OnnxModels(pack, settings=Settings(providers=[CUDA, CPU], precision="fp32"))
     assert fp32.runtime.provider_options[CUDA]["use_tf32"] == "0"
     measured = compare_outputs(cpu, fp32.run(real_images), FP32_TOLERANCES)
-    assert measured["probability"] <= FP32_TOLERANCES.probability and measured["box_pixels"] <= FP32_TOLERANCES.box_pixels
+    assert (
+        measured["probability"] <= FP32_TOLERANCES.probability and measured["box_pixels"] <= FP32_TOLERANCES.box_pixels
+    )

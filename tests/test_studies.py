@@ -15,8 +15,15 @@ BOUNDARY = "c0ffee-boundary"
 
 
 def _related(*bodies: bytes, part_type: str = "application/dicom") -> tuple[bytes, dict]:
-    payload = b"".join(b"--" + BOUNDARY.encode() + b"\r\nContent-Type: " + part_type.encode() + b"\r\n\r\n" + body + b"\r\n"
-                       for body in bodies) + b"--" + BOUNDARY.encode() + b"--\r\n"
+    payload = (
+        b"".join(
+            b"--" + BOUNDARY.encode() + b"\r\nContent-Type: " + part_type.encode() + b"\r\n\r\n" + body + b"\r\n"
+            for body in bodies
+        )
+        + b"--"
+        + BOUNDARY.encode()
+        + b"--\r\n"
+    )
     return payload, {"Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'}
 
 
@@ -31,7 +38,9 @@ def test_all_instances_succeed_with_200_and_json_results(client, tiny_dataset):
     response = client.post("/v1/studies", content=body, headers=headers | {"Accept": "application/json"})
     assert response.status_code == 200, response.text
     results = response.json()["results"]
-    assert [r["instance"]["sop_instance_uid"] for r in results] == [pydicom.dcmread(__import__("io").BytesIO(f)).SOPInstanceUID for f in files]
+    assert [r["instance"]["sop_instance_uid"] for r in results] == [
+        pydicom.dcmread(__import__("io").BytesIO(f)).SOPInstanceUID for f in files
+    ]
     assert response.json()["failures"] == []
 
 
@@ -58,7 +67,9 @@ def test_no_instance_succeeds_gives_409_dicomweb_response(client):
 
 def test_wrong_media_type_gets_415(client, tiny_dataset):
     """A STOW request that is not multipart/related is refused with 415."""
-    response = client.post("/v1/studies", content=_test_files(tiny_dataset, 1)[0], headers={"Content-Type": "application/dicom"})
+    response = client.post(
+        "/v1/studies", content=_test_files(tiny_dataset, 1)[0], headers={"Content-Type": "application/dicom"}
+    )
     assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
 
 
@@ -68,7 +79,7 @@ def test_chunked_upload_without_content_length_is_accepted(client, tiny_dataset)
 
     def chunks():
         for start in range(0, len(body), 7000):
-            yield body[start:start + 7000]
+            yield body[start : start + 7000]
 
     response = client.post("/v1/studies", content=chunks(), headers=headers | {"Accept": "application/json"})
     assert response.status_code == 200 and len(response.json()["results"]) == 2

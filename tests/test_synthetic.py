@@ -58,8 +58,7 @@ def test_layout_and_exact_csv_headers(dataset: Path):
     """The output has the VinDr-PCXR folders, CSV names and exact headers, one DICOM per image."""
     for split, n in (("train", 8), ("test", 3)):
         header, rows = _read_csv(dataset / f"annotations_{split}.csv")
-        assert header == ["image_id", "rad_id", "class_name",
-                          "x_min", "y_min", "x_max", "y_max", "class_id"]
+        assert header == ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max", "class_id"]
         header, labels = _read_csv(dataset / f"image_labels_{split}.csv")
         assert header == ["image_id", "rad_ID"] + [label.name for label in VINDR_PCXR.labels]
         assert len(labels) == n
@@ -158,8 +157,9 @@ def test_forcing_no_findings_gives_a_normal_image():
         S.synthesize_instance(5, *SIZE, findings=["Pneumothorax"])
 
 
-ENCODINGS = list(itertools.product(
-    ("explicit", "implicit", "rle"), ("MONOCHROME1", "MONOCHROME2"), (8, 12, 16), (False, True)))
+ENCODINGS = list(
+    itertools.product(("explicit", "implicit", "rle"), ("MONOCHROME1", "MONOCHROME2"), (8, 12, 16), (False, True))
+)
 
 
 @pytest.mark.parametrize("transfer_syntax,photometric,bits,signed", ENCODINGS)
@@ -167,8 +167,14 @@ def test_dicom_decodes_and_display_matches_density(transfer_syntax, photometric,
     """Every syntax/photometric/bit depth/sign decodes and displays as the rendered density."""
     for windowed in (True, False):
         ds, case = S.synthesize_instance(
-            21, *SIZE, transfer_syntax=transfer_syntax, photometric=photometric,
-            bits_stored=bits, signed=signed, windowed=windowed)
+            21,
+            *SIZE,
+            transfer_syntax=transfer_syntax,
+            photometric=photometric,
+            bits_stored=bits,
+            signed=signed,
+            windowed=windowed,
+        )
         read = pydicom.dcmread(io.BytesIO(S.dicom_bytes(ds)))
         assert read.preamble == b"\x00" * 128
         assert read.file_meta.TransferSyntaxUID == S.TRANSFER_SYNTAXES[transfer_syntax]
@@ -186,8 +192,7 @@ def test_dicom_decodes_and_display_matches_density(transfer_syntax, photometric,
 
 def test_own_window_helper_agrees_with_pydicom():
     """Our display helper agrees with pydicom's modality LUT + VOI window up to a linear map."""
-    ds, _ = S.synthesize_instance(4, *SIZE, bits_stored=12, photometric="MONOCHROME2",
-                                  windowed=True)
+    ds, _ = S.synthesize_instance(4, *SIZE, bits_stored=12, photometric="MONOCHROME2", windowed=True)
     read = pydicom.dcmread(io.BytesIO(S.dicom_bytes(ds)))
     theirs = apply_voi_lut(apply_modality_lut(read.pixel_array, read), read)
     assert _pearson(theirs, _displayed(read)) > 0.999
@@ -195,13 +200,13 @@ def test_own_window_helper_agrees_with_pydicom():
 
 def test_easy_findings_have_more_contrast_than_default():
     """The same planted nodule changes the image more under 'easy' than under 'default'."""
+
     def lift(difficulty: str, seed: int) -> float:
         preset = S.resolve_difficulty(difficulty)
         base = S.render_case(np.random.default_rng(seed), *SIZE, preset, [])
         case = S.render_case(np.random.default_rng(seed), *SIZE, preset, ["Other opacity"])
         (box,) = case.findings
-        sl = (slice(int(box.y_min), int(np.ceil(box.y_max))),
-              slice(int(box.x_min), int(np.ceil(box.x_max))))
+        sl = (slice(int(box.y_min), int(np.ceil(box.y_max))), slice(int(box.x_min), int(np.ceil(box.x_max))))
         return float((case.density[sl] - base.density[sl]).mean())
 
     for seed in (0, 1, 2):
@@ -227,8 +232,24 @@ def test_finding_mix_and_disease_rules():
 
 def test_cli_writes_dataset_and_summary(tmp_path: Path, capsys):
     """`python -m training.synthetic` options produce the dataset and a one-line summary."""
-    S.main(["--out", str(tmp_path), "--n-train", "2", "--n-test", "1", "--seed", "9",
-            "--difficulty", "easy", "--size", "128x112", "--transfer-syntax", "rle"])
+    S.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--n-train",
+            "2",
+            "--n-test",
+            "1",
+            "--seed",
+            "9",
+            "--difficulty",
+            "easy",
+            "--size",
+            "128x112",
+            "--transfer-syntax",
+            "rle",
+        ]
+    )
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("synthetic: wrote 3 images")
     files = sorted(tmp_path.glob("*/*.dicom"))

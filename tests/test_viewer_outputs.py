@@ -43,13 +43,17 @@ def phantom():
 def result(phantom) -> dict:
     source, case = phantom
     findings = [
-        {"label": f.label, "score": score,
-         "box": {"x_min": f.x_min, "y_min": f.y_min, "x_max": f.x_max, "y_max": f.y_max}}
+        {
+            "label": f.label,
+            "score": score,
+            "box": {"x_min": f.x_min, "y_min": f.y_min, "x_max": f.x_max, "y_max": f.y_max},
+        }
         for f, score in zip(case.findings, (0.83, 0.6123456789))
     ]
     # A sub-pixel box and a label outside every table, as a pack trained on other labels sends.
-    findings.append({"label": UNKNOWN_LABEL, "score": 0.4,
-                     "box": {"x_min": 10.25, "y_min": 20.5, "x_max": 99.75, "y_max": 120.125}})
+    findings.append(
+        {"label": UNKNOWN_LABEL, "score": 0.4, "box": {"x_min": 10.25, "y_min": 20.5, "x_max": 99.75, "y_max": 120.125}}
+    )
     return {
         "request_id": "test",
         "instance": {"sop_instance_uid": source.SOPInstanceUID, "rows": source.Rows, "columns": source.Columns},
@@ -93,6 +97,7 @@ def _dciodvfy_errors(ds: pydicom.Dataset, tmp_path) -> list[str]:
 
 # --- codes -------------------------------------------------------------------------------------
 
+
 def test_every_vindr_label_has_a_fixed_code():
     """Every VinDr-PCXR and VinDr-CXR label name has its own entry in the code table (no hashed fallback code)."""
     names = {label.name for label in VINDR_PCXR.labels + VINDR_CXR.labels}
@@ -121,6 +126,7 @@ def test_unknown_label_gets_a_deterministic_private_code():
 
 
 # --- SR ----------------------------------------------------------------------------------------
+
 
 def test_sr_round_trips_with_boxes_codes_and_probabilities(phantom, result):
     """The SR survives BytesIO; each ROI is the box's closed polygon with its label code and score."""
@@ -175,6 +181,7 @@ def test_sr_passes_dciodvfy(phantom, result, tmp_path):
 
 
 # --- GSPS --------------------------------------------------------------------------------------
+
 
 def _annotations(gsps: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
     return {item.GraphicLayer: item for item in gsps.GraphicAnnotationSequence}
@@ -234,6 +241,7 @@ def test_gsps_passes_dciodvfy(phantom, result, tmp_path):
 
 # --- PNG ---------------------------------------------------------------------------------------
 
+
 def test_png_has_source_size_and_drawn_boxes(phantom, result):
     """The PNG decodes at the source's size, box edges are coloured and far pixels are untouched."""
     source, case = phantom
@@ -249,6 +257,7 @@ def test_png_has_source_size_and_drawn_boxes(phantom, result):
 
 
 # --- nothing found -----------------------------------------------------------------------------
+
 
 def test_empty_result_gives_valid_outputs(phantom, empty_result, tmp_path):
     """No findings and no diseases still give a valid SR, GSPS and PNG."""
@@ -279,9 +288,10 @@ def test_sparse_header_is_enough_and_left_untouched(phantom, result, tmp_path):
     assert _dciodvfy_errors(sr_ds, tmp_path) == [] and _dciodvfy_errors(gsps, tmp_path) == []
 
 
-
-@pytest.mark.parametrize("keyword,value", [("StudyDate", "2019-99-99"), ("StudyTime", "25:61"), ("PatientBirthDate", "yesterday"),
-                                           ("StudyID", "X" * 40)])
+@pytest.mark.parametrize(
+    "keyword,value",
+    [("StudyDate", "2019-99-99"), ("StudyTime", "25:61"), ("PatientBirthDate", "yesterday"), ("StudyID", "X" * 40)],
+)
 def test_unreadable_type2_values_are_blanked_not_fatal(keyword, value):
     """A copied patient/study attribute whose value is invalid for its VR is emptied, and SR and GSPS still build."""
     from service.viewer_outputs.gsps import build_gsps
@@ -290,8 +300,17 @@ def test_unreadable_type2_values_are_blanked_not_fatal(keyword, value):
     ds, case = synthesize_instance(seed=31, rows=300, cols=260, findings=["Consolidation"])
     with pydicom.config.disable_value_validation():
         setattr(ds, keyword, value)
-    result = {"findings": [{"label": f.label, "score": 0.9, "box": {"x_min": f.x_min, "y_min": f.y_min, "x_max": f.x_max,
-                                                                      "y_max": f.y_max}} for f in case.findings],
-              "diseases": [], "model": {"pack": "p", "version": "1", "detector_sha256": "0" * 64, "classifier_sha256": "0" * 64}}
+    result = {
+        "findings": [
+            {
+                "label": f.label,
+                "score": 0.9,
+                "box": {"x_min": f.x_min, "y_min": f.y_min, "x_max": f.x_max, "y_max": f.y_max},
+            }
+            for f in case.findings
+        ],
+        "diseases": [],
+        "model": {"pack": "p", "version": "1", "detector_sha256": "0" * 64, "classifier_sha256": "0" * 64},
+    }
     for build in (build_sr, build_gsps):
         assert getattr(build(ds, result), keyword) == ""

@@ -97,8 +97,9 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = [name.strip() for name in next(reader, [])]
-        return header, [{name: (row[i].strip() if i < len(row) else "") for i, name in enumerate(header)}
-                        for row in reader if row]
+        return header, [
+            {name: (row[i].strip() if i < len(row) else "") for i, name in enumerate(header)} for row in reader if row
+        ]
 
 
 def _require_columns(path: Path, header: list[str], columns: tuple[str, ...]) -> None:
@@ -160,11 +161,15 @@ def _read_marks(path: Path, require_rater: bool) -> dict[str, list[_Mark]]:
 
 def _fused_boxes(marks: list[_Mark], num_raters: int, fusion: FusionConfig) -> tuple[Box, ...]:
     boxed = [mark for mark in marks if mark.box is not None]
-    coordinates = np.array([[m.box.x_min, m.box.y_min, m.box.x_max, m.box.y_max] for m in boxed],  # type: ignore[union-attr]
-                           dtype=np.float64).reshape(-1, 4)
+    coordinates = np.array(
+        [[m.box.x_min, m.box.y_min, m.box.x_max, m.box.y_max] for m in boxed],  # type: ignore[union-attr]
+        dtype=np.float64,
+    ).reshape(-1, 4)
     fused = fuse_rater_boxes(coordinates, [m.class_name for m in boxed], [m.rater for m in boxed], num_raters, fusion)
-    return tuple(Box(label, *(float(v) for v in xyxy), support=int(support))
-                 for label, xyxy, support in zip(fused.labels, fused.boxes, fused.support))
+    return tuple(
+        Box(label, *(float(v) for v in xyxy), support=int(support))
+        for label, xyxy, support in zip(fused.labels, fused.boxes, fused.support)
+    )
 
 
 def detect_layout(root: Path, split: str) -> Layout:
@@ -182,7 +187,8 @@ def detect_layout(root: Path, split: str) -> Layout:
     raise FileNotFoundError(
         f"{root} matches no dataset layout: expected image_labels_{split}.csv and annotations_{split}.csv "
         f"(VinDr-PCXR / VinDr-CXR PhysioNet layout, in the folder or in {ANNOTATIONS_FOLDER}/) or train.csv "
-        "(VinBigData Kaggle layout)")
+        "(VinBigData Kaggle layout)"
+    )
 
 
 def read_vindr_split(root: Path, split: str, fusion: FusionConfig = FusionConfig()) -> list[Record]:
@@ -242,16 +248,24 @@ def read_kaggle_split(root: Path, split: str, fusion: FusionConfig = FusionConfi
     records = []
     for image_id, image_marks in marks.items():
         raters = _unique([mark.rater for mark in image_marks])
-        readings = [{name: 0 for name in names} | {m.class_name: 1 for m in image_marks if m.rater == rater}
-                    for rater in raters]
-        records.append(Record(image_id, _image_path(files, folder, image_id),
-                              _fused_boxes(image_marks, len(raters), fusion),
-                              vote_labels(readings, fusion.vote_threshold), tuple(r for r in raters if r)))
+        readings = [
+            {name: 0 for name in names} | {m.class_name: 1 for m in image_marks if m.rater == rater} for rater in raters
+        ]
+        records.append(
+            Record(
+                image_id,
+                _image_path(files, folder, image_id),
+                _fused_boxes(image_marks, len(raters), fusion),
+                vote_labels(readings, fusion.vote_threshold),
+                tuple(r for r in raters if r),
+            )
+        )
     return sorted(records, key=lambda record: record.image_id)
 
 
-def read_split(root: Path, split: str, layout: Layout | Literal["auto"] = "auto",
-               fusion: FusionConfig = FusionConfig()) -> list[Record]:
+def read_split(
+    root: Path, split: str, layout: Layout | Literal["auto"] = "auto", fusion: FusionConfig = FusionConfig()
+) -> list[Record]:
     """Records of one split ("train" or "test"), sorted by image id, from any supported layout."""
     if layout == "auto":
         layout = detect_layout(root, split)
@@ -264,16 +278,31 @@ def read_split(root: Path, split: str, layout: Layout | Literal["auto"] = "auto"
 
 def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
     """The dataset-layout and rater-fusion flags shared by train, evaluate and export."""
-    parser.add_argument("--layout", choices=("auto", *LAYOUTS), default="auto",
-                        help="dataset folder layout; auto detects it from the files present")
-    parser.add_argument("--fusion-iou", type=float, default=FusionConfig.iou_threshold,
-                        help="IoU at or above which boxes of one class from different raters are fused "
-                             "(weighted box fusion)")
-    parser.add_argument("--min-raters", type=int, default=FusionConfig.min_raters,
-                        help="drop fused boxes marked by fewer raters; capped at the raters who read the image")
-    parser.add_argument("--vote-threshold", type=float, default=FusionConfig.vote_threshold,
-                        help="an image label is positive when strictly more than this fraction of its raters "
-                             "marked it (0.5: strict majority, a tie is negative)")
+    parser.add_argument(
+        "--layout",
+        choices=("auto", *LAYOUTS),
+        default="auto",
+        help="dataset folder layout; auto detects it from the files present",
+    )
+    parser.add_argument(
+        "--fusion-iou",
+        type=float,
+        default=FusionConfig.iou_threshold,
+        help="IoU at or above which boxes of one class from different raters are fused (weighted box fusion)",
+    )
+    parser.add_argument(
+        "--min-raters",
+        type=int,
+        default=FusionConfig.min_raters,
+        help="drop fused boxes marked by fewer raters; capped at the raters who read the image",
+    )
+    parser.add_argument(
+        "--vote-threshold",
+        type=float,
+        default=FusionConfig.vote_threshold,
+        help="an image label is positive when strictly more than this fraction of its raters "
+        "marked it (0.5: strict majority, a tie is negative)",
+    )
 
 
 def fusion_from_args(args: argparse.Namespace | dict) -> FusionConfig:
@@ -302,8 +331,14 @@ def _prepare_file(args: tuple[Path, InputSpec]) -> tuple[np.ndarray, object]:
     return prepared.input, prepared.geometry
 
 
-def load_tensors(records: list[Record], spec: InputSpec, local_labels: list[str], global_labels: list[str],
-                 workers: int = 1, description: str = "preprocess") -> TensorSet:
+def load_tensors(
+    records: list[Record],
+    spec: InputSpec,
+    local_labels: list[str],
+    global_labels: list[str],
+    workers: int = 1,
+    description: str = "preprocess",
+) -> TensorSet:
     """Decode and preprocess every image once through the service's pipeline (no train/serve skew)."""
     jobs = [(record.path, spec) for record in records]
     if workers > 1:
@@ -319,10 +354,13 @@ def load_tensors(records: list[Record], spec: InputSpec, local_labels: list[str]
         boxes.append(geometry.to_model(xyxy))
         box_labels.append(np.array([local_index[b.label] for b in kept], dtype=np.int64))
     return TensorSet(
-        images=np.stack([tensor for tensor, _ in results]) if results else np.zeros((0, 1, spec.size, spec.size), np.float32),
+        images=np.stack([tensor for tensor, _ in results])
+        if results
+        else np.zeros((0, 1, spec.size, spec.size), np.float32),
         boxes=boxes,
         box_labels=box_labels,
-        image_labels=np.array([[record.image_labels.get(name, 0) for name in global_labels] for record in records],
-                              dtype=np.float32).reshape(len(records), len(global_labels)),
+        image_labels=np.array(
+            [[record.image_labels.get(name, 0) for name in global_labels] for record in records], dtype=np.float32
+        ).reshape(len(records), len(global_labels)),
         image_ids=[record.image_id for record in records],
     )

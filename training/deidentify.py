@@ -140,16 +140,29 @@ COPIED_FOR_VALIDITY = ("SOPClassUID", "PlanarConfiguration")
 REPLACED_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 OUTPUT_KEYWORDS = frozenset(TABLE_3_KEYWORDS + COPIED_FOR_VALIDITY + REPLACED_UIDS)
 # File Meta Information written (pydicom adds the group length, version and implementation name).
-OUTPUT_FILE_META_KEYWORDS = frozenset({
-    "FileMetaInformationGroupLength", "FileMetaInformationVersion", "MediaStorageSOPClassUID",
-    "MediaStorageSOPInstanceUID", "TransferSyntaxUID", "ImplementationClassUID",
-    "ImplementationVersionName",
-})
+OUTPUT_FILE_META_KEYWORDS = frozenset(
+    {
+        "FileMetaInformationGroupLength",
+        "FileMetaInformationVersion",
+        "MediaStorageSOPClassUID",
+        "MediaStorageSOPInstanceUID",
+        "TransferSyntaxUID",
+        "ImplementationClassUID",
+        "ImplementationVersionName",
+    }
+)
 # Image Pixel module (PS3.3 C.7.6.3) Type 1 attributes, all in Table 3: without any of them the
 # output would not be a decodable image, so the file fails instead.
 REQUIRED_IMAGE_PIXEL = (
-    "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated",
-    "BitsStored", "HighBit", "PixelRepresentation", "PixelData",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PixelData",
 )
 
 # Value formats of the string VRs among the kept tags (PS3.5 Table 6.2-1), per value.
@@ -190,8 +203,10 @@ def new_uids(image_id: str, hash_name: str) -> dict[str, UID]:
     They reveal nothing the file name does not: whoever can compute image_id (from the original
     UID) can compute these, and nobody can go back from them to the original UID.
     """
-    return {keyword: generate_uid(entropy_srcs=["training.deidentify", hash_name, image_id, keyword])
-            for keyword in REPLACED_UIDS}
+    return {
+        keyword: generate_uid(entropy_srcs=["training.deidentify", hash_name, image_id, keyword])
+        for keyword in REPLACED_UIDS
+    }
 
 
 def _values(value: object) -> list:
@@ -237,8 +252,11 @@ def transfer_syntax_of(ds: Dataset) -> UID:
     syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     if syntax:
         return UID(str(syntax))
-    encodings = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
-                 (False, False): ExplicitVRBigEndian}
+    encodings = {
+        (True, True): ImplicitVRLittleEndian,
+        (False, True): ExplicitVRLittleEndian,
+        (False, False): ExplicitVRBigEndian,
+    }
     encoding = getattr(ds, "original_encoding", (None, None))
     if encoding in encodings:
         return UID(encodings[encoding])
@@ -398,8 +416,14 @@ def _deidentify_file(index: int, path: Path, hash_name: str) -> FileResult:
         return FileResult(index, "failed", str(exc))
     except Exception as exc:  # a value pydicom cannot handle; its message may quote the value
         return FileResult(index, "failed", f"cannot de-identify ({type(exc).__name__})")
-    return FileResult(index, "written", image_id=image_id, data=data,
-                      burned_in=burned_in_annotation(ds), dropped=dropped_for_vr(ds, out))
+    return FileResult(
+        index,
+        "written",
+        image_id=image_id,
+        data=data,
+        burned_in=burned_in_annotation(ds),
+        dropped=dropped_for_vr(ds, out),
+    )
 
 
 def _deidentify_job(job: tuple[int, str, str]) -> FileResult:
@@ -436,9 +460,11 @@ class Summary:
         def detail(counts: Counter) -> str:
             return f" ({', '.join(f'{reason}: {n}' for reason, n in sorted(counts.items()))})" if counts else ""
 
-        text = (f"deidentify: wrote {self.written}, skipped {sum(self.skipped.values())}"
-                f"{detail(self.skipped)}, failed {sum(self.failed.values())}{detail(self.failed)} "
-                f"in {seconds:.1f} s to {out}")
+        text = (
+            f"deidentify: wrote {self.written}, skipped {sum(self.skipped.values())}"
+            f"{detail(self.skipped)}, failed {sum(self.failed.values())}{detail(self.failed)} "
+            f"in {seconds:.1f} s to {out}"
+        )
         if self.burned_in:
             text += f"; {len(self.burned_in)} flagged BurnedInAnnotation YES (review their pixels)"
         if self.dropped:
@@ -475,8 +501,11 @@ def deidentify_tree(src: Path, out: Path, hash_name: str = DEFAULT_HASH, workers
             summary.dropped.update(result.dropped)
             if result.burned_in:
                 summary.burned_in.append(result.image_id)
-                tqdm.write(f"deidentify: flagged: {result.image_id}{DICOM_SUFFIX}: source says "
-                           "BurnedInAnnotation YES; review its pixels for text", file=sys.stderr)
+                tqdm.write(
+                    f"deidentify: flagged: {result.image_id}{DICOM_SUFFIX}: source says "
+                    "BurnedInAnnotation YES; review its pixels for text",
+                    file=sys.stderr,
+                )
     return summary
 
 
@@ -496,8 +525,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", type=Path, required=True, help="a DICOM file or a folder searched recursively")
     parser.add_argument("--out", type=Path, required=True, help="folder for <image_id>.dicom files")
-    parser.add_argument("--hash", type=_hash_argument, default=DEFAULT_HASH,
-                        help="hashlib algorithm for image_id (default md5; match the service's CXR_IMAGE_ID_HASH)")
+    parser.add_argument(
+        "--hash",
+        type=_hash_argument,
+        default=DEFAULT_HASH,
+        help="hashlib algorithm for image_id (default md5; match the service's CXR_IMAGE_ID_HASH)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes (output is identical)")
     return parser
 

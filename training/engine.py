@@ -32,13 +32,21 @@ class Augment:
     noise: float = 0.03
 
 
-def batches(data: TensorSet, batch_size: int, generator: torch.Generator, shuffle: bool = True,
-            rank: int = 0, world_size: int = 1) -> Iterator[np.ndarray]:
+def batches(
+    data: TensorSet,
+    batch_size: int,
+    generator: torch.Generator,
+    shuffle: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[np.ndarray]:
     """Index batches of one epoch; under DDP, this rank's shard of the order all ranks draw alike."""
-    order = torch.randperm(len(data.image_ids), generator=generator).numpy() if shuffle else np.arange(len(data.image_ids))
+    order = (
+        torch.randperm(len(data.image_ids), generator=generator).numpy() if shuffle else np.arange(len(data.image_ids))
+    )
     order = shard(order, rank, world_size)
     for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+        yield order[start : start + batch_size]
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int = 1, max_steps: int | None = None) -> int:
@@ -48,8 +56,14 @@ def steps_per_epoch(num_images: int, batch_size: int, world_size: int = 1, max_s
     return steps if max_steps is None else min(steps, max_steps)
 
 
-def augment_batch(images: torch.Tensor, boxes: list[torch.Tensor], augment: Augment, generator: torch.Generator,
-                  normalization_mean: float, normalization_std: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def augment_batch(
+    images: torch.Tensor,
+    boxes: list[torch.Tensor],
+    augment: Augment,
+    generator: torch.Generator,
+    normalization_mean: float,
+    normalization_std: float,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Apply intensity jitter in display space and an integer translation to images and boxes."""
     n, _, size, _ = images.shape
     display = images * normalization_std + normalization_mean
@@ -59,11 +73,15 @@ def augment_batch(images: torch.Tensor, boxes: list[torch.Tensor], augment: Augm
 
     display = display.clamp(0, 1) ** torch.exp(uniform(augment.gamma))
     display = (display - 0.5) * (1 + uniform(augment.contrast)) + 0.5 + uniform(augment.brightness)
-    display = display + torch.randn(display.shape, generator=generator) * augment.noise * torch.rand(n, 1, 1, 1, generator=generator)
+    display = display + torch.randn(display.shape, generator=generator) * augment.noise * torch.rand(
+        n, 1, 1, 1, generator=generator
+    )
     shifted, moved = torch.zeros_like(display), []
     limit = int(augment.max_shift * size)
     for i in range(n):
-        dx, dy = (torch.randint(-limit, limit + 1, (2,), generator=generator) if limit else torch.zeros(2, dtype=torch.long)).tolist()
+        dx, dy = (
+            torch.randint(-limit, limit + 1, (2,), generator=generator) if limit else torch.zeros(2, dtype=torch.long)
+        ).tolist()
         src_x, dst_x = slice(max(0, -dx), size - max(0, dx)), slice(max(0, dx), size - max(0, -dx))
         src_y, dst_y = slice(max(0, -dy), size - max(0, dy)), slice(max(0, dy), size - max(0, -dy))
         shifted[i, :, dst_y, dst_x] = display[i, :, src_y, src_x]
@@ -78,6 +96,7 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], f
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
@@ -96,11 +115,17 @@ class JointModel(nn.Module):
         self.classifier = classifier
         self.every_parameter_in_graph = every_parameter_in_graph
 
-    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]], labels: torch.Tensor,
-                pos_weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: list[dict[str, torch.Tensor]],
+        labels: torch.Tensor,
+        pos_weight: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         losses = detection_loss(self.detector, images, targets)
         losses["classifier"] = nn.functional.binary_cross_entropy_with_logits(
-            self.classifier.logits(images).float(), labels, pos_weight=pos_weight)
+            self.classifier.logits(images).float(), labels, pos_weight=pos_weight
+        )
         if self.every_parameter_in_graph:
             # DDP waits for a gradient of every parameter each step, but a batch without a positive
             # location leaves the detector's box and centerness heads out of the graph (see
@@ -111,12 +136,24 @@ class JointModel(nn.Module):
         return losses
 
 
-def train_one_epoch(model: nn.Module, data: TensorSet, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, pos_weight: torch.Tensor, augment: Augment,
-                    generator: torch.Generator, batch_size: int, device: torch.device, epoch: int,
-                    normalization: tuple[float, float], max_steps: int | None = None,
-                    scaler: torch.amp.GradScaler | None = None, rank: int = 0, world_size: int = 1,
-                    show_progress: bool = True) -> dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    data: TensorSet,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    pos_weight: torch.Tensor,
+    augment: Augment,
+    generator: torch.Generator,
+    batch_size: int,
+    device: torch.device,
+    epoch: int,
+    normalization: tuple[float, float],
+    max_steps: int | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    show_progress: bool = True,
+) -> dict[str, float]:
     """One pass over this rank's shard; `model` is a JointModel, or one wrapped in DDP."""
     model.train()
     totals: dict[str, float] = {}
@@ -132,8 +169,10 @@ def train_one_epoch(model: nn.Module, data: TensorSet, optimizer: torch.optim.Op
         boxes = [torch.from_numpy(data.boxes[i]) for i in indices]
         images, boxes = augment_batch(images, boxes, augment, augment_generator, *normalization)
         keep = [(b[:, 2] - b[:, 0] > 1) & (b[:, 3] - b[:, 1] > 1) for b in boxes]  # shifted off-canvas
-        targets = [{"boxes": b[k].to(device), "labels": torch.from_numpy(data.box_labels[i])[k].to(device)}
-                   for b, k, i in zip(boxes, keep, indices)]
+        targets = [
+            {"boxes": b[k].to(device), "labels": torch.from_numpy(data.box_labels[i])[k].to(device)}
+            for b, k, i in zip(boxes, keep, indices)
+        ]
         images = images.to(device, non_blocking=True)
         labels = torch.from_numpy(data.image_labels[indices]).to(device)
         with torch.autocast(device.type, enabled=scaler is not None):
@@ -160,21 +199,31 @@ def train_one_epoch(model: nn.Module, data: TensorSet, optimizer: torch.optim.Op
 
 
 @torch.no_grad()
-def predict(detector: Detector, classifier: Classifier, images: np.ndarray, device: torch.device,
-            batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict(
+    detector: Detector, classifier: Classifier, images: np.ndarray, device: torch.device, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PyTorch outputs in the exported graphs' layout: boxes (N, L, 4), scores (N, L, C), probabilities (N, K)."""
     detector.eval()
     classifier.eval()
     outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start:start + batch_size]).to(device)
+        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
         boxes, scores = detector(batch)
-        outputs.append((boxes.float().cpu().numpy(), scores.float().cpu().numpy(), classifier(batch).float().cpu().numpy()))
+        outputs.append(
+            (boxes.float().cpu().numpy(), scores.float().cpu().numpy(), classifier(batch).float().cpu().numpy())
+        )
     return tuple(np.concatenate(parts) for parts in zip(*outputs))  # type: ignore[return-value]
 
 
-def evaluate(detector: Detector, classifier: Classifier, data: TensorSet, local_labels: list[str], global_labels: list[str],
-             device: torch.device, params: DetectionParams = DetectionParams()) -> tuple[dict, np.ndarray, list[ImageDetections]]:
+def evaluate(
+    detector: Detector,
+    classifier: Classifier,
+    data: TensorSet,
+    local_labels: list[str],
+    global_labels: list[str],
+    device: torch.device,
+    params: DetectionParams = DetectionParams(),
+) -> tuple[dict, np.ndarray, list[ImageDetections]]:
     """Validation metrics in model-input space (fast, for model selection).
 
     Returns (metrics, probabilities, per-image detections against the ground truth).
@@ -183,8 +232,12 @@ def evaluate(detector: Detector, classifier: Classifier, data: TensorSet, local_
     images = []
     for i in range(len(data.image_ids)):
         detections = select_detections(boxes[i], scores[i], params)
-        images.append(ImageDetections(detections.boxes, detections.scores, detections.classes, data.boxes[i], data.box_labels[i]))
-    per_label_auroc = {name: auroc(data.image_labels[:, k], probabilities[:, k]) for k, name in enumerate(global_labels)}
+        images.append(
+            ImageDetections(detections.boxes, detections.scores, detections.classes, data.boxes[i], data.box_labels[i])
+        )
+    per_label_auroc = {
+        name: auroc(data.image_labels[:, k], probabilities[:, k]) for k, name in enumerate(global_labels)
+    }
     defined = [value for value in per_label_auroc.values() if value is not None]
     metrics = {
         "map40": mean_average_precision(images, local_labels, 0.4)["map"],

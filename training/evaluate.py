@@ -34,9 +34,21 @@ from service.dicom.pipeline import InputSpec, prepare
 from service.inference.postprocess import DetectionParams, Detections, select_detections, to_original_space
 from training.data import Record, add_layout_arguments, fusion_from_args, read_split
 from training.metrics import (
-    ClassMatches, ImageDetections, auroc, bootstrap_auroc, bootstrap_average_precision, bootstrap_operating_point,
-    class_matches, matches_average_precision, nan_mean_rows, operating_point, precision_envelope, precision_recall,
-    percentile_interval, resample_counts, roc_curve,
+    ClassMatches,
+    ImageDetections,
+    auroc,
+    bootstrap_auroc,
+    bootstrap_average_precision,
+    bootstrap_operating_point,
+    class_matches,
+    matches_average_precision,
+    nan_mean_rows,
+    operating_point,
+    precision_envelope,
+    precision_recall,
+    percentile_interval,
+    resample_counts,
+    roc_curve,
 )
 
 InferFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -88,12 +100,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="threads decoding DICOMs")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    parser.add_argument("--bootstrap", type=int, default=1000,
-                        help="bootstrap resamples of the images for the confidence intervals (0: none)")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap resamples of the images for the confidence intervals (0: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the percentile intervals")
-    parser.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
-                        help="pack variant to evaluate (auto: what the service would serve here, fp16 on a GPU)")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "fp16"),
+        default="auto",
+        help="pack variant to evaluate (auto: what the service would serve here, fp16 on a GPU)",
+    )
     add_layout_arguments(parser)
     return parser
 
@@ -110,45 +130,65 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def predict_records(records: list[Record], spec: InputSpec, infer: InferFn, params: DetectionParams,
-                    batch_size: int = 16, threads: int = 2) -> Predictions:
+def predict_records(
+    records: list[Record],
+    spec: InputSpec,
+    infer: InferFn,
+    params: DetectionParams,
+    batch_size: int = 16,
+    threads: int = 2,
+) -> Predictions:
     """Run DICOM files through the service pipeline and a model; boxes come back in original pixels."""
     detections: list[Detections] = []
     probabilities: list[np.ndarray] = []
     with ThreadPoolExecutor(threads) as pool, tqdm(total=len(records), desc="evaluate") as progress:
         for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
+            chunk = records[start : start + batch_size]
             prepared = list(pool.map(lambda r: prepare(r.path.read_bytes(), spec), chunk))
             boxes, scores, probs = infer(np.stack([p.input for p in prepared]))
             for i, item in enumerate(prepared):
                 detections.append(to_original_space(select_detections(boxes[i], scores[i], params), item.geometry))
             probabilities.append(probs)
             progress.update(len(chunk))
-    return Predictions([r.image_id for r in records], detections, np.concatenate(probabilities) if probabilities else np.zeros((0, 0)))
+    return Predictions(
+        [r.image_id for r in records], detections, np.concatenate(probabilities) if probabilities else np.zeros((0, 0))
+    )
 
 
-def evaluation_inputs(records: list[Record], predictions: Predictions, local_labels: list[str], global_labels: list[str],
-                      thresholds: dict[str, float]) -> EvaluationInputs:
+def evaluation_inputs(
+    records: list[Record],
+    predictions: Predictions,
+    local_labels: list[str],
+    global_labels: list[str],
+    thresholds: dict[str, float],
+) -> EvaluationInputs:
     """Pair each record's CSV ground truth with its predictions; boxes of labels the detector lacks are left out."""
     local_index = {name: i for i, name in enumerate(local_labels)}
     images = []
     for record, found in zip(records, predictions.detections):
         gt = [box for box in record.boxes if box.label in local_index]
-        images.append(ImageDetections(
-            found.boxes, found.scores, found.classes,
-            np.array([[b.x_min, b.y_min, b.x_max, b.y_max] for b in gt], dtype=np.float32).reshape(-1, 4),
-            np.array([local_index[b.label] for b in gt], dtype=np.int64),
-        ))
-    targets = np.array([[record.image_labels.get(label, 0) for label in global_labels] for record in records],
-                       dtype=np.int64).reshape(len(records), len(global_labels))
+        images.append(
+            ImageDetections(
+                found.boxes,
+                found.scores,
+                found.classes,
+                np.array([[b.x_min, b.y_min, b.x_max, b.y_max] for b in gt], dtype=np.float32).reshape(-1, 4),
+                np.array([local_index[b.label] for b in gt], dtype=np.int64),
+            )
+        )
+    targets = np.array(
+        [[record.image_labels.get(label, 0) for label in global_labels] for record in records], dtype=np.int64
+    ).reshape(len(records), len(global_labels))
     probabilities = np.asarray(predictions.probabilities, dtype=np.float64).reshape(len(records), len(global_labels))
     return EvaluationInputs(images, targets, probabilities, list(local_labels), list(global_labels), dict(thresholds))
 
 
 def detection_matches(inputs: EvaluationInputs) -> DetectionMatches:
     """Match every class at every reported IoU once: AP, its bootstrap and the PR curves all read these."""
-    return {key: [class_matches(inputs.images, k, iou) for k in range(len(inputs.local_labels))]
-            for key, iou in IOU_THRESHOLDS.items()}
+    return {
+        key: [class_matches(inputs.images, k, iou) for k in range(len(inputs.local_labels))]
+        for key, iou in IOU_THRESHOLDS.items()
+    }
 
 
 def _mean_defined(values: list[float | None]) -> float | None:
@@ -156,7 +196,9 @@ def _mean_defined(values: list[float | None]) -> float | None:
     return float(np.mean(defined)) if defined else None
 
 
-def bootstrap_samples(inputs: EvaluationInputs, matches: DetectionMatches, spec: BootstrapSpec) -> dict[tuple[str, str | None], np.ndarray]:
+def bootstrap_samples(
+    inputs: EvaluationInputs, matches: DetectionMatches, spec: BootstrapSpec
+) -> dict[tuple[str, str | None], np.ndarray]:
     """Every metric in every resample: {(metric, label or None for a macro mean): (B,) values, NaN where undefined}.
 
     All metrics share each resample of images, so the macro means' intervals are of one resampled test set.
@@ -176,15 +218,21 @@ def bootstrap_samples(inputs: EvaluationInputs, matches: DetectionMatches, spec:
             for k, label in enumerate(inputs.global_labels):
                 targets, scores = inputs.targets[:, k], inputs.probabilities[:, k]
                 add(("auroc", label), bootstrap_auroc(targets, scores, counts))
-                for name, values in bootstrap_operating_point(targets, scores, inputs.thresholds[label], counts).items():
+                for name, values in bootstrap_operating_point(
+                    targets, scores, inputs.thresholds[label], counts
+                ).items():
                     add((name, label), values)
             progress.update(len(counts))
     samples = {key: np.concatenate(values) for key, values in parts.items()}
     # Macro means per resample over the labels defined in that resample (as the point estimates are).
     for key in IOU_THRESHOLDS:
-        samples[(f"map{key}", None)] = nan_mean_rows(np.stack([samples[(f"ap{key}", label)] for label in inputs.local_labels], axis=1))
+        samples[(f"map{key}", None)] = nan_mean_rows(
+            np.stack([samples[(f"ap{key}", label)] for label in inputs.local_labels], axis=1)
+        )
     for name in ("auroc", *OPERATING_METRICS):
-        samples[(f"mean_{name}", None)] = nan_mean_rows(np.stack([samples[(name, label)] for label in inputs.global_labels], axis=1))
+        samples[(f"mean_{name}", None)] = nan_mean_rows(
+            np.stack([samples[(name, label)] for label in inputs.global_labels], axis=1)
+        )
     return samples
 
 
@@ -211,8 +259,12 @@ def score(inputs: EvaluationInputs, matches: DetectionMatches, spec: BootstrapSp
     per_label = {}
     for k, label in enumerate(inputs.global_labels):
         targets, scores, threshold = inputs.targets[:, k], inputs.probabilities[:, k], inputs.thresholds[label]
-        entry = {"auroc": auroc(targets, scores), "auroc_ci": ci("auroc", label),
-                 "positives": int(targets.sum()), "threshold": threshold}
+        entry = {
+            "auroc": auroc(targets, scores),
+            "auroc_ci": ci("auroc", label),
+            "positives": int(targets.sum()),
+            "threshold": threshold,
+        }
         for name, value in operating_point(targets, scores, threshold).items():
             entry[name], entry[f"{name}_ci"] = value, ci(name, label)
         per_label[label] = entry
@@ -226,14 +278,19 @@ def score(inputs: EvaluationInputs, matches: DetectionMatches, spec: BootstrapSp
         "images": len(inputs.images),
         "detection": detection,
         "classification": classification,
-        "bootstrap": {"resamples": spec.resamples, "seed": spec.seed, "confidence": spec.confidence,
-                      "method": "images resampled with replacement; percentile intervals; a resample where a metric "
-                                "is undefined (no ground truth of a class, no positive or negative for a label) is "
-                                "skipped for that metric and valid_resamples counts the others"},
+        "bootstrap": {
+            "resamples": spec.resamples,
+            "seed": spec.seed,
+            "confidence": spec.confidence,
+            "method": "images resampled with replacement; percentile intervals; a resample where a metric "
+            "is undefined (no ground truth of a class, no positive or negative for a label) is "
+            "skipped for that metric and valid_resamples counts the others",
+        },
     }
 
 
 # ---- report writers ---------------------------------------------------------------------------
+
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
@@ -271,34 +328,66 @@ def markdown_report(report: dict, title: str) -> str:
     if "runtime" in report:
         lines += ["", f"Ran on: {report['runtime']['provider']}, {report['runtime']['precision']} weights."]
     if bootstrap["resamples"]:
-        lines += ["", f"Intervals: {level} percentile bootstrap, {bootstrap['resamples']} resamples of the images "
-                      f"with replacement (seed {bootstrap['seed']}), shown as `value [low, high]`."]
-    lines += ["", "## Detection", "",
-              "Average precision per class with all-point (PASCAL VOC 2010+) interpolation, every box the detector "
-              "keeps, in original pixels; mAP@0.4 is the VinBigData challenge metric. Means over classes with ground truth.", "",
-              "| metric | value |", "| --- | ---: |",
-              f"| mAP@0.4 | {_with_ci(detection['map40'], detection.get('map40_ci'))} |",
-              f"| mAP@0.5 | {_with_ci(detection['map50'], detection.get('map50_ci'))} |", "",
-              "| local label | boxes | AP@0.4 | AP@0.5 |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {label} | {v['boxes']} | {_with_ci(v['ap40'], v.get('ap40_ci'))} | {_with_ci(v['ap50'], v.get('ap50_ci'))} |"
-              for label, v in detection["per_class"].items()]
-    lines += ["", f"![Precision-recall curves at IoU 0.4](pr_curves_{split}.png)", "", "## Classification", "",
-              "Sensitivity, specificity and F1 at each label's threshold: the pack's or run's operating point, chosen on "
-              f"validation data{method}. "
-              f"Macro means over the model's {len(classification['per_label'])} trained labels, each over the labels where "
-              "the metric is defined.", "",
-              "| macro mean | AUROC | sensitivity | specificity | F1 |", "| --- | ---: | ---: | ---: | ---: |",
-              "| trained labels | " + " | ".join(_with_ci(classification[f"mean_{name}"], classification.get(f"mean_{name}_ci"))
-                                          for name in ("auroc", *OPERATING_METRICS)) + " |", "",
-              "| global label | positives | threshold | AUROC | sensitivity | specificity | F1 |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {label} | {v['positives']} | {_fmt(v['threshold'])} | "
-              + " | ".join(_with_ci(v[name], v.get(f"{name}_ci")) for name in ("auroc", *OPERATING_METRICS)) + " |"
-              for label, v in classification["per_label"].items()]
+        lines += [
+            "",
+            f"Intervals: {level} percentile bootstrap, {bootstrap['resamples']} resamples of the images "
+            f"with replacement (seed {bootstrap['seed']}), shown as `value [low, high]`.",
+        ]
+    lines += [
+        "",
+        "## Detection",
+        "",
+        "Average precision per class with all-point (PASCAL VOC 2010+) interpolation, every box the detector "
+        "keeps, in original pixels; mAP@0.4 is the VinBigData challenge metric. Means over classes with ground truth.",
+        "",
+        "| metric | value |",
+        "| --- | ---: |",
+        f"| mAP@0.4 | {_with_ci(detection['map40'], detection.get('map40_ci'))} |",
+        f"| mAP@0.5 | {_with_ci(detection['map50'], detection.get('map50_ci'))} |",
+        "",
+        "| local label | boxes | AP@0.4 | AP@0.5 |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {label} | {v['boxes']} | {_with_ci(v['ap40'], v.get('ap40_ci'))} | {_with_ci(v['ap50'], v.get('ap50_ci'))} |"
+        for label, v in detection["per_class"].items()
+    ]
+    lines += [
+        "",
+        f"![Precision-recall curves at IoU 0.4](pr_curves_{split}.png)",
+        "",
+        "## Classification",
+        "",
+        "Sensitivity, specificity and F1 at each label's threshold: the pack's or run's operating point, chosen on "
+        f"validation data{method}. "
+        f"Macro means over the model's {len(classification['per_label'])} trained labels, each over the labels where "
+        "the metric is defined.",
+        "",
+        "| macro mean | AUROC | sensitivity | specificity | F1 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        "| trained labels | "
+        + " | ".join(
+            _with_ci(classification[f"mean_{name}"], classification.get(f"mean_{name}_ci"))
+            for name in ("auroc", *OPERATING_METRICS)
+        )
+        + " |",
+        "",
+        "| global label | positives | threshold | AUROC | sensitivity | specificity | F1 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {label} | {v['positives']} | {_fmt(v['threshold'])} | "
+        + " | ".join(_with_ci(v[name], v.get(f"{name}_ci")) for name in ("auroc", *OPERATING_METRICS))
+        + " |"
+        for label, v in classification["per_label"].items()
+    ]
     lines += ["", f"![ROC curves with the operating points](roc_curves_{split}.png)"]
     short = _short_of_resamples(report) if bootstrap["resamples"] else []
     if short:
-        lines += ["", "Resamples where a metric was undefined were skipped for it; valid resamples: " + "; ".join(short) + "."]
+        lines += [
+            "",
+            "Resamples where a metric was undefined were skipped for it; valid resamples: " + "; ".join(short) + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -333,12 +422,20 @@ def plot_pr_curves(matches: list[ClassMatches], labels: list[str], path: Path, i
             axis.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=axis.transAxes)
             continue
         recall, precision = precision_recall(class_match.hits, class_match.num_gt)
-        recall, precision = np.concatenate([[0.0], recall]), np.concatenate([[precision[0] if len(precision) else 0.0], precision])
+        recall, precision = (
+            np.concatenate([[0.0], recall]),
+            np.concatenate([[precision[0] if len(precision) else 0.0], precision]),
+        )
         axis.plot(recall, precision, color="0.7", linewidth=1, label="raw")
         # The envelope ends at the last hit: misses after it add no recall and no area.
         end = int(np.argmax(recall)) + 1
-        axis.step(recall[:end], precision_envelope(precision)[:end], where="pre", linewidth=1.5,
-                  label=f"AP@{iou_threshold:g} = {ap:.3f}")
+        axis.step(
+            recall[:end],
+            precision_envelope(precision)[:end],
+            where="pre",
+            linewidth=1.5,
+            label=f"AP@{iou_threshold:g} = {ap:.3f}",
+        )
         axis.legend(loc="lower left", fontsize=8)
     figure.suptitle(f"Detection precision-recall at IoU {iou_threshold:g} (grey: raw, blue: interpolated)")
     return _save(figure, path)
@@ -359,23 +456,32 @@ def plot_roc_curves(inputs: EvaluationInputs, path: Path) -> Path:
         false_positive_rate, true_positive_rate, _ = curve
         axis.plot(false_positive_rate, true_positive_rate, linewidth=1.5, label=f"AUROC = {auroc(targets, scores):.3f}")
         point = operating_point(targets, scores, inputs.thresholds[label])
-        axis.plot(1 - point["specificity"], point["sensitivity"], "o", color="tab:red",
-                  label=f"threshold {inputs.thresholds[label]:.3f}")
+        axis.plot(
+            1 - point["specificity"],
+            point["sensitivity"],
+            "o",
+            color="tab:red",
+            label=f"threshold {inputs.thresholds[label]:.3f}",
+        )
         axis.legend(loc="lower right", fontsize=8)
     figure.suptitle("Classification ROC curves (dot: operating point)")
     return _save(figure, path)
 
 
-def write_outputs(out: Path, split: str, report: dict, inputs: EvaluationInputs, matches: DetectionMatches,
-                  title: str) -> list[Path]:
+def write_outputs(
+    out: Path, split: str, report: dict, inputs: EvaluationInputs, matches: DetectionMatches, title: str
+) -> list[Path]:
     """evaluation_<split>.json and .md, pr_curves_<split>.png and roc_curves_<split>.png in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     json_path, markdown_path = out / f"evaluation_{split}.json", out / f"evaluation_{split}.md"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     markdown_path.write_text(markdown_report(report, title))
-    return [json_path, markdown_path,
-            plot_pr_curves(matches["40"], inputs.local_labels, out / f"pr_curves_{split}.png", IOU_THRESHOLDS["40"]),
-            plot_roc_curves(inputs, out / f"roc_curves_{split}.png")]
+    return [
+        json_path,
+        markdown_path,
+        plot_pr_curves(matches["40"], inputs.local_labels, out / f"pr_curves_{split}.png", IOU_THRESHOLDS["40"]),
+        plot_roc_curves(inputs, out / f"roc_curves_{split}.png"),
+    ]
 
 
 def thresholds_method(folder: Path) -> str | None:
@@ -384,7 +490,9 @@ def thresholds_method(folder: Path) -> str | None:
     return json.loads(path.read_text()).get("method") if path.exists() else None
 
 
-def torch_infer_from_run(run: Path) -> tuple[InferFn, InputSpec, list[str], list[str], dict[str, float], DetectionParams]:
+def torch_infer_from_run(
+    run: Path,
+) -> tuple[InferFn, InputSpec, list[str], list[str], dict[str, float], DetectionParams]:
     import torch
 
     from service.dicom.preprocess import Normalization
@@ -404,8 +512,9 @@ def torch_infer_from_run(run: Path) -> tuple[InferFn, InputSpec, list[str], list
 def main(args: argparse.Namespace) -> dict:
     if args.pack is not None:
         pack = ModelPack.load(args.pack)
-        settings = Settings(models=args.pack, precision=args.precision,
-                            providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        settings = Settings(
+            models=args.pack, precision=args.precision, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+        )
         models = OnnxModels(pack, settings=settings)
         runtime = {"provider": models.runtime.provider, "precision": models.runtime.precision}
         infer, spec, params = models.run, pack.input_spec, pack.detection_params
@@ -424,8 +533,14 @@ def main(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     matches = detection_matches(inputs)
     scores = score(inputs, matches, BootstrapSpec(args.bootstrap, args.seed, args.confidence))
-    report = {"source": source, "data": str(args.data), "split": args.split, "command": command_line(args),
-              "thresholds_method": thresholds_method(folder), "runtime": runtime} | scores
+    report = {
+        "source": source,
+        "data": str(args.data),
+        "split": args.split,
+        "command": command_line(args),
+        "thresholds_method": thresholds_method(folder),
+        "runtime": runtime,
+    } | scores
     report["seconds"] = {"inference": round(inference_seconds, 1), "metrics": round(time.perf_counter() - started, 1)}
     title = f"Evaluation of {source} on {args.data.name}/{args.split}"
     written = write_outputs(out, args.split, report, inputs, matches, title)

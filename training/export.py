@@ -31,7 +31,14 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto
 
-from service.inference.modelpack import CLASSIFIER_OUTPUTS, DETECTOR_OUTPUTS, INPUT_NAME, MANIFEST_FORMAT, ModelPack, sha256_of
+from service.inference.modelpack import (
+    CLASSIFIER_OUTPUTS,
+    DETECTOR_OUTPUTS,
+    INPUT_NAME,
+    MANIFEST_FORMAT,
+    ModelPack,
+    sha256_of,
+)
 from service.dicom.pipeline import InputSpec
 from service.inference.postprocess import DetectionParams, Detections, box_iou, select_detections
 from service.dicom.preprocess import Normalization
@@ -41,8 +48,10 @@ from training.engine import predict
 from training.labels import LABEL_SETS
 from training.models import Classifier, Detector
 
-INTENDED_USE = ("Research use only; not for diagnostic use. Frontal (PA/AP) pediatric chest radiographs "
-                "(patients under 10 years), CR/DX modality.")
+INTENDED_USE = (
+    "Research use only; not for diagnostic use. Frontal (PA/AP) pediatric chest radiographs "
+    "(patients under 10 years), CR/DX modality."
+)
 MODELS = ("detector", "classifier")
 PRECISIONS = ("fp32", "fp16")
 # The service's postprocessing, as written into the manifest: the top-detection check uses the same.
@@ -71,8 +80,9 @@ FP32_TOLERANCES = Tolerances()
 # x stride) by ~1% of their distance: under 1 px for the findings' sizes at the model input. Boxes are
 # checked where a finding could be reported; far-off background locations may regress boxes of
 # thousands of pixels whose 1% means nothing.
-FP16_TOLERANCES = Tolerances(box_pixels=1.0, score=2e-2, probability=2e-2,
-                             box_min_score=POSTPROCESS.score_threshold, top_detections=5)
+FP16_TOLERANCES = Tolerances(
+    box_pixels=1.0, score=2e-2, probability=2e-2, box_min_score=POSTPROCESS.score_threshold, top_detections=5
+)
 TOLERANCES = {"fp32": FP32_TOLERANCES, "fp16": FP16_TOLERANCES}
 
 # Nodes from these ops on stay float32 in the fp16 variant: exp(distance logits) x stride overflows
@@ -89,14 +99,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="pack name (default: the folder name)")
     parser.add_argument("--version", default="0.1.0")
     parser.add_argument("--parity-images", type=int, default=8)
-    parser.add_argument("--parity-providers", nargs="+", default=["CPUExecutionProvider"],
-                        help="ONNX Runtime providers the parity gate runs each variant on; on a GPU machine add "
-                             "CUDAExecutionProvider so float16 is checked with the kernels that will serve it")
-    parser.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
-                        help="also write the float16 variants (GPU serving); --no-fp16 for a float32-only pack")
-    parser.add_argument("--evaluation", type=Path, default=None,
-                        help="evaluation report (training.evaluate's evaluation_<split>.json) to summarise in the manifest "
-                             "and copy beside the pack (default: the run's evaluation_test.json when present)")
+    parser.add_argument(
+        "--parity-providers",
+        nargs="+",
+        default=["CPUExecutionProvider"],
+        help="ONNX Runtime providers the parity gate runs each variant on; on a GPU machine add "
+        "CUDAExecutionProvider so float16 is checked with the kernels that will serve it",
+    )
+    parser.add_argument(
+        "--fp16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write the float16 variants (GPU serving); --no-fp16 for a float32-only pack",
+    )
+    parser.add_argument(
+        "--evaluation",
+        type=Path,
+        default=None,
+        help="evaluation report (training.evaluate's evaluation_<split>.json) to summarise in the manifest "
+        "and copy beside the pack (default: the run's evaluation_test.json when present)",
+    )
     parser.add_argument("--training-data", default=None, help="one line describing the training data, for the manifest")
     return parser
 
@@ -114,12 +136,23 @@ def load_run(run: Path) -> tuple[dict, Detector, Classifier]:
     return checkpoint, detector.eval(), classifier.eval()
 
 
-def export_onnx(model: torch.nn.Module, size: int, outputs: tuple[str, ...], path: Path, metadata: dict[str, str]) -> None:
+def export_onnx(
+    model: torch.nn.Module, size: int, outputs: tuple[str, ...], path: Path, metadata: dict[str, str]
+) -> None:
     example = torch.zeros(2, 1, size, size)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=list(outputs),
-                      dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False, opset_version=18,
-                      verbose=False)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=list(outputs),
+        dynamic_shapes={"images": {0: batch}},
+        dynamo=True,
+        external_data=False,
+        opset_version=18,
+        verbose=False,
+    )
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
     onnx.helper.set_model_props(graph, metadata | {"precision": "fp32"})
@@ -154,8 +187,9 @@ def _is_cast_to(node: onnx.NodeProto, elem_type: int) -> bool:
 
 def _float32_tensors(graph: onnx.GraphProto) -> set[str]:
     typed = [*graph.input, *graph.value_info, *graph.output]
-    return ({v.name for v in typed if v.type.tensor_type.elem_type == TensorProto.FLOAT}
-            | {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT})
+    return {v.name for v in typed if v.type.tensor_type.elem_type == TensorProto.FLOAT} | {
+        t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT
+    }
 
 
 def _tidy_mixed_precision(graph: onnx.GraphProto) -> None:
@@ -208,7 +242,9 @@ def _tidy_mixed_precision(graph: onnx.GraphProto) -> None:
             break
         nodes = kept
 
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}  # "": an omitted optional input
+    available = (
+        {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    )  # "": an omitted optional input
     ordered: list[onnx.NodeProto] = []
     remaining = nodes
     while remaining:
@@ -249,8 +285,9 @@ def export_float16(fp32_path: Path, path: Path, metadata: dict[str, str]) -> Non
 # Parity gate
 
 
-def missed_top_detections(reference: Detections, candidate: Detections, count: int, min_score: float,
-                          score_tolerance: float) -> tuple[int, int]:
+def missed_top_detections(
+    reference: Detections, candidate: Detections, count: int, min_score: float, score_tolerance: float
+) -> tuple[int, int]:
     """(checked, missed): of the reference's `count` best detections scoring at least `min_score`,
     how many have no candidate detection of the same class with IoU >= 0.5 and a score within tolerance."""
     order = np.argsort(-reference.scores, kind="stable")[:count]
@@ -267,45 +304,63 @@ def missed_top_detections(reference: Detections, candidate: Detections, count: i
     return len(order), missed
 
 
-def compare_outputs(reference: tuple[np.ndarray, np.ndarray, np.ndarray], candidate: tuple[np.ndarray, np.ndarray, np.ndarray],
-                    tolerances: Tolerances, params: DetectionParams = POSTPROCESS) -> dict[str, float]:
+def compare_outputs(
+    reference: tuple[np.ndarray, np.ndarray, np.ndarray],
+    candidate: tuple[np.ndarray, np.ndarray, np.ndarray],
+    tolerances: Tolerances,
+    params: DetectionParams = POSTPROCESS,
+) -> dict[str, float]:
     """Largest differences between two (boxes, scores, probabilities) triples, and the top-detection check."""
     boxes, scores, probabilities = reference
     other_boxes, other_scores, other_probabilities = candidate
     box_difference = np.abs(other_boxes - boxes).max(axis=-1)  # (N, L)
     if tolerances.box_min_score is not None:
         box_difference = box_difference[scores.max(axis=-1) >= tolerances.box_min_score]
-    result = {"box_pixels": float(box_difference.max(initial=0.0)),
-              "score": float(np.abs(other_scores - scores).max()),
-              "probability": float(np.abs(other_probabilities - probabilities).max())}
+    result = {
+        "box_pixels": float(box_difference.max(initial=0.0)),
+        "score": float(np.abs(other_scores - scores).max()),
+        "probability": float(np.abs(other_probabilities - probabilities).max()),
+    }
     if tolerances.top_detections:
         checked = missed = 0
         for image in range(len(boxes)):
-            counts = missed_top_detections(select_detections(boxes[image], scores[image], params),
-                                           select_detections(other_boxes[image], other_scores[image], params),
-                                           tolerances.top_detections, params.score_threshold + tolerances.score,
-                                           tolerances.score)
+            counts = missed_top_detections(
+                select_detections(boxes[image], scores[image], params),
+                select_detections(other_boxes[image], other_scores[image], params),
+                tolerances.top_detections,
+                params.score_threshold + tolerances.score,
+                tolerances.score,
+            )
             checked, missed = checked + counts[0], missed + counts[1]
         result |= {"top_detections_checked": checked, "top_detections_missed": missed}
     return result
 
 
 def parity_failures(worst: dict, tolerances: Tolerances) -> dict[str, float]:
-    failed = {name: worst[name] for name in ("box_pixels", "score", "probability") if worst[name] > getattr(tolerances, name)}
+    failed = {
+        name: worst[name] for name in ("box_pixels", "score", "probability") if worst[name] > getattr(tolerances, name)
+    }
     if worst.get("top_detections_missed"):
         failed["top_detections_missed"] = worst["top_detections_missed"]
     return failed
 
 
-def check_parity(detector: Detector, classifier: Classifier, detector_path: Path, classifier_path: Path,
-                 images: np.ndarray, tolerances: Tolerances, providers: Sequence[str] = ("CPUExecutionProvider",)) -> dict:
+def check_parity(
+    detector: Detector,
+    classifier: Classifier,
+    detector_path: Path,
+    classifier_path: Path,
+    images: np.ndarray,
+    tolerances: Tolerances,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> dict:
     """Largest ONNX-vs-PyTorch differences over batches of 1 and of all images; raises if too large.
 
     Returns the differences (and the top-detection counts when checked) and the provider that ran.
     """
     sessions = [ort.InferenceSession(str(p), providers=list(providers)) for p in (detector_path, classifier_path)]
     worst: dict = {"box_pixels": 0.0, "score": 0.0, "probability": 0.0}
-    for batch in ([images[:1]] + ([images] if len(images) > 1 else [])):
+    for batch in [images[:1]] + ([images] if len(images) > 1 else []):
         reference = predict(detector, classifier, batch, torch.device("cpu"))
         onnx_boxes, onnx_scores = sessions[0].run(list(DETECTOR_OUTPUTS), {INPUT_NAME: batch})
         (onnx_probabilities,) = sessions[1].run(list(CLASSIFIER_OUTPUTS), {INPUT_NAME: batch})
@@ -315,8 +370,10 @@ def check_parity(detector: Detector, classifier: Classifier, detector_path: Path
             worst[name] = value if name.startswith("top_detections") else max(worst[name], value)
     failed = parity_failures(worst, tolerances)
     if failed:
-        raise SystemExit(f"error: ONNX ({detector_path.name}, {classifier_path.name}) and PyTorch disagree beyond "
-                         f"tolerance {tolerances}: {failed}; no pack written")
+        raise SystemExit(
+            f"error: ONNX ({detector_path.name}, {classifier_path.name}) and PyTorch disagree beyond "
+            f"tolerance {tolerances}: {failed}; no pack written"
+        )
     return worst | {"provider": sessions[0].get_providers()[0]}
 
 
@@ -324,19 +381,35 @@ def parity_record(worst: dict) -> dict:
     """check_parity's result as the manifest states it."""
     record: dict = {"max_abs_difference": {name: worst[name] for name in ("box_pixels", "score", "probability")}}
     if "top_detections_checked" in worst:
-        record["top_detections"] = {"checked": worst["top_detections_checked"], "missed": worst["top_detections_missed"]}
+        record["top_detections"] = {
+            "checked": worst["top_detections_checked"],
+            "missed": worst["top_detections_missed"],
+        }
     return record
 
 
-def check_variant(detector: Detector, classifier: Classifier, paths: dict[str, Path], images: np.ndarray,
-                  precision: str, providers: Sequence[str]) -> dict:
+def check_variant(
+    detector: Detector,
+    classifier: Classifier,
+    paths: dict[str, Path],
+    images: np.ndarray,
+    precision: str,
+    providers: Sequence[str],
+) -> dict:
     """One variant's parity on each provider (a provider that falls back is reported once, as what ran)."""
     if any(provider in GPU_PROVIDERS for provider in providers):
         preload_gpu_libraries()  # what the service does before its GPU sessions
     results: dict[str, dict] = {}
     for provider in providers:
-        worst = check_parity(detector, classifier, paths["detector"], paths["classifier"], images,
-                             TOLERANCES[precision], providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
+        worst = check_parity(
+            detector,
+            classifier,
+            paths["detector"],
+            paths["classifier"],
+            images,
+            TOLERANCES[precision],
+            providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])),
+        )
         results.setdefault(worst["provider"], parity_record(worst))
     return {"tolerances": asdict(TOLERANCES[precision]), "providers": results}
 
@@ -372,12 +445,20 @@ def label_selection(run_args: dict, local_labels: list[str], global_labels: list
         return {"trained": list(trained), "not_trained": not_trained}
 
     return {
-        "rule": (f"labels with at least {min_examples} training examples (the VinDr-PCXR paper notes rarer labels "
-                 "are not reliably learnable), unless labels were named explicitly"),
+        "rule": (
+            f"labels with at least {min_examples} training examples (the VinDr-PCXR paper notes rarer labels "
+            "are not reliably learnable), unless labels were named explicitly"
+        ),
         "min_examples": min_examples,
-        "local": kind(tuple(label.name for label in label_set.local), local_labels, local_counts, run_args.get("local_labels")),
-        "global": kind(tuple(label.name for label in label_set.global_), global_labels, global_counts,
-                       run_args.get("global_labels")),
+        "local": kind(
+            tuple(label.name for label in label_set.local), local_labels, local_counts, run_args.get("local_labels")
+        ),
+        "global": kind(
+            tuple(label.name for label in label_set.global_),
+            global_labels,
+            global_counts,
+            run_args.get("global_labels"),
+        ),
     }
 
 
@@ -391,14 +472,24 @@ def evaluation_summary(report: dict, file_name: str) -> dict:
     detection, classification = report.get("detection") or {}, report.get("classification") or {}
     return {
         "report": file_name,
-        "source": report.get("source"), "data": report.get("data"), "split": report.get("split"),
+        "source": report.get("source"),
+        "data": report.get("data"),
+        "split": report.get("split"),
         "images": report.get("images"),
-        "detection": _headline(detection) | {
-            "per_class": {label: {key: value for key, value in entry.items() if key.startswith("ap40")}
-                          for label, entry in (detection.get("per_class") or {}).items()}},
-        "classification": _headline(classification) | {
-            "per_label": {label: {key: value for key, value in entry.items() if key.startswith("auroc")}
-                          for label, entry in (classification.get("per_label") or {}).items()}},
+        "detection": _headline(detection)
+        | {
+            "per_class": {
+                label: {key: value for key, value in entry.items() if key.startswith("ap40")}
+                for label, entry in (detection.get("per_class") or {}).items()
+            }
+        },
+        "classification": _headline(classification)
+        | {
+            "per_label": {
+                label: {key: value for key, value in entry.items() if key.startswith("auroc")}
+                for label, entry in (classification.get("per_label") or {}).items()
+            }
+        },
     }
 
 
@@ -420,8 +511,11 @@ def copy_evaluation(report_path: Path, out: Path) -> dict:
 def model_entry(out: Path, model: str, precisions: Sequence[str]) -> dict:
     """The manifest's file entry of one model: its float32 file at the top, other precisions under `variants`."""
     entry: dict = {"file": f"{model}.onnx", "sha256": sha256_of(out / f"{model}.onnx"), "precision": "fp32"}
-    variants = {precision: {"file": f"{model}.{precision}.onnx", "sha256": sha256_of(out / f"{model}.{precision}.onnx")}
-                for precision in precisions if precision != "fp32"}
+    variants = {
+        precision: {"file": f"{model}.{precision}.onnx", "sha256": sha256_of(out / f"{model}.{precision}.onnx")}
+        for precision in precisions
+        if precision != "fp32"
+    }
     if variants:
         entry["variants"] = variants
     return entry
@@ -456,7 +550,9 @@ def main(args: argparse.Namespace) -> Path:
 
     name = args.name or args.out.name
     metadata = {
-        "pack": name, "version": args.version, "input_size": str(size),
+        "pack": name,
+        "version": args.version,
+        "input_size": str(size),
         "normalization": json.dumps({"mean": normalization.mean, "std": normalization.std}),
         "intended_use": INTENDED_USE,
     }
@@ -470,9 +566,12 @@ def main(args: argparse.Namespace) -> Path:
             export_onnx(module, size, outputs[model], fp32[model], model_metadata)
             if "fp16" in precisions:
                 export_float16(fp32[model], variant_paths(staging, "fp16")[model], model_metadata)
-        parity = {precision: check_variant(detector, classifier, variant_paths(staging, precision), images, precision,
-                                           args.parity_providers)
-                  for precision in precisions}
+        parity = {
+            precision: check_variant(
+                detector, classifier, variant_paths(staging, precision), images, precision, args.parity_providers
+            )
+            for precision in precisions
+        }
         args.out.mkdir(parents=True, exist_ok=True)
         for precision in precisions:
             for file in variant_paths(staging, precision).values():
@@ -489,29 +588,57 @@ def main(args: argparse.Namespace) -> Path:
         "version": args.version,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "intended_use": INTENDED_USE,
-        "intended_population": {"modalities": ["CR", "DX"], "body_part": "CHEST", "views": ["PA", "AP"], "max_age_years": 10},
-        "training_data": args.training_data or (f"{run_args['dataset']} layout at {data_root.name} "
-                                                f"({len(training_records)} images in its train split)"),
+        "intended_population": {
+            "modalities": ["CR", "DX"],
+            "body_part": "CHEST",
+            "views": ["PA", "AP"],
+            "max_age_years": 10,
+        },
+        "training_data": args.training_data
+        or (f"{run_args['dataset']} layout at {data_root.name} ({len(training_records)} images in its train split)"),
         "label_set": run_args["dataset"],
         "label_selection": label_selection(run_args, local_labels, global_labels, training_records),
-        "input": {"name": INPUT_NAME, "layout": "NCHW", "channels": 1, "size": size,
-                  "normalization": {"mean": normalization.mean, "std": normalization.std},
-                  "preprocessing": "modality LUT -> window (or min-max) -> MONOCHROME1 inverted -> top-left letterbox (PIL bilinear) -> (x - mean) / std"},
+        "input": {
+            "name": INPUT_NAME,
+            "layout": "NCHW",
+            "channels": 1,
+            "size": size,
+            "normalization": {"mean": normalization.mean, "std": normalization.std},
+            "preprocessing": "modality LUT -> window (or min-max) -> MONOCHROME1 inverted -> top-left letterbox (PIL bilinear) -> (x - mean) / std",
+        },
         "precisions": list(precisions),
-        "detector": model_entry(args.out, "detector", precisions) | {
-            "backbone": run_args["detector_backbone"], "outputs": list(DETECTOR_OUTPUTS), "labels": local_labels,
+        "detector": model_entry(args.out, "detector", precisions)
+        | {
+            "backbone": run_args["detector_backbone"],
+            "outputs": list(DETECTOR_OUTPUTS),
+            "labels": local_labels,
             "postprocess": asdict(POSTPROCESS),
             # Findings are reported at these per-label operating points; evaluation uses all boxes.
-            "thresholds": thresholds["finding_thresholds"]},
-        "classifier": model_entry(args.out, "classifier", precisions) | {
-            "backbone": run_args["classifier_backbone"], "outputs": list(CLASSIFIER_OUTPUTS), "labels": global_labels,
-            "thresholds": thresholds["thresholds"], "threshold_method": thresholds["method"]},
-        "training": {"epochs": checkpoint["epoch"] + 1, "seed": run_args["seed"],
-                     "train_images": run_summary.get("train_images"), "validation_images": run_summary.get("val_images"),
-                     "final_validation": checkpoint["log"][-1]["val"] if checkpoint["log"] else None},
+            "thresholds": thresholds["finding_thresholds"],
+        },
+        "classifier": model_entry(args.out, "classifier", precisions)
+        | {
+            "backbone": run_args["classifier_backbone"],
+            "outputs": list(CLASSIFIER_OUTPUTS),
+            "labels": global_labels,
+            "thresholds": thresholds["thresholds"],
+            "threshold_method": thresholds["method"],
+        },
+        "training": {
+            "epochs": checkpoint["epoch"] + 1,
+            "seed": run_args["seed"],
+            "train_images": run_summary.get("train_images"),
+            "validation_images": run_summary.get("val_images"),
+            "final_validation": checkpoint["log"][-1]["val"] if checkpoint["log"] else None,
+        },
         "evaluation": evaluation,
-        "export_parity": {"images": len(images), "batch_sizes": sorted({1, len(images)}),
-                          "reference": "PyTorch float32 on CPU", "postprocess": asdict(POSTPROCESS)} | parity,
+        "export_parity": {
+            "images": len(images),
+            "batch_sizes": sorted({1, len(images)}),
+            "reference": "PyTorch float32 on CPU",
+            "postprocess": asdict(POSTPROCESS),
+        }
+        | parity,
     }
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     ModelPack.load(args.out)  # the pack we wrote must verify like the service will verify it

@@ -79,16 +79,18 @@ def weighted_mean_box(boxes: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (np.asarray(boxes, dtype=np.float64) * weights[:, None]).sum(axis=0) / weights.sum()
 
 
-def cluster_boxes(boxes: np.ndarray, raters: Sequence[str], iou_threshold: float,
-                  weights: np.ndarray | None = None) -> list[list[int]]:
+def cluster_boxes(
+    boxes: np.ndarray, raters: Sequence[str], iou_threshold: float, weights: np.ndarray | None = None
+) -> list[list[int]]:
     """WBF clusters of one class's boxes: lists of input indices, at most one box per rater each."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     weights = np.ones(len(boxes)) if weights is None else np.asarray(weights, dtype=np.float64)
     clusters: list[list[int]] = []
     fused: list[np.ndarray] = []
     for index in np.argsort(-weights, kind="stable"):
-        open_clusters = [k for k, members in enumerate(clusters)
-                         if raters[index] not in {raters[member] for member in members}]
+        open_clusters = [
+            k for k, members in enumerate(clusters) if raters[index] not in {raters[member] for member in members}
+        ]
         if open_clusters:
             overlaps = box_iou(boxes[index], np.stack([fused[k] for k in open_clusters]))
             best = int(np.argmax(overlaps))  # ties go to the earliest cluster
@@ -102,8 +104,13 @@ def cluster_boxes(boxes: np.ndarray, raters: Sequence[str], iou_threshold: float
     return clusters
 
 
-def weighted_box_fusion(boxes: np.ndarray, labels: Sequence[str], raters: Sequence[str], iou_threshold: float,
-                        weights: np.ndarray | None = None) -> FusedBoxes:
+def weighted_box_fusion(
+    boxes: np.ndarray,
+    labels: Sequence[str],
+    raters: Sequence[str],
+    iou_threshold: float,
+    weights: np.ndarray | None = None,
+) -> FusedBoxes:
     """WBF of one image's boxes from several raters; boxes of different classes never fuse."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     weights = np.ones(len(boxes)) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -116,8 +123,9 @@ def weighted_box_fusion(boxes: np.ndarray, labels: Sequence[str], raters: Sequen
             fused_boxes.append(weighted_mean_box(boxes[mine[members]], weights[mine[members]]))
             fused_labels.append(label)
             support.append(len({raters[i] for i in mine[members]}))
-    return FusedBoxes(np.array(fused_boxes, dtype=np.float64).reshape(-1, 4), tuple(fused_labels),
-                      np.array(support, dtype=np.int64))
+    return FusedBoxes(
+        np.array(fused_boxes, dtype=np.float64).reshape(-1, 4), tuple(fused_labels), np.array(support, dtype=np.int64)
+    )
 
 
 def enough_support(support: np.ndarray, num_raters: int, min_raters: int) -> np.ndarray:
@@ -125,16 +133,22 @@ def enough_support(support: np.ndarray, num_raters: int, min_raters: int) -> np.
     return np.asarray(support) >= min(min_raters, max(num_raters, 1))
 
 
-def fuse_rater_boxes(boxes: np.ndarray, labels: Sequence[str], raters: Sequence[str], num_raters: int,
-                     config: FusionConfig = FusionConfig()) -> FusedBoxes:
+def fuse_rater_boxes(
+    boxes: np.ndarray,
+    labels: Sequence[str],
+    raters: Sequence[str],
+    num_raters: int,
+    config: FusionConfig = FusionConfig(),
+) -> FusedBoxes:
     """One image's training boxes: WBF across raters, then the `min_raters` filter.
 
     `num_raters` counts every rater who read the image, including those who drew no box.
     """
     fused = weighted_box_fusion(boxes, labels, raters, config.iou_threshold)
     keep = enough_support(fused.support, num_raters, config.min_raters)
-    return FusedBoxes(fused.boxes[keep], tuple(label for label, kept in zip(fused.labels, keep) if kept),
-                      fused.support[keep])
+    return FusedBoxes(
+        fused.boxes[keep], tuple(label for label, kept in zip(fused.labels, keep) if kept), fused.support[keep]
+    )
 
 
 def vote(votes: np.ndarray, threshold: float = DEFAULT_VOTE_THRESHOLD) -> np.ndarray:

@@ -122,14 +122,18 @@ def class_matches(images: list[ImageDetections], label: int, iou_threshold: floa
     per_image = [image_matches(image, label, iou_threshold) for image in images]
     scores = np.concatenate([np.zeros(0)] + [scores for scores, _ in per_image])
     hits = np.concatenate([np.zeros(0, dtype=bool)] + [hits for _, hits in per_image])
-    image_index = np.concatenate([np.zeros(0, dtype=np.int64)]
-                                 + [np.full(len(scores), i, dtype=np.int64) for i, (scores, _) in enumerate(per_image)])
+    image_index = np.concatenate(
+        [np.zeros(0, dtype=np.int64)]
+        + [np.full(len(scores), i, dtype=np.int64) for i, (scores, _) in enumerate(per_image)]
+    )
     order = np.argsort(-scores, kind="stable")
     gt_per_image = np.array([int((np.asarray(image.gt_classes) == label).sum()) for image in images], dtype=np.int64)
     return ClassMatches(scores[order], hits[order], image_index[order], gt_per_image)
 
 
-def ranked_matches(images: list[ImageDetections], label: int, iou_threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+def ranked_matches(
+    images: list[ImageDetections], label: int, iou_threshold: float
+) -> tuple[np.ndarray, np.ndarray, int]:
     """One class's predictions over all images, best score first: (scores, is-true-positive, ground-truth count)."""
     matches = class_matches(images, label, iou_threshold)
     return matches.scores, matches.hits, matches.num_gt
@@ -144,8 +148,9 @@ def matches_average_precision(matches: ClassMatches, interpolation: Interpolatio
     return average_precision(*precision_recall(matches.hits, matches.num_gt), interpolation)
 
 
-def class_average_precision(images: list[ImageDetections], label: int, iou_threshold: float,
-                            interpolation: Interpolation = "voc") -> float | None:
+def class_average_precision(
+    images: list[ImageDetections], label: int, iou_threshold: float, interpolation: Interpolation = "voc"
+) -> float | None:
     """AP of one class over a set of images; None when the class has no ground truth."""
     return matches_average_precision(class_matches(images, label, iou_threshold), interpolation)
 
@@ -167,10 +172,13 @@ def finding_threshold(images: list[ImageDetections], label: int, iou_threshold: 
     return float(scores[best])
 
 
-def mean_average_precision(images: list[ImageDetections], labels: list[str], iou_threshold: float,
-                           interpolation: Interpolation = "voc") -> dict:
+def mean_average_precision(
+    images: list[ImageDetections], labels: list[str], iou_threshold: float, interpolation: Interpolation = "voc"
+) -> dict:
     """{"map": mean over classes with ground truth, "per_class": {label: AP or None}}."""
-    per_class = {name: class_average_precision(images, i, iou_threshold, interpolation) for i, name in enumerate(labels)}
+    per_class = {
+        name: class_average_precision(images, i, iou_threshold, interpolation) for i, name in enumerate(labels)
+    }
     present = [ap for ap in per_class.values() if ap is not None]
     return {"map": float(np.mean(present)) if present else None, "per_class": per_class}
 
@@ -187,7 +195,7 @@ def auroc(targets: np.ndarray, scores: np.ndarray) -> float | None:
     # Average ranks over ties so equal scores count as half a correct ordering.
     _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
     for start, count in zip(first, counts):
-        ranks[order[start:start + count]] = start + (count + 1) / 2.0
+        ranks[order[start : start + count]] = start + (count + 1) / 2.0
     return float((ranks[targets].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
 
 
@@ -206,8 +214,11 @@ def roc_curve(targets: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.n
     last_of_score = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
     true_positives = np.cumsum(sorted_targets)[last_of_score]
     false_positives = np.cumsum(~sorted_targets)[last_of_score]
-    return (np.concatenate([[0.0], false_positives / negatives]), np.concatenate([[0.0], true_positives / positives]),
-            np.concatenate([[np.inf], sorted_scores[last_of_score]]))
+    return (
+        np.concatenate([[0.0], false_positives / negatives]),
+        np.concatenate([[0.0], true_positives / positives]),
+        np.concatenate([[np.inf], sorted_scores[last_of_score]]),
+    )
 
 
 def youden_threshold(targets: np.ndarray, scores: np.ndarray) -> float:
@@ -240,6 +251,7 @@ def operating_point(targets: np.ndarray, scores: np.ndarray, threshold: float) -
 
 
 # ---- bootstrap over images -------------------------------------------------------------------
+
 
 def resample_counts(num_images: int, num_resamples: int, rng: np.random.Generator) -> np.ndarray:
     """(B, N) how often each image is drawn in each resample of N images with replacement."""
@@ -294,15 +306,20 @@ def bootstrap_auroc(targets: np.ndarray, scores: np.ndarray, counts: np.ndarray)
     return _ratio(wins, positives.sum(axis=1) * negatives.sum(axis=1))
 
 
-def bootstrap_operating_point(targets: np.ndarray, scores: np.ndarray, threshold: float,
-                              counts: np.ndarray) -> dict[str, np.ndarray]:
+def bootstrap_operating_point(
+    targets: np.ndarray, scores: np.ndarray, threshold: float, counts: np.ndarray
+) -> dict[str, np.ndarray]:
     """Sensitivity, specificity and F1 at a fixed threshold in each resample: (B,) each, NaN where undefined."""
     targets = np.asarray(targets).astype(bool)
     predicted = np.asarray(scores) >= threshold
     counts = np.asarray(counts, dtype=np.float64)
     tp, fp = counts @ (predicted & targets), counts @ (predicted & ~targets)
     fn, tn = counts @ (~predicted & targets), counts @ (~predicted & ~targets)
-    return {"sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
+    return {
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+    }
 
 
 def nan_mean_rows(values: np.ndarray) -> np.ndarray:

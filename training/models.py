@@ -49,8 +49,13 @@ def _stage_ends(features: nn.Sequential) -> dict[int, tuple[int, int]]:
 
 
 class Detector(nn.Module):
-    def __init__(self, num_classes: int, backbone: str = "mobilenet_v3_small", fpn_channels: int = 64,
-                 pretrained_backbone: Path | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "mobilenet_v3_small",
+        fpn_channels: int = 64,
+        pretrained_backbone: Path | None = None,
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.features = _backbone_features(backbone, pretrained_backbone)
@@ -76,7 +81,9 @@ class Detector(nn.Module):
             layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(16, channels), nn.ReLU(inplace=True)]
         return nn.Sequential(*layers)
 
-    def dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def dense(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw per-location outputs over all levels.
 
         Returns cls logits (N, L, C), ltrb distances in input pixels (N, L, 4), centerness
@@ -113,8 +120,13 @@ class Detector(nn.Module):
         return boxes, scores
 
 
-def fcos_targets(points: torch.Tensor, strides: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
-                 center_radius: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+def fcos_targets(
+    points: torch.Tensor,
+    strides: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    center_radius: float = 1.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Assign each location to at most one ground-truth box (FCOS rules).
 
     A location is positive for a box when it lies in the box's central region (radius in strides)
@@ -147,7 +159,9 @@ def fcos_targets(points: torch.Tensor, strides: torch.Tensor, gt_boxes: torch.Te
     return matched, labels
 
 
-def detection_loss(model: Detector, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def detection_loss(
+    model: Detector, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """FCOS loss: sigmoid focal (classes) + GIoU (boxes) + BCE (centerness), per positive location."""
     cls, reg, ctr, points, strides = model.dense(images)
     cls_targets = torch.zeros_like(cls)
@@ -181,8 +195,13 @@ def detection_loss(model: Detector, images: torch.Tensor, targets: list[dict[str
 class Classifier(nn.Module):
     """Multi-label image classifier: backbone -> global average pool -> one logit per disease."""
 
-    def __init__(self, num_labels: int, backbone: str = "mobilenet_v3_small", pretrained_backbone: Path | None = None,
-                 dropout: float = 0.2) -> None:
+    def __init__(
+        self,
+        num_labels: int,
+        backbone: str = "mobilenet_v3_small",
+        pretrained_backbone: Path | None = None,
+        dropout: float = 0.2,
+    ) -> None:
         super().__init__()
         self.features = _backbone_features(backbone, pretrained_backbone)
         channels = _stage_ends(self.features)[len(self.features) - 1][1]

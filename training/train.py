@@ -60,29 +60,55 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--detector-backbone", choices=BACKBONES, default="mobilenet_v3_small")
     parser.add_argument("--classifier-backbone", choices=BACKBONES, default="mobilenet_v3_small")
     parser.add_argument("--fpn-channels", type=int, default=64)
-    parser.add_argument("--pretrained-backbone", type=Path, default=None,
-                        help="local torchvision state_dict for the backbone (nothing is downloaded)")
-    parser.add_argument("--local-labels", nargs="*", default=None,
-                        help="local labels to train (default: those with at least --min-examples boxed images)")
-    parser.add_argument("--global-labels", nargs="*", default=None,
-                        help="global labels to train (default: those with at least --min-examples positives)")
-    parser.add_argument("--min-examples", type=int, default=10,
-                        help="labels rarer than this are not reliably learnable (the paper's cut-off)")
+    parser.add_argument(
+        "--pretrained-backbone",
+        type=Path,
+        default=None,
+        help="local torchvision state_dict for the backbone (nothing is downloaded)",
+    )
+    parser.add_argument(
+        "--local-labels",
+        nargs="*",
+        default=None,
+        help="local labels to train (default: those with at least --min-examples boxed images)",
+    )
+    parser.add_argument(
+        "--global-labels",
+        nargs="*",
+        default=None,
+        help="global labels to train (default: those with at least --min-examples positives)",
+    )
+    parser.add_argument(
+        "--min-examples",
+        type=int,
+        default=10,
+        help="labels rarer than this are not reliably learnable (the paper's cut-off)",
+    )
     parser.add_argument("--dataset", choices=sorted(LABEL_SETS), default="vindr-pcxr", help="label set of the data")
     add_layout_arguments(parser)
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    parser.add_argument("--dist-backend", choices=("nccl", "gloo"), default=None,
-                        help="process-group backend under torchrun (default: nccl on CUDA, gloo on CPU)")
+    parser.add_argument(
+        "--dist-backend",
+        choices=("nccl", "gloo"),
+        default=None,
+        help="process-group backend under torchrun (default: nccl on CUDA, gloo on CPU)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="processes decoding DICOMs")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (smoke runs)")
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="stop each epoch after this many steps (smoke runs)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
-    parser.add_argument("--init-from", type=Path, default=None,
-                        help="start from another run's checkpoint.pt (weights, labels, input size, backbones) with "
-                             "a fresh optimizer: curriculum fine-tuning, e.g. easy phantoms first, then default")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from another run's checkpoint.pt (weights, labels, input size, backbones) with "
+        "a fresh optimizer: curriculum fine-tuning, e.g. easy phantoms first, then default",
+    )
     return parser
 
 
@@ -99,8 +125,9 @@ def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def choose_labels(records: list[Record], requested: list[str] | None, kind: str, min_examples: int,
-                  label_set: LabelSet) -> list[str]:
+def choose_labels(
+    records: list[Record], requested: list[str] | None, kind: str, min_examples: int, label_set: LabelSet
+) -> list[str]:
     """Labels to train, in the paper's table order: the requested ones, or those common enough."""
     names = [label.name for label in (label_set.local if kind == "local" else label_set.global_)]
     if kind == "local":
@@ -130,8 +157,10 @@ def resolve_device(name: str, context: DistContext = DistContext()) -> torch.dev
     if not context.enabled or device.type != "cuda":
         return device
     if device.index is not None and device.index != context.local_rank:
-        raise SystemExit(f"error: under torchrun each rank uses cuda:LOCAL_RANK; got --device {name} on local rank "
-                         f"{context.local_rank} (pass --device cuda or auto)")
+        raise SystemExit(
+            f"error: under torchrun each rank uses cuda:LOCAL_RANK; got --device {name} on local rank "
+            f"{context.local_rank} (pass --device cuda or auto)"
+        )
     return torch.device("cuda", context.local_rank)
 
 
@@ -180,12 +209,19 @@ def train_on_rank(args: argparse.Namespace, context: DistContext, device: torch.
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = args.out / "checkpoint.pt"
     # Every rank loads the checkpoint itself: the same file gives every rank the same state.
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False) if args.resume and checkpoint_path.exists() else None
+    checkpoint = (
+        torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if args.resume and checkpoint_path.exists()
+        else None
+    )
     if args.resume and checkpoint is None:
         announce(context, f"no checkpoint at {checkpoint_path}; starting from scratch", file=sys.stderr)
     # A resumed run already holds its warm-started weights; only a fresh run loads them.
-    initial = (torch.load(args.init_from, map_location="cpu", weights_only=False)
-               if args.init_from and checkpoint is None else None)
+    initial = (
+        torch.load(args.init_from, map_location="cpu", weights_only=False)
+        if args.init_from and checkpoint is None
+        else None
+    )
     if checkpoint is not None:
         # The run's own settings win over the command line for everything that shapes the models.
         for key in ("input_size", "detector_backbone", "classifier_backbone", "fpn_channels", "seed", "val_fraction"):
@@ -202,32 +238,48 @@ def train_on_rank(args: argparse.Namespace, context: DistContext, device: torch.
         local_labels, global_labels = initial["local_labels"], initial["global_labels"]
     else:
         local_labels = choose_labels(records, args.local_labels, "local", args.min_examples, LABEL_SETS[args.dataset])
-        global_labels = choose_labels(records, args.global_labels, "global", args.min_examples, LABEL_SETS[args.dataset])
+        global_labels = choose_labels(
+            records, args.global_labels, "global", args.min_examples, LABEL_SETS[args.dataset]
+        )
     if not local_labels or not global_labels:
         raise SystemExit("error: no local or no global label has enough examples; lower --min-examples or name labels")
     train_records, val_records = split_train_val(records, args.val_fraction, args.seed)
-    announce(context, f"{len(train_records)} training / {len(val_records)} validation images; "
-                      f"{len(local_labels)} local labels, {len(global_labels)} global labels; device {device}")
+    announce(
+        context,
+        f"{len(train_records)} training / {len(val_records)} validation images; "
+        f"{len(local_labels)} local labels, {len(global_labels)} global labels; device {device}",
+    )
     steps = steps_per_epoch(len(train_records), args.batch_size, context.world_size, args.max_steps)
     if context.enabled:
-        announce(context, f"DDP: {context.world_size} ranks ({context.backend}); batch {args.batch_size} per rank = "
-                          f"effective batch {args.batch_size * context.world_size} (--lr not scaled); "
-                          f"{steps} steps per epoch on each rank")
+        announce(
+            context,
+            f"DDP: {context.world_size} ranks ({context.backend}); batch {args.batch_size} per rank = "
+            f"effective batch {args.batch_size * context.world_size} (--lr not scaled); "
+            f"{steps} steps per epoch on each rank",
+        )
 
     spec = InputSpec(size=args.input_size, normalization=DEFAULT_NORMALIZATION)
     # Simple over clever: each rank decodes the whole training split (its shard changes every
     # epoch); only rank 0 validates, so only it decodes the validation split.
     with distributed.quiet_unless_main(context):
         train_data = load_tensors(train_records, spec, local_labels, global_labels, args.workers, "preprocess train")
-    val_data = (load_tensors(val_records, spec, local_labels, global_labels, args.workers, "preprocess val")
-                if context.is_main else None)
+    val_data = (
+        load_tensors(val_records, spec, local_labels, global_labels, args.workers, "preprocess val")
+        if context.is_main
+        else None
+    )
 
-    detector = Detector(len(local_labels), args.detector_backbone, args.fpn_channels, args.pretrained_backbone).to(device)
+    detector = Detector(len(local_labels), args.detector_backbone, args.fpn_channels, args.pretrained_backbone).to(
+        device
+    )
     classifier = Classifier(len(global_labels), args.classifier_backbone, args.pretrained_backbone).to(device)
-    optimizer = torch.optim.AdamW(list(detector.parameters()) + list(classifier.parameters()),
-                                  lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        list(detector.parameters()) + list(classifier.parameters()), lr=args.lr, weight_decay=args.weight_decay
+    )
     total_steps = steps * args.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, min(200, total_steps // 10 + 1)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, min(200, total_steps // 10 + 1))
+    )
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
     # Rare diseases get a larger positive weight (capped) so the classifier does not ignore them.
     prevalence = train_data.image_labels.mean(axis=0).clip(1e-3, 1.0)
@@ -255,51 +307,102 @@ def train_on_rank(args: argparse.Namespace, context: DistContext, device: torch.
     val_probabilities = val_detections = None
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
-        train_stats = train_one_epoch(model, train_data, optimizer, scheduler, pos_weight, Augment(), generator,
-                                      args.batch_size, device, epoch, normalization, args.max_steps, scaler,
-                                      rank=context.rank, world_size=context.world_size, show_progress=context.is_main)
+        train_stats = train_one_epoch(
+            model,
+            train_data,
+            optimizer,
+            scheduler,
+            pos_weight,
+            Augment(),
+            generator,
+            args.batch_size,
+            device,
+            epoch,
+            normalization,
+            args.max_steps,
+            scaler,
+            rank=context.rank,
+            world_size=context.world_size,
+            show_progress=context.is_main,
+        )
         losses = distributed.mean_across_ranks({k: v for k, v in train_stats.items() if k != "steps"}, context, device)
         train_stats = losses | {"steps": train_stats["steps"]}
         if context.is_main:
-            val_metrics, val_probabilities, val_detections = evaluate(detector, classifier, val_data,
-                                                                      local_labels, global_labels, device)
-            entry = {"epoch": epoch, "train": train_stats, "val": val_metrics, "seconds": round(time.time() - started, 1),
-                     "lr": optimizer.param_groups[0]["lr"]}
+            val_metrics, val_probabilities, val_detections = evaluate(
+                detector, classifier, val_data, local_labels, global_labels, device
+            )
+            entry = {
+                "epoch": epoch,
+                "train": train_stats,
+                "val": val_metrics,
+                "seconds": round(time.time() - started, 1),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
             log.append(entry)
             with (args.out / "log.jsonl").open("a") as handle:
                 handle.write(json.dumps(entry) + "\n")
-            print(f"epoch {epoch}: loss {sum(v for k, v in train_stats.items() if k != 'steps'):.3f}  "
-                  f"val mAP@0.4 {val_metrics['map40'] or 0:.3f}  val mean AUROC {val_metrics['mean_auroc'] or 0:.3f}  "
-                  f"({entry['seconds']} s)")
-            torch.save({
-                "detector": detector.state_dict(), "classifier": classifier.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(), "args": vars(args) | {"data": str(args.data), "out": str(args.out),
-                                                                           "pretrained_backbone": str(args.pretrained_backbone),
-                                                                           "init_from": str(args.init_from) if args.init_from else None},
-                "epoch": epoch, "log": log, "local_labels": local_labels, "global_labels": global_labels,
-                "input_size": args.input_size, "normalization": normalization,
-            }, checkpoint_path)
+            print(
+                f"epoch {epoch}: loss {sum(v for k, v in train_stats.items() if k != 'steps'):.3f}  "
+                f"val mAP@0.4 {val_metrics['map40'] or 0:.3f}  val mean AUROC {val_metrics['mean_auroc'] or 0:.3f}  "
+                f"({entry['seconds']} s)"
+            )
+            torch.save(
+                {
+                    "detector": detector.state_dict(),
+                    "classifier": classifier.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "generator": generator.get_state(),
+                    "args": vars(args)
+                    | {
+                        "data": str(args.data),
+                        "out": str(args.out),
+                        "pretrained_backbone": str(args.pretrained_backbone),
+                        "init_from": str(args.init_from) if args.init_from else None,
+                    },
+                    "epoch": epoch,
+                    "log": log,
+                    "local_labels": local_labels,
+                    "global_labels": global_labels,
+                    "input_size": args.input_size,
+                    "normalization": normalization,
+                },
+                checkpoint_path,
+            )
         distributed.barrier(context)  # the other ranks wait while rank 0 validates and saves
 
     # Every rank hashes its parameters: identical digests prove DDP kept the replicas in step.
-    digests = (distributed.gather_strings(distributed.parameter_digest([detector, classifier]), context)
-               if context.enabled else [])
+    digests = (
+        distributed.gather_strings(distributed.parameter_digest([detector, classifier]), context)
+        if context.enabled
+        else []
+    )
     summary: dict = {}
     if context.is_main:
         if val_probabilities is None:  # resumed a finished run: recompute validation outputs
-            _, val_probabilities, val_detections = evaluate(detector, classifier, val_data, local_labels, global_labels, device)
-        write_thresholds(args.out / "thresholds.json", val_data, val_probabilities, val_detections,
-                         local_labels, global_labels)
+            _, val_probabilities, val_detections = evaluate(
+                detector, classifier, val_data, local_labels, global_labels, device
+            )
+        write_thresholds(
+            args.out / "thresholds.json", val_data, val_probabilities, val_detections, local_labels, global_labels
+        )
         if log:
             plot_curves(log, args.out / "loss_curves.png")
-        summary = {"epochs": len(log), "final_val": log[-1]["val"] if log else None,
-                   "train_images": len(train_records), "val_images": len(val_records)}
+        summary = {
+            "epochs": len(log),
+            "final_val": log[-1]["val"] if log else None,
+            "train_images": len(train_records),
+            "val_images": len(val_records),
+        }
         if context.enabled:
-            summary["distributed"] = {"world_size": context.world_size, "backend": context.backend,
-                                      "batch_size_per_rank": args.batch_size,
-                                      "effective_batch_size": args.batch_size * context.world_size,
-                                      "steps_per_epoch_per_rank": steps, "parameter_sha256_per_rank": digests}
+            summary["distributed"] = {
+                "world_size": context.world_size,
+                "backend": context.backend,
+                "batch_size_per_rank": args.batch_size,
+                "effective_batch_size": args.batch_size * context.world_size,
+                "steps_per_epoch_per_rank": steps,
+                "parameter_sha256_per_rank": digests,
+            }
         (args.out / "run.json").write_text(json.dumps(summary, indent=2))
         print(f"done: {args.out / 'checkpoint.pt'}")
     distributed.barrier(context)
@@ -308,19 +411,35 @@ def train_on_rank(args: argparse.Namespace, context: DistContext, device: torch.
     return summary
 
 
-def write_thresholds(path: Path, val_data: TensorSet, val_probabilities: np.ndarray,
-                     val_detections: list[ImageDetections], local_labels: list[str], global_labels: list[str]) -> None:
+def write_thresholds(
+    path: Path,
+    val_data: TensorSet,
+    val_probabilities: np.ndarray,
+    val_detections: list[ImageDetections],
+    local_labels: list[str],
+    global_labels: list[str],
+) -> None:
     """Per-label operating points chosen on the validation split (never on test)."""
-    thresholds = {name: youden_threshold(val_data.image_labels[:, k], val_probabilities[:, k])
-                  for k, name in enumerate(global_labels)}
+    thresholds = {
+        name: youden_threshold(val_data.image_labels[:, k], val_probabilities[:, k])
+        for k, name in enumerate(global_labels)
+    }
     # A label the validation split cannot pick an operating point for reports only confident boxes.
-    finding_thresholds = {name: finding_threshold(val_detections, k) or FALLBACK_FINDING_THRESHOLD
-                          for k, name in enumerate(local_labels)}
-    path.write_text(json.dumps({
-        "method": "diseases: Youden's J; findings: best F1 of boxes at IoU 0.4 "
-                  f"({FALLBACK_FINDING_THRESHOLD} where undefined); both on the validation split",
-        "validation_images": len(val_data.image_ids), "thresholds": thresholds, "finding_thresholds": finding_thresholds},
-        indent=2))
+    finding_thresholds = {
+        name: finding_threshold(val_detections, k) or FALLBACK_FINDING_THRESHOLD for k, name in enumerate(local_labels)
+    }
+    path.write_text(
+        json.dumps(
+            {
+                "method": "diseases: Youden's J; findings: best F1 of boxes at IoU 0.4 "
+                f"({FALLBACK_FINDING_THRESHOLD} where undefined); both on the validation split",
+                "validation_images": len(val_data.image_ids),
+                "thresholds": thresholds,
+                "finding_thresholds": finding_thresholds,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,14 @@ def prepare_body(body: bytes, pack: ModelPack, settings: Settings) -> PreparedIm
     return prepare(body, pack.input_spec, settings.decode_limits, settings.image_id_hash)
 
 
-def prediction_json(prepared: PreparedImage, outputs: ModelOutputs, pack: ModelPack, settings: Settings,
-                    request_id: str, timing_ms: dict[str, float]) -> dict:
+def prediction_json(
+    prepared: PreparedImage,
+    outputs: ModelOutputs,
+    pack: ModelPack,
+    settings: Settings,
+    request_id: str,
+    timing_ms: dict[str, float],
+) -> dict:
     """The service's JSON answer for one image, built by the service's own function."""
     warnings = out_of_distribution_reasons(prepared.header, pack.intended_population)
     return prediction_body(prepared, outputs, pack, settings, request_id, warnings, timing_ms)

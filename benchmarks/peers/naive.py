@@ -45,8 +45,9 @@ def create_app(settings: Settings) -> FastAPI:
         inference_started = time.perf_counter()
         boxes, scores, probabilities = models["sessions"].run(prepared.input[None])
         timing = {"inference": (time.perf_counter() - inference_started) * 1e3}
-        prediction = prediction_json(prepared, (boxes[0], scores[0], probabilities[0]), pack, settings,
-                                     uuid.uuid4().hex, timing)
+        prediction = prediction_json(
+            prepared, (boxes[0], scores[0], probabilities[0]), pack, settings, uuid.uuid4().hex, timing
+        )
         prediction["timing_ms"]["total"] = round((time.perf_counter() - started) * 1e3, 2)
         return response_body(prediction)
 
@@ -59,8 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--models", type=Path, default=None)
     args = parser.parse_args(argv)
-    uvicorn.run(create_app(settings_for(args.models)), host=args.host, port=args.port, workers=1,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(settings_for(args.models)),
+        host=args.host,
+        port=args.port,
+        workers=1,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

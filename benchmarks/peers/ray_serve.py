@@ -99,20 +99,32 @@ class Ingress:
         return JSONResponse(response_body(prediction))
 
 
-def build_app(models: str | None, decode_replicas: int, max_batch_size: int, batch_wait_timeout_s: float,
-              max_ongoing_requests: int, gpus: int):
+def build_app(
+    models: str | None,
+    decode_replicas: int,
+    max_batch_size: int,
+    batch_wait_timeout_s: float,
+    max_ongoing_requests: int,
+    gpus: int,
+):
     """The three deployments bound into one application (settings documented in the module docstring)."""
     no_reservation = {"num_cpus": 0}
     # Ray hides every GPU from an actor that reserves none (CUDA_VISIBLE_DEVICES=""): the model gets one when
     # the machine has one, so it runs where the service's models run.
     model_resources = {"num_cpus": 0, "num_gpus": 1 if gpus else 0}
     # A decoder works on one image at a time on one core; one more waiting keeps it from idling between two.
-    decoder = serve.deployment(Decoder, num_replicas=decode_replicas, ray_actor_options=no_reservation,
-                               max_ongoing_requests=DECODER_ONGOING_REQUESTS).bind(models)
-    model = serve.deployment(Model, num_replicas=1, ray_actor_options=model_resources,
-                             max_ongoing_requests=max_ongoing_requests).bind(models, max_batch_size, batch_wait_timeout_s)
-    return serve.deployment(Ingress, num_replicas=1, ray_actor_options=no_reservation,
-                            max_ongoing_requests=max_ongoing_requests).bind(decoder, model, models)
+    decoder = serve.deployment(
+        Decoder,
+        num_replicas=decode_replicas,
+        ray_actor_options=no_reservation,
+        max_ongoing_requests=DECODER_ONGOING_REQUESTS,
+    ).bind(models)
+    model = serve.deployment(
+        Model, num_replicas=1, ray_actor_options=model_resources, max_ongoing_requests=max_ongoing_requests
+    ).bind(models, max_batch_size, batch_wait_timeout_s)
+    return serve.deployment(
+        Ingress, num_replicas=1, ray_actor_options=no_reservation, max_ongoing_requests=max_ongoing_requests
+    ).bind(decoder, model, models)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,8 +144,17 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    serve.run(build_app(models, args.decode_replicas, args.max_batch_size, args.batch_wait_timeout_s,
-                        args.max_ongoing_requests, gpus), route_prefix="/")
+    serve.run(
+        build_app(
+            models,
+            args.decode_replicas,
+            args.max_batch_size,
+            args.batch_wait_timeout_s,
+            args.max_ongoing_requests,
+            gpus,
+        ),
+        route_prefix="/",
+    )
     print(f"ray serve peer ready on http://{args.host}:{args.port}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

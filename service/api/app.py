@@ -29,10 +29,12 @@ API_CSP = "default-src 'none'; frame-ancestors 'none'"
 # FastAPI's /docs (Swagger UI) and /redoc pages load their script and styles from jsDelivr (fonts from
 # Google for ReDoc) and start them with an inline script, so the strict policy would leave them blank.
 # These pages hold no patient data; their policy still allows no other origin, and calls only to this one.
-DOCS_CSP = ("default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; "
-            "style-src 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
-            "font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com; "
-            "connect-src 'self'; worker-src blob:; frame-ancestors 'none'")
+DOCS_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; "
+    "style-src 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+    "font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com; "
+    "connect-src 'self'; worker-src blob:; frame-ancestors 'none'"
+)
 DOCS_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")
 CORS_HEADERS = ["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"]
 
@@ -43,8 +45,12 @@ def _request_id(request: Request) -> str:
 
 def security_headers(path: str, settings: Settings) -> dict[str, str]:
     """Headers every response carries; a route that sets its own Content-Security-Policy keeps it."""
-    headers = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
-               "Content-Security-Policy": DOCS_CSP if path in DOCS_PAGES else API_CSP}
+    headers = {
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+        "Content-Security-Policy": DOCS_CSP if path in DOCS_PAGES else API_CSP,
+    }
     if path.startswith("/v1/"):
         # Results (and errors about uploads) are about a patient: no browser or proxy may keep a copy.
         headers["Cache-Control"] = "no-store"
@@ -64,7 +70,8 @@ def document_api_keys(app: FastAPI, settings: Settings) -> None:
             schema = generate()  # caches itself in app.openapi_schema
             schema.setdefault("components", {})["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
-                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
             schema["security"] = [{"bearer": []}, {"apiKey": []}]
             for path, operations in schema.get("paths", {}).items():
                 if not requires_key(path, settings):
@@ -82,7 +89,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         # Process-wide, so here rather than in create_app: building an app (as tests do) changes nothing.
         if keep_freed_memory(settings.malloc_keep_mb):
-            log.info("malloc keeps up to %d MiB of freed memory for reuse (CXR_MALLOC_KEEP_MB)", settings.malloc_keep_mb)
+            log.info(
+                "malloc keeps up to %d MiB of freed memory for reuse (CXR_MALLOC_KEEP_MB)", settings.malloc_keep_mb
+            )
         app.state.serving = ServingState(metrics=app.state.metrics)
         # Loading and warm-up block for seconds: keep them off the event loop so /healthz answers.
         # With a shared inference server (python -m service --workers N) the sessions live there instead.
@@ -101,7 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Pediatric chest X-ray inference API",
         version="0.1.0",
         description="POST a chest radiograph as DICOM; get findings (boxes in the image's own pixel space) and "
-                    "disease probabilities. Research use only: not for diagnostic use.",
+        "disease probabilities. Research use only: not for diagnostic use.",
         lifespan=lifespan,
     )
     app.state.metrics = ServiceMetrics()
@@ -117,13 +126,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
 
     # Outermost but CORS: ids, headers and key checks apply to every path, error responses included.
-    app.add_middleware(RequestContext, keys=keys, requires_key=lambda path: requires_key(path, settings),
-                       security_headers=lambda path: security_headers(path, settings))
+    app.add_middleware(
+        RequestContext,
+        keys=keys,
+        requires_key=lambda path: requires_key(path, settings),
+        security_headers=lambda path: security_headers(path, settings),
+    )
 
     if settings.cors_allow_origins:
         # Added last, so outermost: a preflight carries no key and is answered here, before authentication.
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET", "POST"],
-                           allow_headers=CORS_HEADERS, expose_headers=["X-Request-ID"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=CORS_HEADERS,
+            expose_headers=["X-Request-ID"],
+        )
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -138,14 +156,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), _request_id(request), getattr(exc, "headers", None))
+        return error_response(
+            exc.status_code, code, str(exc.detail), _request_id(request), getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         # A 500 is a bug in this service: log the type and stack (no request content) under the request id.
         log.error("unhandled %s request_id=%s", type(exc).__name__, _request_id(request), exc_info=exc)
         app.state.metrics.observe_error("internal_error", 500)
-        return error_response(500, "internal_error", "An internal error occurred; report the request id.",
-                              _request_id(request))
+        return error_response(
+            500, "internal_error", "An internal error occurred; report the request id.", _request_id(request)
+        )
 
     return app

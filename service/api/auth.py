@@ -50,8 +50,10 @@ def parse_key_entry(entry: str) -> tuple[str, str]:
     """
     name, _, digest = entry.strip().rpartition(":")
     if not _DIGEST.match(digest):
-        raise ValueError("expected a sha256 hex digest (64 hex digits), optionally as name:digest; "
-                         "configure the digest from `python -m service.api.auth new-key`, never the key itself")
+        raise ValueError(
+            "expected a sha256 hex digest (64 hex digits), optionally as name:digest; "
+            "configure the digest from `python -m service.api.auth new-key`, never the key itself"
+        )
     if name and not _NAME.match(name):
         raise ValueError("key names may hold only letters, digits and . _ @ - (at most 64)")
     digest = digest.lower()
@@ -84,8 +86,10 @@ class KeyRing:
                 raise ValueError(f"CXR_API_KEYS_FILE {keys_file} does not exist")
             self._refresh()
         if not self._inline and not self._file_keys:
-            raise ValueError("authentication is on but no API key digest is configured: set CXR_API_KEY_SHA256S or "
-                             "CXR_API_KEYS_FILE (`python -m service.api.auth new-key` makes a key and its digest)")
+            raise ValueError(
+                "authentication is on but no API key digest is configured: set CXR_API_KEY_SHA256S or "
+                "CXR_API_KEYS_FILE (`python -m service.api.auth new-key` makes a key and its digest)"
+            )
 
     def _refresh(self) -> None:
         """Re-read the keys file when its mtime, size or inode changed (one stat per request: cheap)."""

@@ -28,8 +28,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def error_response(status: int, code: str, message: str, request_id: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "request_id": request_id}},
-                        status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "request_id": request_id}}, status_code=status, headers=headers
+    )
 
 
 def request_id_from(headers: Headers) -> str:
@@ -45,8 +46,13 @@ class RequestContext:
     unknown paths (no route, so no dependency runs), and run before any body is read.
     """
 
-    def __init__(self, app: ASGIApp, keys: KeyRing | None, requires_key: Callable[[str], bool],
-                 security_headers: Callable[[str], dict[str, str]]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: KeyRing | None,
+        requires_key: Callable[[str], bool],
+        security_headers: Callable[[str], dict[str, str]],
+    ) -> None:
         self.app = app
         self.keys = keys
         self.requires_key = requires_key
@@ -82,12 +88,21 @@ class RequestContext:
                     key_name = state["api_key_name"] = authenticate(headers, self.keys)
                 except ApiError as denied:
                     # Error handlers sit inside this middleware, so the refusal is rendered here, in the same JSON shape.
-                    refusal = error_response(denied.status_code, denied.code, denied.message, request_id, denied.headers)
+                    refusal = error_response(
+                        denied.status_code, denied.code, denied.message, request_id, denied.headers
+                    )
                     await refusal(scope, receive, send_with_headers)
                     return
             await self.app(scope, receive, send_with_headers)
         finally:
             # Method, path, status, time and the key's configured name only: never the key, other headers,
             # bodies or DICOM values (PHI).
-            log.info("%s %s %d %.1f ms request_id=%s%s", scope["method"], path, status,
-                     (time.perf_counter() - started) * 1e3, request_id, f" key={key_name}" if key_name else "")
+            log.info(
+                "%s %s %d %.1f ms request_id=%s%s",
+                scope["method"],
+                path,
+                status,
+                (time.perf_counter() - started) * 1e3,
+                request_id,
+                f" key={key_name}" if key_name else "",
+            )

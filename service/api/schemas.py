@@ -54,18 +54,46 @@ class Prediction(BaseModel):
     model: ModelInfo
     timing_ms: dict[str, float]
 
-    model_config = {"json_schema_extra": {"examples": [{
-        "request_id": "5f0c8e1a2b7d4c49a1f3e9d2c6b8a7e4",
-        "instance": {"sop_instance_uid": "1.2.826.0.1.3680043.8.498.1", "image_id": "0a1b2c3d4e5f60718293a4b5c6d7e8f9",
-                     "study_instance_uid": "1.2.826.0.1.3680043.8.498.2", "rows": 1643, "columns": 1349,
-                     "pixel_spacing_mm": [0.14, 0.14]},
-        "findings": [{"label": "Consolidation", "score": 0.83,
-                      "box": {"x_min": 512.0, "y_min": 300.5, "x_max": 700.2, "y_max": 488.0}}],
-        "diseases": [{"label": "Pneumonia", "probability": 0.71, "threshold": 0.42, "positive": True}],
-        "warnings": [],
-        "model": {"pack": "demo-synthetic", "version": "0.1.0", "detector_sha256": "…", "classifier_sha256": "…"},
-        "timing_ms": {"decode": 3.1, "preprocess": 2.0, "queue": 4.2, "inference": 12.9, "postprocess": 0.3, "total": 23.5},
-    }]}}
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "request_id": "5f0c8e1a2b7d4c49a1f3e9d2c6b8a7e4",
+                    "instance": {
+                        "sop_instance_uid": "1.2.826.0.1.3680043.8.498.1",
+                        "image_id": "0a1b2c3d4e5f60718293a4b5c6d7e8f9",
+                        "study_instance_uid": "1.2.826.0.1.3680043.8.498.2",
+                        "rows": 1643,
+                        "columns": 1349,
+                        "pixel_spacing_mm": [0.14, 0.14],
+                    },
+                    "findings": [
+                        {
+                            "label": "Consolidation",
+                            "score": 0.83,
+                            "box": {"x_min": 512.0, "y_min": 300.5, "x_max": 700.2, "y_max": 488.0},
+                        }
+                    ],
+                    "diseases": [{"label": "Pneumonia", "probability": 0.71, "threshold": 0.42, "positive": True}],
+                    "warnings": [],
+                    "model": {
+                        "pack": "demo-synthetic",
+                        "version": "0.1.0",
+                        "detector_sha256": "…",
+                        "classifier_sha256": "…",
+                    },
+                    "timing_ms": {
+                        "decode": 3.1,
+                        "preprocess": 2.0,
+                        "queue": 4.2,
+                        "inference": 12.9,
+                        "postprocess": 0.3,
+                        "total": 23.5,
+                    },
+                }
+            ]
+        }
+    }
 
 
 class ErrorDetail(BaseModel):
@@ -87,7 +115,9 @@ class RuntimeInfo(BaseModel):
     precision: Literal["fp32", "fp16"] = Field(description="variant of the pack loaded (CXR_PRECISION)")
     files: dict[str, str] = Field(description="model -> ONNX file loaded")
     io_binding: bool = Field(description="each batch is copied to the GPU once for both models")
-    provider_options: dict[str, dict[str, str]] = Field(description="provider options in effect, as ONNX Runtime reports them")
+    provider_options: dict[str, dict[str, str]] = Field(
+        description="provider options in effect, as ONNX Runtime reports them"
+    )
     session_options: dict[str, Any] = Field(description="threads, execution mode, graph optimisation level")
     fallback: str | None = Field(description="why the preferred provider is not the one in use")
     warnings: list[str]
@@ -105,7 +135,8 @@ class ModelsResponse(BaseModel):
     max_batch_size: int
     precisions: list[str] = Field(description="precision variants the pack ships")
     runtime: RuntimeInfo | None = Field(
-        None, description="ONNX Runtime configuration in effect; null when a shared inference server runs the models")
+        None, description="ONNX Runtime configuration in effect; null when a shared inference server runs the models"
+    )
 
 
 class InstanceFailure(BaseModel):

@@ -37,7 +37,9 @@ class Part:
 def media_type(content_type: str | None) -> tuple[str, dict[str, str]]:
     """('multipart/related', {'boundary': ..., 'type': ...}) from a Content-Type header."""
     main, options = parse_options_header(content_type or "")
-    return main.decode("latin-1").lower(), {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in options.items()}
+    return main.decode("latin-1").lower(), {
+        k.decode("latin-1").lower(): v.decode("latin-1") for k, v in options.items()
+    }
 
 
 def check_declared_length(content_length: str | None, max_bytes: int) -> None:

@@ -25,9 +25,18 @@ SUPPORTED_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 # file that writes one with another VR (Rows as DS, RescaleSlope as IS, ...) gets values of the
 # wrong Python type, which fail far from here (in the pixel decoder, highdicom, the SR writer).
 PIXEL_ELEMENT_VRS = {
-    "Rows": "US", "Columns": "US", "BitsAllocated": "US", "BitsStored": "US", "HighBit": "US",
-    "SamplesPerPixel": "US", "PixelRepresentation": "US", "PhotometricInterpretation": "CS",
-    "NumberOfFrames": "IS", "RescaleSlope": "DS", "RescaleIntercept": "DS", "WindowCenter": "DS",
+    "Rows": "US",
+    "Columns": "US",
+    "BitsAllocated": "US",
+    "BitsStored": "US",
+    "HighBit": "US",
+    "SamplesPerPixel": "US",
+    "PixelRepresentation": "US",
+    "PhotometricInterpretation": "CS",
+    "NumberOfFrames": "IS",
+    "RescaleSlope": "DS",
+    "RescaleIntercept": "DS",
+    "WindowCenter": "DS",
     "WindowWidth": "DS",
 }
 # What a DICOM SR or GSPS needs to reference the image: one valid UID each.
@@ -35,12 +44,14 @@ REFERENCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesIn
 
 
 # Pixel data stored as plain numbers: decoding is numpy work that releases the GIL (deflate is zlib).
-NATIVE_TRANSFER_SYNTAXES = frozenset({
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-})
+NATIVE_TRANSFER_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2",  # Implicit VR Little Endian
+        "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+        "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
+        "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    }
+)
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
 
 
@@ -54,16 +65,19 @@ def peek_transfer_syntax(body: bytes) -> str | None:
         return None
     offset, end = 132, min(len(body), 132 + 65536)
     while offset + 8 <= end:
-        group, element = int.from_bytes(body[offset:offset + 2], "little"), int.from_bytes(body[offset + 2:offset + 4], "little")
+        group, element = (
+            int.from_bytes(body[offset : offset + 2], "little"),
+            int.from_bytes(body[offset + 2 : offset + 4], "little"),
+        )
         if group != 0x0002:
             return None
-        vr = body[offset + 4:offset + 6]
+        vr = body[offset + 4 : offset + 6]
         if vr in _LONG_LENGTH_VRS:
-            length, value_at = int.from_bytes(body[offset + 8:offset + 12], "little"), offset + 12
+            length, value_at = int.from_bytes(body[offset + 8 : offset + 12], "little"), offset + 12
         else:
-            length, value_at = int.from_bytes(body[offset + 6:offset + 8], "little"), offset + 8
+            length, value_at = int.from_bytes(body[offset + 6 : offset + 8], "little"), offset + 8
         if element == 0x0010:
-            return body[value_at:value_at + length].rstrip(b"\x00 ").decode("ascii", errors="replace")
+            return body[value_at : value_at + length].rstrip(b"\x00 ").decode("ascii", errors="replace")
         offset = value_at + length
     return None
 
@@ -122,14 +136,18 @@ def check_image_header(ds: Dataset, limits: DecodeLimits) -> None:
         )
     if bits_allocated not in (8, 16, 32):
         raise UnusableImage(f"BitsAllocated {bits_allocated} is not supported (8, 16 or 32).")
-    if not (limits.min_rows_or_columns <= rows <= limits.max_rows_or_columns
-            and limits.min_rows_or_columns <= columns <= limits.max_rows_or_columns):
+    if not (
+        limits.min_rows_or_columns <= rows <= limits.max_rows_or_columns
+        and limits.min_rows_or_columns <= columns <= limits.max_rows_or_columns
+    ):
         raise UnusableImage(f"Image size {rows}x{columns} is outside the accepted range.")
     if rows * columns * frames > limits.max_pixels:
         raise UnusableImage(f"Image of {rows * columns} pixels exceeds the limit of {limits.max_pixels}.")
     decoded_bytes = rows * columns * frames * samples * (bits_allocated // 8)
     if decoded_bytes > limits.max_pixel_bytes:
-        raise UnusableImage(f"The decoded image would take {decoded_bytes} bytes; the limit is {limits.max_pixel_bytes}.")
+        raise UnusableImage(
+            f"The decoded image would take {decoded_bytes} bytes; the limit is {limits.max_pixel_bytes}."
+        )
     for keyword in ("RescaleSlope", "RescaleIntercept"):
         # The modality LUT needs these as numbers; an unreadable value (several values, text,
         # NaN) would otherwise fail or poison every pixel only after decoding.
@@ -155,17 +173,23 @@ def check_referenceable(ds: Dataset) -> None:
     for keyword in REFERENCE_UIDS:
         value = ds.get(keyword)
         if not isinstance(value, str) or len(value) > 64 or not RE_VALID_UID.match(value):
-            raise UnusableImage(f"A DICOM SR or GSPS must reference the image by its {keyword}, which is "
-                                f"{'missing' if value in (None, '') else 'not one valid UID'}; ask for JSON instead.")
+            raise UnusableImage(
+                f"A DICOM SR or GSPS must reference the image by its {keyword}, which is "
+                f"{'missing' if value in (None, '') else 'not one valid UID'}; ask for JSON instead."
+            )
     if UID(ds.SOPClassUID).type != "SOP Class":
-        raise UnusableImage("A DICOM SR or GSPS can only reference an image of a standard SOP class; ask for JSON instead.")
+        raise UnusableImage(
+            "A DICOM SR or GSPS can only reference an image of a standard SOP class; ask for JSON instead."
+        )
     # The SR and GSPS copy the patient and study attributes, in the source's character set.
     charsets = ds.get("SpecificCharacterSet") or []
     known = {term.value for term in SpecificCharacterSetValues}
     for charset in [charsets] if isinstance(charsets, str) else charsets:
         if charset and charset not in known:
-            raise UnusableImage(f"SpecificCharacterSet {charset!r} is not a defined term, so the header cannot be "
-                                f"copied into a DICOM SR or GSPS; ask for JSON instead.")
+            raise UnusableImage(
+                f"SpecificCharacterSet {charset!r} is not a defined term, so the header cannot be "
+                f"copied into a DICOM SR or GSPS; ask for JSON instead."
+            )
 
 
 def check_decodable(ds: Dataset) -> None:
@@ -184,12 +208,12 @@ def check_decodable(ds: Dataset) -> None:
     try:
         decoder = get_decoder(uid)
     except NotImplementedError:
-        raise UnsupportedTransferSyntax(
-            f"Transfer syntax {uid.name} cannot be decoded by this service.") from None
+        raise UnsupportedTransferSyntax(f"Transfer syntax {uid.name} cannot be decoded by this service.") from None
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "no decoder plugin installed"
         raise UnsupportedTransferSyntax(
-            f"Transfer syntax {uid.name} cannot be decoded by this installation ({missing}).")
+            f"Transfer syntax {uid.name} cannot be decoded by this installation ({missing})."
+        )
 
 
 def _is_rust_panic(exc: BaseException) -> bool:
@@ -216,7 +240,9 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
         # fit Rows x Columns; pyo3 turns the panic into pyo3_runtime.PanicException, a
         # BaseException that `except Exception` misses and that cannot be pickled back from a
         # decode worker (which breaks the whole pool). It is corrupt pixel data like any other.
-        raise MalformedDicom("The pixel data could not be decoded (the decoder rejected the compressed data).") from None
+        raise MalformedDicom(
+            "The pixel data could not be decoded (the decoder rejected the compressed data)."
+        ) from None
     if pixels.ndim != 2:
         raise UnusableImage(f"Expected a single 2-D frame, decoded an array of shape {pixels.shape}.")
     if not pixels.dtype.isnative:  # Explicit VR Big Endian decodes to a big-endian view ('>u2')

@@ -53,9 +53,16 @@ class DecodePool:
     a pipe to a worker process, which cost more CPU than the decode itself.
     """
 
-    def __init__(self, workers: int, timeout_s: float, max_waiting: int, use_processes: bool = True,
-                 on_replace: Callable[[], None] | None = None, native_in_threads: bool = True,
-                 malloc_keep_mb: int = 0) -> None:
+    def __init__(
+        self,
+        workers: int,
+        timeout_s: float,
+        max_waiting: int,
+        use_processes: bool = True,
+        on_replace: Callable[[], None] | None = None,
+        native_in_threads: bool = True,
+        malloc_keep_mb: int = 0,
+    ) -> None:
         self.workers = workers
         self.malloc_keep_mb = malloc_keep_mb
         self._on_replace = on_replace
@@ -66,16 +73,23 @@ class DecodePool:
         self._slots = asyncio.Semaphore(workers)
         self._waiting = 0
         self._executor = self._new_executor()
-        self._threads = (ThreadPoolExecutor(workers, thread_name_prefix="decode-native")
-                         if use_processes and native_in_threads else None)
+        self._threads = (
+            ThreadPoolExecutor(workers, thread_name_prefix="decode-native")
+            if use_processes and native_in_threads
+            else None
+        )
         self._thread_slots = asyncio.Semaphore(workers)
 
     def _new_executor(self) -> Executor:
         if not self.use_processes:
             return ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         # forkserver: forking a process that already runs threads (uvicorn, ONNX Runtime) is unsafe.
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
-                                   initializer=keep_freed_memory, initargs=(self.malloc_keep_mb,))
+        return ProcessPoolExecutor(
+            self.workers,
+            mp_context=multiprocessing.get_context("forkserver"),
+            initializer=keep_freed_memory,
+            initargs=(self.malloc_keep_mb,),
+        )
 
     def start(self) -> float:
         """Start every worker now and load its decoders, so no request pays for process start-up.
@@ -106,8 +120,9 @@ class DecodePool:
             process.kill()
         broken.shutdown(wait=False, cancel_futures=True)
 
-    async def prepare(self, body: bytes, spec: InputSpec, limits: DecodeLimits, id_algorithm: str,
-                      keep_display: bool = False) -> PreparedImage:
+    async def prepare(
+        self, body: bytes, spec: InputSpec, limits: DecodeLimits, id_algorithm: str, keep_display: bool = False
+    ) -> PreparedImage:
         if self._waiting >= self.max_waiting:
             raise Overloaded("Too many images are waiting to be decoded; retry shortly.", headers={"Retry-After": "1"})
         self._waiting += 1
@@ -121,14 +136,15 @@ class DecodePool:
             self._waiting -= 1
 
     def route(self, body: bytes) -> str:
-        """"thread" for uncompressed pixel data (when enabled), else "process" (also for unreadable meta)."""
+        """ "thread" for uncompressed pixel data (when enabled), else "process" (also for unreadable meta)."""
         if self._threads is not None and has_native_pixel_data(body):
             return "thread"
         return "process"
 
     async def _run_in_thread(self, body, spec, limits, id_algorithm, keep_display) -> PreparedImage:
-        future = asyncio.get_running_loop().run_in_executor(self._threads, prepare, body, spec, limits, id_algorithm,
-                                                            keep_display)
+        future = asyncio.get_running_loop().run_in_executor(
+            self._threads, prepare, body, spec, limits, id_algorithm, keep_display
+        )
         try:
             return await asyncio.wait_for(future, self.timeout_s)
         except TimeoutError:

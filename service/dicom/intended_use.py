@@ -61,8 +61,12 @@ def out_of_distribution_reasons(ds: Any, population: IntendedPopulation) -> list
     view = _text(ds, "ViewPosition")
     if view and view not in population.views:
         kind = "a lateral view" if view in LATERAL_VIEWS else f"view {view}"
-        reasons.append(f"ViewPosition is {kind}; the model was trained on frontal ({'/'.join(population.views)}) views.")
+        reasons.append(
+            f"ViewPosition is {kind}; the model was trained on frontal ({'/'.join(population.views)}) views."
+        )
     age = age_in_years(str(ds.get("PatientAge", "") or ""))
     if age is not None and population.max_age_years is not None and age >= population.max_age_years:
-        reasons.append(f"The patient's age is outside the intended population (under {population.max_age_years:g} years).")
+        reasons.append(
+            f"The patient's age is outside the intended population (under {population.max_age_years:g} years)."
+        )
     return reasons

@@ -13,7 +13,14 @@ from pydicom.dataset import Dataset
 from service.dicom.decode import check_image_header, decode_pixels, read_dataset
 from service.errors import UnusableImage
 from service.settings import DecodeLimits
-from service.dicom.preprocess import Letterbox, Normalization, PixelParams, apply_modality_lut, display_image, model_input
+from service.dicom.preprocess import (
+    Letterbox,
+    Normalization,
+    PixelParams,
+    apply_modality_lut,
+    display_image,
+    model_input,
+)
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,13 @@ def instance_summary(ds, rows: int, columns: int, id_algorithm: str) -> dict:
     }
 
 
-def prepare(body: bytes, spec: InputSpec, limits: DecodeLimits = DecodeLimits(), id_algorithm: str = "md5",
-            keep_display: bool = False) -> PreparedImage:
+def prepare(
+    body: bytes,
+    spec: InputSpec,
+    limits: DecodeLimits = DecodeLimits(),
+    id_algorithm: str = "md5",
+    keep_display: bool = False,
+) -> PreparedImage:
     """Parse, check, decode and preprocess one DICOM instance."""
     started = time.perf_counter()
     ds = read_dataset(body)
@@ -70,8 +82,9 @@ def prepare(body: bytes, spec: InputSpec, limits: DecodeLimits = DecodeLimits(),
         # The modality LUT is linear, so the stored extremes bound the physical values. Finite but
         # extreme rescale values overflow float32 (RescaleSlope 1e38 on 16-bit data) into inf, which
         # the window then clips into a binary image, or into NaN without a window.
-        extremes = apply_modality_lut(np.array([pixels.min(), pixels.max()]), params.rescale_slope,
-                                      params.rescale_intercept)
+        extremes = apply_modality_lut(
+            np.array([pixels.min(), pixels.max()]), params.rescale_slope, params.rescale_intercept
+        )
     if not np.isfinite(extremes).all():
         raise UnusableImage("RescaleSlope and RescaleIntercept take the pixel values out of the representable range.")
     with np.errstate(over="ignore", invalid="ignore"):

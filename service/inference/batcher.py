@@ -70,8 +70,10 @@ class Batcher:
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
-            raise Overloaded(f"The inference queue is full ({self._queue.maxsize} images); retry shortly.",
-                             headers={"Retry-After": "1"}) from None
+            raise Overloaded(
+                f"The inference queue is full ({self._queue.maxsize} images); retry shortly.",
+                headers={"Retry-After": "1"},
+            ) from None
         return await pending.future
 
     async def _next_batch(self) -> list[_Pending]:
@@ -106,9 +108,11 @@ class Batcher:
             finished = time.perf_counter()
             for index, pending in enumerate(batch):
                 if not pending.future.done():  # the client may have gone away
-                    pending.future.set_result(BatchResult(
-                        outputs=tuple(output[index] for output in outputs),
-                        queue_ms=(started - pending.enqueued) * 1e3,
-                        inference_ms=(finished - started) * 1e3,
-                        batch_size=len(batch),
-                    ))
+                    pending.future.set_result(
+                        BatchResult(
+                            outputs=tuple(output[index] for output in outputs),
+                            queue_ms=(started - pending.enqueued) * 1e3,
+                            inference_ms=(finished - started) * 1e3,
+                            batch_size=len(batch),
+                        )
+                    )

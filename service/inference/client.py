@@ -24,8 +24,15 @@ import numpy as np
 
 from service.inference.batcher import BatchResult
 from service.errors import NotReady, Overloaded
-from service.inference.protocol import (MAX_RESPONSE_PAYLOAD_BYTES, PROTOCOL_VERSION, STREAM_LIMIT, ProtocolError,
-                                        encode_frame, pack_identity, read_frame)
+from service.inference.protocol import (
+    MAX_RESPONSE_PAYLOAD_BYTES,
+    PROTOCOL_VERSION,
+    STREAM_LIMIT,
+    ProtocolError,
+    encode_frame,
+    pack_identity,
+    read_frame,
+)
 from service.metrics import ServiceMetrics
 from service.inference.modelpack import ModelPack, PackError
 from service.settings import Settings
@@ -60,9 +67,11 @@ def hello_problem(hello: dict, expected_pack: dict) -> str | None:
     if hello.get("pack") != expected_pack:
         # Boxes are postprocessed here with this pack's labels and thresholds: they must be the served model's.
         served = hello.get("pack") or {}
-        return (f"inference server serves pack {served.get('name')} {served.get('version')} "
-                f"(detector {str(served.get('detector_sha256'))[:12]}…), not the one this worker verified "
-                f"({expected_pack['name']} {expected_pack['version']}, detector {expected_pack['detector_sha256'][:12]}…)")
+        return (
+            f"inference server serves pack {served.get('name')} {served.get('version')} "
+            f"(detector {str(served.get('detector_sha256'))[:12]}…), not the one this worker verified "
+            f"({expected_pack['name']} {expected_pack['version']}, detector {expected_pack['detector_sha256'][:12]}…)"
+        )
     return None
 
 
@@ -89,16 +98,25 @@ def answer_to_result(answer: dict, arrays: list[np.ndarray], round_trip_ms: floa
         raise error(str(answer.get("message")), headers={"Retry-After": str(retry_after)} if retry_after else None)
     inference_ms = float(answer["inference_ms"])
     # Copies: the arrays are views of the received bytes; postprocessing gets ordinary writable arrays.
-    return BatchResult(outputs=tuple(np.array(array) for array in arrays),
-                       queue_ms=max(round_trip_ms - inference_ms, 0.0), inference_ms=inference_ms,
-                       batch_size=int(answer["batch_size"]))
+    return BatchResult(
+        outputs=tuple(np.array(array) for array in arrays),
+        queue_ms=max(round_trip_ms - inference_ms, 0.0),
+        inference_ms=inference_ms,
+        batch_size=int(answer["batch_size"]),
+    )
 
 
 class RemoteBatcher:
     """The Batcher interface (start, submit, stop, queue_depth) over a connection to the inference server."""
 
-    def __init__(self, socket_path: Path, expected_pack: dict, models: RemoteModels,
-                 on_status: Callable[[str], None], max_batch_size: int) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        expected_pack: dict,
+        models: RemoteModels,
+        on_status: Callable[[str], None],
+        max_batch_size: int,
+    ) -> None:
         self.socket_path = socket_path
         self.max_batch_size = max_batch_size
         self._expected_pack = expected_pack
@@ -141,8 +159,9 @@ class RemoteBatcher:
             except ConnectionError:
                 if future.done():
                     future.exception()  # already failed by the disconnect: this NotReady replaces it
-                raise NotReady("The inference server connection was lost; retry shortly.",
-                               headers={"Retry-After": "5"}) from None
+                raise NotReady(
+                    "The inference server connection was lost; retry shortly.", headers={"Retry-After": "5"}
+                ) from None
             return await future
         finally:
             self._pending.pop(request_id, None)  # also when the request is cancelled: a late answer is dropped
@@ -155,8 +174,9 @@ class RemoteBatcher:
 
     def _set_status(self, reason: str) -> None:
         if reason != self._reason:
-            (log.info if reason == "" else log.warning)("%s", reason or f"connected to the inference server at "
-                                                                        f"{self.socket_path}; ready")
+            (log.info if reason == "" else log.warning)(
+                "%s", reason or f"connected to the inference server at {self.socket_path}; ready"
+            )
         self._reason = reason
         self._on_status(reason)
 
@@ -174,15 +194,20 @@ class RemoteBatcher:
                 reason = disconnect_reason(exc, self.socket_path)
             self._writer = None
             # In-flight requests fail now (503 with Retry-After) instead of waiting out the request time limit.
-            self._fail_pending(NotReady("The inference server stopped while this image was queued; retry shortly.",
-                                        headers={"Retry-After": "5"}))
+            self._fail_pending(
+                NotReady(
+                    "The inference server stopped while this image was queued; retry shortly.",
+                    headers={"Retry-After": "5"},
+                )
+            )
             self._set_status(reason)
             await asyncio.sleep(RECONNECT_DELAY_S)
 
     async def _connect_and_read(self) -> str:
         """Serve answers while connected; returns (or raises) why this connection cannot be used (any more)."""
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.socket_path), limit=STREAM_LIMIT),
-                                                CONNECT_TIMEOUT_S)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(self.socket_path), limit=STREAM_LIMIT), CONNECT_TIMEOUT_S
+        )
         try:
             # Room for a whole image in the kernel: one send() instead of the transport buffering the rest and
             # trickling it out in 200 KiB pieces (each moving the remainder of its buffer). Capped by wmem_max.
@@ -229,8 +254,12 @@ def load_remote_serving_state(settings: Settings, metrics: ServiceMetrics | None
     socket_path = Path(settings.inference_socket)
     state.models = RemoteModels(socket=socket_path)
     state.not_ready_reason = f"connecting to the inference server at {socket_path}"
-    state.batcher = RemoteBatcher(socket_path, pack_identity(state.pack), state.models,
-                                  on_status=partial(setattr, state, "not_ready_reason"),
-                                  max_batch_size=settings.max_batch_size)
+    state.batcher = RemoteBatcher(
+        socket_path,
+        pack_identity(state.pack),
+        state.models,
+        on_status=partial(setattr, state, "not_ready_reason"),
+        max_batch_size=settings.max_batch_size,
+    )
     state.decoder = new_decode_pool(settings, metrics)
     return state

@@ -154,8 +154,10 @@ def _verify_file(pack: Path, what: str, entry: dict) -> None:
         raise PackError(f"{what} file {file} is missing")
     actual = sha256_of(file)
     if actual != entry.get("sha256"):
-        raise PackError(f"{what} file {file.name} has sha256 {actual[:12]}…, the manifest says "
-                        f"{str(entry.get('sha256'))[:12]}…: the file is truncated or was replaced")
+        raise PackError(
+            f"{what} file {file.name} has sha256 {actual[:12]}…, the manifest says "
+            f"{str(entry.get('sha256'))[:12]}…: the file is truncated or was replaced"
+        )
 
 
 class OnnxModels:
@@ -165,7 +167,9 @@ class OnnxModels:
     pure functions of `service.inference.runtime`; `runtime` says what is actually in effect.
     """
 
-    def __init__(self, pack: ModelPack, *, settings: Settings | None = None, machine: runtime.Machine | None = None) -> None:
+    def __init__(
+        self, pack: ModelPack, *, settings: Settings | None = None, machine: runtime.Machine | None = None
+    ) -> None:
         settings = settings or Settings()
         plan = runtime.plan_providers(settings.providers, machine or runtime.probe_machine(settings.providers))
         for provider, reason in plan.skipped.items():
@@ -181,32 +185,51 @@ class OnnxModels:
                 precision = fallback_precision
                 self._open(pack, settings, tuple(self.detector.get_providers()), precision)
         if self.classifier.get_providers()[0] != in_use:
-            raise RuntimeError(f"the detector runs on {in_use} but the classifier on {self.classifier.get_providers()[0]}")
+            raise RuntimeError(
+                f"the detector runs on {in_use} but the classifier on {self.classifier.get_providers()[0]}"
+            )
         self.providers = self.detector.get_providers()
         self._io_device = runtime.io_binding_device(in_use, settings)
         fallback = runtime.fallback_reason(plan, in_use)
         self.runtime = runtime.RuntimeDescription(
-            provider=in_use, providers=list(self.providers), requested_providers=list(settings.providers),
-            precision=precision, files={model: pack.model_file(model, precision).name for model in MODELS},
+            provider=in_use,
+            providers=list(self.providers),
+            requested_providers=list(settings.providers),
+            precision=precision,
+            files={model: pack.model_file(model, precision).name for model in MODELS},
             io_binding=self._io_device is not None,
-            provider_options={p: dict(o) for p, o in self.detector.get_provider_options().items() if p in self.providers},
-            session_options=runtime.session_settings(settings), fallback=fallback,
-            warnings=[message for message in (fallback, warning) if message])
+            provider_options={
+                p: dict(o) for p, o in self.detector.get_provider_options().items() if p in self.providers
+            },
+            session_options=runtime.session_settings(settings),
+            fallback=fallback,
+            warnings=[message for message in (fallback, warning) if message],
+        )
         if fallback:
             log.warning("%s", fallback)
         if warning:
             log.warning("%s", warning)
 
-    def _open(self, pack: ModelPack, settings: Settings, providers: Sequence[str], precision: runtime.Precision) -> None:
+    def _open(
+        self, pack: ModelPack, settings: Settings, providers: Sequence[str], precision: runtime.Precision
+    ) -> None:
         options = runtime.session_options(settings)
         sessions = []
         for model in MODELS:
             sha256 = pack.model_sha256(model, precision)
-            per_provider = runtime.provider_options(providers, settings, precision, INPUT_NAME, pack.input_spec.size, sha256)
+            per_provider = runtime.provider_options(
+                providers, settings, precision, INPUT_NAME, pack.input_spec.size, sha256
+            )
             if runtime.TENSORRT in providers and settings.trt_engine_cache:
                 runtime.tensorrt_cache_dir(settings.trt_engine_cache_dir, sha256).mkdir(parents=True, exist_ok=True)
-            sessions.append(ort.InferenceSession(str(pack.model_file(model, precision)), options,
-                                                 providers=list(providers), provider_options=per_provider))
+            sessions.append(
+                ort.InferenceSession(
+                    str(pack.model_file(model, precision)),
+                    options,
+                    providers=list(providers),
+                    provider_options=per_provider,
+                )
+            )
         self.detector, self.classifier = sessions
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -217,7 +240,9 @@ class OnnxModels:
         (probabilities,) = self.classifier.run(list(CLASSIFIER_OUTPUTS), {INPUT_NAME: images})
         return boxes, scores, probabilities
 
-    def run_bound(self, images: np.ndarray, device: str, device_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run_bound(
+        self, images: np.ndarray, device: str, device_id: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`run` through IO binding: the batch is copied to `device` once and both models read it there;
         outputs are bound to host memory, where postprocessing needs them."""
         batch = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images, dtype=np.float32), device, device_id)
@@ -231,4 +256,3 @@ class OnnxModels:
             outputs += binding.copy_outputs_to_cpu()
         boxes, scores, probabilities = outputs
         return boxes, scores, probabilities
-

@@ -50,8 +50,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
-def select_detections(boxes: np.ndarray, scores: np.ndarray, params: DetectionParams,
-                      class_floors: np.ndarray | None = None) -> Detections:
+def select_detections(
+    boxes: np.ndarray, scores: np.ndarray, params: DetectionParams, class_floors: np.ndarray | None = None
+) -> Detections:
     """Dense (L, 4) boxes and (L, C) scores of one image -> class-wise NMS'd detections.
 
     `class_floors[c]`, when given, drops class c's candidates below it before NMS. Serving passes the

@@ -45,9 +45,13 @@ ALLOWED_DTYPES = frozenset({"float32", "float16", "float64", "int64", "int32", "
 
 def pack_identity(pack: ModelPack) -> dict:
     """What server and worker compare in "hello": the worker postprocesses with its own copy of the pack."""
-    return {"name": pack.name, "version": pack.version, "input_size": pack.input_spec.size,
-            "detector_sha256": pack.manifest["detector"]["sha256"],
-            "classifier_sha256": pack.manifest["classifier"]["sha256"]}
+    return {
+        "name": pack.name,
+        "version": pack.version,
+        "input_size": pack.input_spec.size,
+        "detector_sha256": pack.manifest["detector"]["sha256"],
+        "classifier_sha256": pack.manifest["classifier"]["sha256"],
+    }
 
 
 class ProtocolError(ValueError):
@@ -149,7 +153,7 @@ class FrameReceiver(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._part)[self._filled:]
+        return memoryview(self._part)[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._filled += nbytes
@@ -170,7 +174,9 @@ class FrameReceiver(asyncio.BufferedProtocol):
             self._header_bytes = bytes(self._part)
             self._stage, self._part, self._filled = "payload", bytearray(self._payload_length), 0
             return
-        header_bytes, payload = (bytes(self._part), b"") if self._stage == "header" else (self._header_bytes, self._part)
+        header_bytes, payload = (
+            (bytes(self._part), b"") if self._stage == "header" else (self._header_bytes, self._part)
+        )
         self._start_frame()
         header, arrays = decode_body(header_bytes, payload)
         self.frame_received(header, arrays)
@@ -199,8 +205,9 @@ def probe(socket_path: Path, timeout_s: float = 2.0) -> dict | None:
             connection.settimeout(timeout_s)
             connection.connect(str(socket_path))
             connection.sendall(b"".join(encode_frame({"op": "hello"})))
-            header_length, payload_length = parse_prefix(receive_exactly(connection, PREFIX.size),
-                                                         MAX_RESPONSE_PAYLOAD_BYTES)
+            header_length, payload_length = parse_prefix(
+                receive_exactly(connection, PREFIX.size), MAX_RESPONSE_PAYLOAD_BYTES
+            )
             body = receive_exactly(connection, header_length + payload_length)
             hello, _ = decode_body(body[:header_length], body[header_length:])
             return hello

@@ -77,9 +77,11 @@ class RuntimeDescription:
 
     def summary(self) -> str:
         options = self.provider_options.get(self.provider) or {}
-        return (f"{self.provider} ({', '.join(self.providers)}), {self.precision} "
-                f"({', '.join(self.files.values())}), IO binding {'on' if self.io_binding else 'off'}, "
-                f"session {self.session_options}" + (f", {self.provider} options {options}" if options else ""))
+        return (
+            f"{self.provider} ({', '.join(self.providers)}), {self.precision} "
+            f"({', '.join(self.files.values())}), IO binding {'on' if self.io_binding else 'off'}, "
+            f"session {self.session_options}" + (f", {self.provider} options {options}" if options else "")
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ def plan_providers(wanted: Sequence[str], machine: Machine) -> ProviderPlan:
     expected: str | None = None
     for index, provider in enumerate(wanted):
         reason = unusable_reason(provider, machine)
-        optional = provider == TENSORRT and CUDA in wanted[index + 1:]
+        optional = provider == TENSORRT and CUDA in wanted[index + 1 :]
         if reason is None:
             attempt.append(provider)
         else:
@@ -185,8 +187,10 @@ def choose_precision(requested: str, provider: str, pack_precisions: Sequence[st
     if requested not in pack_precisions:
         return "fp32", f"CXR_PRECISION={requested} but the pack has only {', '.join(pack_precisions)}: loading fp32"
     if requested == "fp16" and not on_gpu:
-        return "fp16", (f"CXR_PRECISION=fp16 on {provider}: ONNX Runtime has few float16 CPU kernels and casts "
-                        "most nodes back to float32, so this is slower than fp32 and no more accurate")
+        return "fp16", (
+            f"CXR_PRECISION=fp16 on {provider}: ONNX Runtime has few float16 CPU kernels and casts "
+            "most nodes back to float32, so this is slower than fp32 and no more accurate"
+        )
     return requested, None  # type: ignore[return-value]
 
 
@@ -216,8 +220,9 @@ def tensorrt_cache_dir(root: Path, model_sha256: str) -> Path:
     return root.expanduser() / model_sha256[:16]
 
 
-def tensorrt_provider_options(settings: Settings, precision: Precision, input_name: str, input_size: int,
-                              model_sha256: str) -> dict[str, str]:
+def tensorrt_provider_options(
+    settings: Settings, precision: Precision, input_name: str, input_size: int, model_sha256: str
+) -> dict[str, str]:
     """TensorRT execution provider options for one model."""
 
     def shape(batch: int) -> str:
@@ -240,11 +245,19 @@ def tensorrt_provider_options(settings: Settings, precision: Precision, input_na
     return options
 
 
-def provider_options(providers: Sequence[str], settings: Settings, precision: Precision, input_name: str,
-                     input_size: int, model_sha256: str) -> list[dict[str, str]]:
+def provider_options(
+    providers: Sequence[str],
+    settings: Settings,
+    precision: Precision,
+    input_name: str,
+    input_size: int,
+    model_sha256: str,
+) -> list[dict[str, str]]:
     """Options for each provider of `providers`, in the same order (ONNX Runtime's provider_options)."""
-    built = {TENSORRT: lambda: tensorrt_provider_options(settings, precision, input_name, input_size, model_sha256),
-             CUDA: lambda: cuda_provider_options(settings)}
+    built = {
+        TENSORRT: lambda: tensorrt_provider_options(settings, precision, input_name, input_size, model_sha256),
+        CUDA: lambda: cuda_provider_options(settings),
+    }
     return [built[provider]() if provider in built else {} for provider in providers]
 
 

@@ -36,8 +36,11 @@ def hello_answer(state: ServingState, max_batch_size: int) -> dict:
     """What a connecting worker checks before it reports ready: readiness, and which pack is being served."""
     pack = state.pack
     return {
-        "op": "hello", "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
-        "ready": state.ready, "reason": state.not_ready_reason,
+        "op": "hello",
+        "protocol": PROTOCOL_VERSION,
+        "pid": os.getpid(),
+        "ready": state.ready,
+        "reason": state.not_ready_reason,
         "providers": list(state.models.providers) if state.models is not None else [],
         "pack": None if pack is None else pack_identity(pack),
         "max_batch_size": max_batch_size,
@@ -45,8 +48,13 @@ def hello_answer(state: ServingState, max_batch_size: int) -> dict:
 
 
 def error_answer(request_id: object, error: ApiError) -> dict:
-    return {"id": request_id, "ok": False, "code": error.code, "message": error.message,
-            "retry_after": error.headers.get("Retry-After")}
+    return {
+        "id": request_id,
+        "ok": False,
+        "code": error.code,
+        "message": error.message,
+        "retry_after": error.headers.get("Retry-After"),
+    }
 
 
 def input_problem(arrays: list[np.ndarray], size: int) -> str | None:
@@ -114,8 +122,10 @@ class InferenceServer:
         if problem is not None:
             answer = {"id": request_id, "ok": False, "code": "invalid_input", "message": problem}
         elif self.state.batcher is None:
-            answer = error_answer(request_id, NotReady(f"The model is not ready: {self.state.not_ready_reason}",
-                                                       headers={"Retry-After": "5"}))
+            answer = error_answer(
+                request_id,
+                NotReady(f"The model is not ready: {self.state.not_ready_reason}", headers={"Retry-After": "5"}),
+            )
         else:
             try:
                 result = await self.state.batcher.submit(arrays[0])
@@ -123,11 +133,20 @@ class InferenceServer:
                 answer = error_answer(request_id, exc)
             except Exception as exc:  # the batch failed in ONNX Runtime: a bug, reported as one (500) by the worker
                 log.error("inference failed: %s: %s", type(exc).__name__, exc)
-                answer = {"id": request_id, "ok": False, "code": "internal_error",
-                          "message": f"inference failed: {type(exc).__name__}"}
+                answer = {
+                    "id": request_id,
+                    "ok": False,
+                    "code": "internal_error",
+                    "message": f"inference failed: {type(exc).__name__}",
+                }
             else:
-                answer = {"id": request_id, "ok": True, "queue_ms": result.queue_ms,
-                          "inference_ms": result.inference_ms, "batch_size": result.batch_size}
+                answer = {
+                    "id": request_id,
+                    "ok": True,
+                    "queue_ms": result.queue_ms,
+                    "inference_ms": result.inference_ms,
+                    "batch_size": result.batch_size,
+                }
                 arrays_out = result.outputs
         connection.send(answer, arrays_out)
 
@@ -163,8 +182,13 @@ def claim_socket_path(path: Path) -> None:
     raise SystemExit(f"another inference server is already listening at {path}")
 
 
-async def serve(state: ServingState, settings: Settings, socket_path: Path, parent_pid: int | None = None,
-                drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+async def serve(
+    state: ServingState,
+    settings: Settings,
+    socket_path: Path,
+    parent_pid: int | None = None,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S,
+) -> None:
     """Serve until SIGTERM/SIGINT (or until the launcher that started this process is gone)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -178,8 +202,12 @@ async def serve(state: ServingState, settings: Settings, socket_path: Path, pare
     # Preprocessed images are patient pixels: only this user may connect (the launcher's folder is 0700 too).
     os.chmod(socket_path, 0o600)
     watcher = loop.create_task(watch_parent(parent_pid, stop)) if parent_pid else None
-    log.info("inference server pid %d listening on %s (%s)", os.getpid(), socket_path,
-             "ready" if state.ready else f"not ready: {state.not_ready_reason}")
+    log.info(
+        "inference server pid %d listening on %s (%s)",
+        os.getpid(),
+        socket_path,
+        "ready" if state.ready else f"not ready: {state.not_ready_reason}",
+    )
     try:
         await stop.wait()
         log.info("inference server stopping: draining requests in flight")
@@ -203,15 +231,20 @@ async def watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service.inference.server",
-                                     description="Own the model pack's sessions and batcher; serve HTTP workers "
-                                                 "over a Unix socket.")
+    parser = argparse.ArgumentParser(
+        prog="python -m service.inference.server",
+        description="Own the model pack's sessions and batcher; serve HTTP workers over a Unix socket.",
+    )
     parser.add_argument("--socket", type=Path, default=None, help="socket path (default: CXR_INFERENCE_SOCKET)")
     parser.add_argument("--models", type=Path, default=None, help="model pack folder (default: CXR_MODELS)")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer the parent")
-    parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S,
-                        help="longest wait, on SIGTERM, for workers to disconnect and requests to finish")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DRAIN_TIMEOUT_S,
+        help="longest wait, on SIGTERM, for workers to disconnect and requests to finish",
+    )
     return parser
 
 

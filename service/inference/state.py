@@ -50,9 +50,15 @@ def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None
             return state
         started = time.perf_counter()
         warm_up(state.models, state.pack.input_spec.size, settings.max_batch_size)
-        log.info("model pack %s %s loaded from %s on %s; warm-up of batch sizes 1..%d took %.1f s",
-                 state.pack.name, state.pack.version, settings.models, state.models.runtime.summary(),
-                 settings.max_batch_size, time.perf_counter() - started)
+        log.info(
+            "model pack %s %s loaded from %s on %s; warm-up of batch sizes 1..%d took %.1f s",
+            state.pack.name,
+            state.pack.version,
+            settings.models,
+            state.models.runtime.summary(),
+            settings.max_batch_size,
+            time.perf_counter() - started,
+        )
     except PackError as exc:
         state.not_ready_reason = f"model pack rejected: {exc}"
         log.error("%s", state.not_ready_reason)
@@ -61,8 +67,9 @@ def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None
         state.not_ready_reason = f"model pack could not be loaded: {type(exc).__name__}: {exc}"
         log.error("%s", state.not_ready_reason)
         return state
-    state.batcher = Batcher(state.models.run, settings.max_batch_size, settings.max_queue_delay_ms / 1e3,
-                            settings.max_queue_size)
+    state.batcher = Batcher(
+        state.models.run, settings.max_batch_size, settings.max_queue_delay_ms / 1e3, settings.max_queue_size
+    )
     state.decoder = new_decode_pool(settings, metrics)
     state.not_ready_reason = ""
     return state
@@ -70,10 +77,15 @@ def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None
 
 def new_decode_pool(settings: Settings, metrics: ServiceMetrics | None = None) -> DecodePool:
     """The decode pool of an HTTP process; the same for local inference and the shared inference server's workers."""
-    pool = DecodePool(settings.decode_workers, settings.decode_timeout_s, settings.max_queue_size,
-                      settings.decode_in_processes,
-                      on_replace=metrics.decode_workers_replaced.inc if metrics is not None else None,
-                      native_in_threads=settings.decode_native_in_threads, malloc_keep_mb=settings.malloc_keep_mb)
+    pool = DecodePool(
+        settings.decode_workers,
+        settings.decode_timeout_s,
+        settings.max_queue_size,
+        settings.decode_in_processes,
+        on_replace=metrics.decode_workers_replaced.inc if metrics is not None else None,
+        native_in_threads=settings.decode_native_in_threads,
+        malloc_keep_mb=settings.malloc_keep_mb,
+    )
     # Before /readyz turns ready, so neither the first requests nor cold-start figures hide worker start-up.
     log.info("%d decode workers started in %.1f s", settings.decode_workers, pool.start())
     return pool

@@ -22,8 +22,14 @@ MANUFACTURER = "Pediatric CXR inference service"
 # Type 2 attributes highdicom reads from the referenced image as plain attributes; an upload may
 # lack any of them, and an empty value is what the standard asks for when unknown.
 _TYPE2_DEFAULTS = {
-    "PatientName": "", "PatientID": "", "PatientBirthDate": "", "PatientSex": "",
-    "StudyDate": "", "StudyTime": "", "StudyID": "", "AccessionNumber": "",
+    "PatientName": "",
+    "PatientID": "",
+    "PatientBirthDate": "",
+    "PatientSex": "",
+    "StudyDate": "",
+    "StudyTime": "",
+    "StudyID": "",
+    "AccessionNumber": "",
     "ReferringPhysicianName": "",
 }
 
@@ -54,9 +60,11 @@ def reference_header(source: Dataset) -> Dataset:
             setattr(header, keyword, value)
     if "SamplesPerPixel" not in header:
         header.SamplesPerPixel = 1  # the decoder only accepts single-sample greyscale images
-    if (str(header.get("PatientIdentityRemoved", "")).upper() == "YES"
-            and "DeidentificationMethod" not in header
-            and "DeidentificationMethodCodeSequence" not in header):
+    if (
+        str(header.get("PatientIdentityRemoved", "")).upper() == "YES"
+        and "DeidentificationMethod" not in header
+        and "DeidentificationMethodCodeSequence" not in header
+    ):
         # Copied as is, "identity removed" without a method is invalid (PS3.3 C.7.1.1, Type 1C).
         # Say that the method is unknown rather than drop the flag or invent a method.
         header.DeidentificationMethod = "Not stated in the source image"

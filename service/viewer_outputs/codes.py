@@ -58,16 +58,38 @@ _STANDARD: dict[str, tuple[str, str, str]] = {
 
 # Labels without a standard code we are sure of, keyed to the paper's table id (stable).
 _PCXR_IDS: dict[str, int] = {
-    "Boot-shaped heart": 1, "Peribronchovascular interstitial opacity or PIO": 2,
-    "Bronchial thickening": 4, "Enlarged PA": 5, "Other opacity": 7,
-    "Intrathoracic digestive structure": 8, "Diffuse aveolar opacity": 9, "Other lesion": 10,
-    "Mediastinal shift": 12, "Anterior mediastinal mass": 13, "Other nodule/mass": 14,
-    "Aortic enlargement": 16, "Stomach on the right side": 18, "Calcification": 20,
-    "Lung hyperinflation": 22, "Egg on string sign": 23, "Lung cavity": 26,
-    "Pleural thickening": 29, "Clavicle fracture": 30, "Chest wall mass": 31, "Lung cyst": 32,
-    "Expanded edges of the anterior ribs": 35, "Paravertebral mass": 36, "No finding": 37,
-    "Brocho-pneumonia": 40, "Other diseases": 41, "Situs inversus": 43, "Pleuro-pneumonia": 45,
-    "Congenital emphysema": 48, "CPAM": 49, "Mediastinal tumor": 51, "Lung tumor": 52,
+    "Boot-shaped heart": 1,
+    "Peribronchovascular interstitial opacity or PIO": 2,
+    "Bronchial thickening": 4,
+    "Enlarged PA": 5,
+    "Other opacity": 7,
+    "Intrathoracic digestive structure": 8,
+    "Diffuse aveolar opacity": 9,
+    "Other lesion": 10,
+    "Mediastinal shift": 12,
+    "Anterior mediastinal mass": 13,
+    "Other nodule/mass": 14,
+    "Aortic enlargement": 16,
+    "Stomach on the right side": 18,
+    "Calcification": 20,
+    "Lung hyperinflation": 22,
+    "Egg on string sign": 23,
+    "Lung cavity": 26,
+    "Pleural thickening": 29,
+    "Clavicle fracture": 30,
+    "Chest wall mass": 31,
+    "Lung cyst": 32,
+    "Expanded edges of the anterior ribs": 35,
+    "Paravertebral mass": 36,
+    "No finding": 37,
+    "Brocho-pneumonia": 40,
+    "Other diseases": 41,
+    "Situs inversus": 43,
+    "Pleuro-pneumonia": 45,
+    "Congenital emphysema": 48,
+    "CPAM": 49,
+    "Mediastinal tumor": 51,
+    "Lung tumor": 52,
 }
 _CXR_ONLY_IDS: dict[str, int] = {"Nodule/Mass": 16, "Rib fracture": 21}
 
@@ -101,8 +123,10 @@ def coding_scheme_items(used: list[Code]) -> list[CodingSchemeIdentificationItem
     """Coding Scheme Identification items for the private scheme, when any code uses it."""
     if not any(code.scheme_designator == PRIVATE_SCHEME for code in used):
         return None
-    return [CodingSchemeIdentificationItem(
-        designator=PRIVATE_SCHEME,
-        name=PRIVATE_SCHEME_NAME,
-        responsible_organization="Pediatric CXR inference service (local, not registered)",
-    )]
+    return [
+        CodingSchemeIdentificationItem(
+            designator=PRIVATE_SCHEME,
+            name=PRIVATE_SCHEME_NAME,
+            responsible_organization="Pediatric CXR inference service (local, not registered)",
+        )
+    ]

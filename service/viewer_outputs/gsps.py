@@ -40,8 +40,9 @@ _LINE_HEIGHT = 0.03  # summary line height, fraction of the displayed area
 _CHAR_WIDTH = 0.55  # rough glyph width / height, to size text bounding boxes
 
 
-def build_gsps(source: pydicom.Dataset, result: dict, *, series_number: int = 9902,
-               instance_number: int = 1) -> pydicom.Dataset:
+def build_gsps(
+    source: pydicom.Dataset, result: dict, *, series_number: int = 9902, instance_number: int = 1
+) -> pydicom.Dataset:
     """A GSPS that overlays the boxes, their labels and the disease summary on the `source` image."""
     header = reference_header(source)
     model = result.get("model") or {}
@@ -51,19 +52,24 @@ def build_gsps(source: pydicom.Dataset, result: dict, *, series_number: int = 99
     if findings:
         layer = GraphicLayer(FINDINGS_LAYER, order=1, description=f"AI findings - {DISCLAIMER}")
         layers.append(layer)
-        annotations.append(GraphicAnnotation(
-            referenced_images=[header],
-            graphic_layer=layer,
-            graphic_objects=[GraphicObject(GraphicTypeValues.POLYLINE, box_polygon(f["box"]),
-                                           AnnotationUnitsValues.PIXEL) for f in findings],
-            text_objects=[_box_caption(f, header) for f in findings],
-        ))
+        annotations.append(
+            GraphicAnnotation(
+                referenced_images=[header],
+                graphic_layer=layer,
+                graphic_objects=[
+                    GraphicObject(GraphicTypeValues.POLYLINE, box_polygon(f["box"]), AnnotationUnitsValues.PIXEL)
+                    for f in findings
+                ],
+                text_objects=[_box_caption(f, header) for f in findings],
+            )
+        )
     # The summary layer always exists: it carries the disclaimer even when nothing was found.
     summary = GraphicLayer(SUMMARY_LAYER, order=2, description="AI disease probabilities")
     layers.append(summary)
     lines = [DISCLAIMER] + [disease_text(d) for d in diseases]
-    annotations.append(GraphicAnnotation(referenced_images=[header], graphic_layer=summary,
-                                         text_objects=_summary_lines(lines)))
+    annotations.append(
+        GraphicAnnotation(referenced_images=[header], graphic_layer=summary, text_objects=_summary_lines(lines))
+    )
 
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=[header],
@@ -86,7 +92,8 @@ def build_gsps(source: pydicom.Dataset, result: dict, *, series_number: int = 99
         presentation_lut_transformation=hd.PresentationLUTTransformation(
             presentation_lut_shape=hd.PresentationLUTShapeValues.INVERSE
             if str(header.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
-            else hd.PresentationLUTShapeValues.IDENTITY),
+            else hd.PresentationLUTShapeValues.IDENTITY
+        ),
     )
     # Laterality (General Series, Type 2C) is needed only for a paired body part: say which part
     # the image shows when the source does, otherwise leave it empty ("unknown", PS3.3 C.7.3.1).
@@ -114,8 +121,13 @@ def _min_max_window(header: pydicom.Dataset) -> list[hd.pr.SoftcopyVOILUTTransfo
     ends = [slope * float(header[k].value) + intercept for k in ("SmallestImagePixelValue", "LargestImagePixelValue")]
     low, high = min(ends), max(ends)
     # PS3.3 C.11.2.1.2.1: this center/width maps `low` to the darkest and `high` to the brightest.
-    return [hd.pr.SoftcopyVOILUTTransformation(window_center=(low + high) / 2 + 0.5, window_width=high - low + 1,
-                                               window_explanation="MIN-MAX (no window in image)")]
+    return [
+        hd.pr.SoftcopyVOILUTTransformation(
+            window_center=(low + high) / 2 + 0.5,
+            window_width=high - low + 1,
+            window_explanation="MIN-MAX (no window in image)",
+        )
+    ]
 
 
 def _box_caption(finding: dict, header: pydicom.Dataset) -> TextObject:
@@ -129,9 +141,14 @@ def _box_caption(finding: dict, header: pydicom.Dataset) -> TextObject:
     y_top = float(finding["box"]["y_min"])
     y0 = y_top - height if y_top - height >= 0 else min(max(0.0, y_top), rows - height)
     anchor = (max(0.0, float(finding["box"]["x_min"])), max(0.0, y_top))
-    return TextObject(text, AnnotationUnitsValues.PIXEL, bounding_box=(x0, y0, x0 + width, y0 + height),
-                      anchor_point=anchor, anchor_point_visible=False,
-                      text_justification=TextJustificationValues.LEFT)
+    return TextObject(
+        text,
+        AnnotationUnitsValues.PIXEL,
+        bounding_box=(x0, y0, x0 + width, y0 + height),
+        anchor_point=anchor,
+        anchor_point_visible=False,
+        text_justification=TextJustificationValues.LEFT,
+    )
 
 
 def _summary_lines(lines: list[str]) -> list[TextObject]:
@@ -140,6 +157,12 @@ def _summary_lines(lines: list[str]) -> list[TextObject]:
     for i, line in enumerate(lines):
         top = 0.01 + i * step
         right = min(0.99, 0.01 + step * _CHAR_WIDTH * len(line))
-        objects.append(TextObject(line, AnnotationUnitsValues.DISPLAY, bounding_box=(0.01, top, right, top + step),
-                                  text_justification=TextJustificationValues.LEFT))
+        objects.append(
+            TextObject(
+                line,
+                AnnotationUnitsValues.DISPLAY,
+                bounding_box=(0.01, top, right, top + step),
+                text_justification=TextJustificationValues.LEFT,
+            )
+        )
     return objects

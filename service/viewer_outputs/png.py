@@ -16,8 +16,14 @@ from service.viewer_outputs import DISCLAIMER, disease_text, finding_text
 
 # Saturated colours that stay visible on grey; a label keeps its colour across images.
 PALETTE = (
-    (255, 64, 64), (64, 200, 255), (255, 200, 0), (80, 255, 120),
-    (255, 96, 255), (255, 140, 0), (160, 120, 255), (0, 255, 220),
+    (255, 64, 64),
+    (64, 200, 255),
+    (255, 200, 0),
+    (80, 255, 120),
+    (255, 96, 255),
+    (255, 140, 0),
+    (160, 120, 255),
+    (0, 255, 220),
 )
 HEADER_DISEASES = 3  # the most probable diseases named in the header
 
@@ -59,8 +65,18 @@ def render_png(display: np.ndarray, result: dict) -> bytes:
     placed: list[tuple[int, int, int, int]] = []
     for finding in findings:
         x0, y0 = _clamp(finding["box"]["x_min"], columns), _clamp(finding["box"]["y_min"], rows)
-        placed.append(_caption(draw, finding_text(finding), (x0, y0), label_colour(str(finding["label"])),
-                               font, image.size, floor=header_bottom, avoid=placed))
+        placed.append(
+            _caption(
+                draw,
+                finding_text(finding),
+                (x0, y0),
+                label_colour(str(finding["label"])),
+                font,
+                image.size,
+                floor=header_bottom,
+                avoid=placed,
+            )
+        )
 
     out = io.BytesIO()
     image.save(out, format="PNG", compress_level=3)  # speed over a few percent of size
@@ -88,9 +104,18 @@ def _wrap(draw: ImageDraw.ImageDraw, segments: list[str], font, width: int) -> l
     return lines
 
 
-def _caption(draw: ImageDraw.ImageDraw, text: str, at: tuple[int, int], colour: tuple[int, int, int],
-             font, size: tuple[int, int], *, above: bool = True, floor: int = 0,
-             avoid: list[tuple[int, int, int, int]] = ()) -> tuple[int, int, int, int]:
+def _caption(
+    draw: ImageDraw.ImageDraw,
+    text: str,
+    at: tuple[int, int],
+    colour: tuple[int, int, int],
+    font,
+    size: tuple[int, int],
+    *,
+    above: bool = True,
+    floor: int = 0,
+    avoid: list[tuple[int, int, int, int]] = (),
+) -> tuple[int, int, int, int]:
     """Text on a dark backing, above the point when there is room, else below it, kept inside
     the image, below `floor` and clear of the `avoid` rectangles. Returns the backing rectangle."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)

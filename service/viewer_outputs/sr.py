@@ -50,8 +50,9 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  #
 COMMENT = Code("121106", "DCM", "Comment")
 
 
-def build_sr(source: pydicom.Dataset, result: dict, *, series_number: int = 9901,
-             instance_number: int = 1) -> pydicom.Dataset:
+def build_sr(
+    source: pydicom.Dataset, result: dict, *, series_number: int = 9901, instance_number: int = 1
+) -> pydicom.Dataset:
     """A Comprehensive SR measurement report of `result` that references the `source` image."""
     header = reference_header(source)
     model = result.get("model") or {}
@@ -92,12 +93,17 @@ def build_sr(source: pydicom.Dataset, result: dict, *, series_number: int = 9901
 def _observer(pack: str, version: str) -> ObservationContext:
     # One stable device UID per pack version, so reports from the same model can be grouped.
     device_uid = generate_uid(entropy_srcs=["pcxr-model-pack", pack, version])
-    return ObservationContext(observer_device_context=ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device_uid, name=pack[:64], manufacturer_name=MANUFACTURER, model_name=pack[:64],
-        ),
-    ))
+    return ObservationContext(
+        observer_device_context=ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+                uid=device_uid,
+                name=pack[:64],
+                manufacturer_name=MANUFACTURER,
+                model_name=pack[:64],
+            ),
+        )
+    )
 
 
 def _algorithm(pack: str, version: str, parameters: list[str]) -> AlgorithmIdentification:
@@ -108,8 +114,9 @@ def _probability(value: float) -> Measurement:
     return Measurement(name=PROBABILITY, value=float(value), unit=UNITLESS)
 
 
-def _finding_group(header: pydicom.Dataset, finding: dict, index: int, pack: str, version: str,
-                   model: dict) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+def _finding_group(
+    header: pydicom.Dataset, finding: dict, index: int, pack: str, version: str, model: dict
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     label = str(finding["label"])
     region = ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -126,8 +133,9 @@ def _finding_group(header: pydicom.Dataset, finding: dict, index: int, pack: str
     )
 
 
-def _disease_group(header: pydicom.Dataset, disease: dict, pack: str, version: str,
-                   model: dict) -> MeasurementsAndQualitativeEvaluations:
+def _disease_group(
+    header: pydicom.Dataset, disease: dict, pack: str, version: str, model: dict
+) -> MeasurementsAndQualitativeEvaluations:
     label = str(disease["label"])
     concept = code_for(label)
     parameters = []
@@ -145,8 +153,7 @@ def _disease_group(header: pydicom.Dataset, disease: dict, pack: str, version: s
     )
 
 
-def _nothing_reported_group(header: pydicom.Dataset, pack: str,
-                            version: str) -> MeasurementsAndQualitativeEvaluations:
+def _nothing_reported_group(header: pydicom.Dataset, pack: str, version: str) -> MeasurementsAndQualitativeEvaluations:
     # TID 1500 needs at least one measurement group; "Finding: None" says the model ran on this
     # image and reported nothing, which an empty report could not distinguish from no analysis.
     return MeasurementsAndQualitativeEvaluations(
@@ -158,10 +165,12 @@ def _nothing_reported_group(header: pydicom.Dataset, pack: str,
 
 
 def _disclaimer_container(n_findings: int, n_diseases: int) -> ContainerContentItem:
-    container = ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
-                                     relationship_type=RelationshipTypeValues.CONTAINS)
-    text = (f"{DISCLAIMER}. Automated output of a research model: {n_findings} localized finding(s), "
-            f"{n_diseases} image-level probability(ies). Not reviewed by a physician.")
-    container.ContentSequence = [TextContentItem(name=COMMENT, value=text,
-                                                 relationship_type=RelationshipTypeValues.CONTAINS)]
+    container = ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS)
+    text = (
+        f"{DISCLAIMER}. Automated output of a research model: {n_findings} localized finding(s), "
+        f"{n_diseases} image-level probability(ies). Not reviewed by a physician."
+    )
+    container.ContentSequence = [
+        TextContentItem(name=COMMENT, value=text, relationship_type=RelationshipTypeValues.CONTAINS)
+    ]
     return container

@@ -92,8 +92,7 @@ class Geometry:
         return 2 * self.lw * self.sx / self.ux
 
 
-def sample_geometry(rng: np.random.Generator, h: int, w: int, aspect: float, var: float,
-                     age_months: int) -> Geometry:
+def sample_geometry(rng: np.random.Generator, h: int, w: int, aspect: float, var: float, age_months: int) -> Geometry:
     def jit(sd: float) -> float:
         return float(rng.normal(0.0, sd * var))
 
@@ -106,8 +105,7 @@ def sample_geometry(rng: np.random.Generator, h: int, w: int, aspect: float, var
     sy = min(sx * ratio, aspect * 0.7 / 1.3)
     y_apex = aspect * (0.13 + jit(0.025)) + 0.1 * sy
     y_apex = float(np.clip(y_apex, 0.45 * sy, aspect - 1.3 * sy))
-    g = Geometry(h=h, w=w, aspect=aspect, cx=0.5 + jit(0.025), cyc=y_apex + 0.5 * sy, sx=sx,
-                  sy=sy, theta=jit(0.035))
+    g = Geometry(h=h, w=w, aspect=aspect, cx=0.5 + jit(0.025), cyc=y_apex + 0.5 * sy, sx=sx, sy=sy, theta=jit(0.035))
     g.cx = float(np.clip(g.cx, 1.1 * sx, 1.0 - 1.1 * sx))
     g.lc = 0.52 + jit(0.015)
     g.lw = 0.44 + jit(0.015)
@@ -167,7 +165,7 @@ def _lung(g: Geometry, px: np.ndarray, py: np.ndarray, side: int):
     up = -0.15
     q_dia = g.base[side] + 0.02 - g.dome[side] * (1.0 - ((u - up) * (1 / 1.2)) ** 2)
     mask = step((1.0 - rho) * scale, 2.0 * e) * step((q_dia - q) * g.sy, e)
-    profile = (0.4 + 0.6 * np.sqrt(np.clip(1.0 - z * z, 0.0, 1.0)))
+    profile = 0.4 + 0.6 * np.sqrt(np.clip(1.0 - z * z, 0.0, 1.0))
     profile *= 0.72 + 0.28 * np.clip((q_dia - q) * (1 / 0.22), 0.0, 1.0)
     profile *= 0.78 + 0.22 * np.clip(q * (1 / 0.3), 0.0, 1.0)
     return mask, profile, q_dia
@@ -227,8 +225,17 @@ def draw_tree(draw: ImageDraw.ImageDraw, rng, x, y, angle, length, width, depth,
     if depth > 0:
         for sign in (-1, 1):
             if rng.random() < 0.85:
-                draw_tree(draw, rng, x, y, a + sign * rng.uniform(0.25, 0.6),
-                           length * rng.uniform(0.6, 0.8), width * 0.7, depth - 1, value * 0.8)
+                draw_tree(
+                    draw,
+                    rng,
+                    x,
+                    y,
+                    a + sign * rng.uniform(0.25, 0.6),
+                    length * rng.uniform(0.6, 0.8),
+                    width * 0.7,
+                    depth - 1,
+                    value * 0.8,
+                )
 
 
 def tone(att: np.ndarray, g: Geometry) -> np.ndarray:
@@ -294,8 +301,7 @@ def render_anatomy(cv: Canvas) -> None:
     airway = 0.3 * taper * _line_band(px, py, g, (0.0, -0.8), carina, 0.02 * g.sx / 0.35)
     lungs_now = np.maximum(cv.lung[-1], cv.lung[1])
     for side in (-1, 1):
-        bronchus = _line_band(px, py, g, (carina[0], carina[1] - 0.02), (side * 0.13, 0.48),
-                              0.013 * g.sx / 0.35)
+        bronchus = _line_band(px, py, g, (carina[0], carina[1] - 0.02), (side * 0.13, 0.48), 0.013 * g.sx / 0.35)
         airway = np.maximum(airway, 0.13 * bronchus * (1.0 - 0.8 * lungs_now))
     att -= airway
 
@@ -304,15 +310,15 @@ def render_anatomy(cv: Canvas) -> None:
     phase = (py * (1.0 / period)) % 1.0
     column = step((0.11 - ax) * g.sx, 2 * e) * body
     body_v = 0.75 + 0.25 * step(0.36 - np.abs(phase - 0.5), 0.12)
-    pedicle = np.exp(-((ax - 0.08) * (1 / 0.02)) ** 2 - ((phase - 0.5) * (1 / 0.2)) ** 2)
+    pedicle = np.exp(-(((ax - 0.08) * (1 / 0.02)) ** 2) - ((phase - 0.5) * (1 / 0.2)) ** 2)
     att += (0.09 * body_v + 0.05 * pedicle) * column
 
     # Posterior ribs: one closed-form family of arched bands; spacing grows downwards.
     # They show best over the lungs and fade over the dense mediastinum / abdomen.
     lungs = np.maximum(cv.lung[-1], cv.lung[1])
     t = ax * (1.0 / 1.0)
-    s = py + g.rib_a * t - g.rib_b * t ** 2.6
-    disc = g.rib_d ** 2 + 4 * g.rib_e * np.maximum(s - g.rib_y0, -g.rib_d ** 2 / (4 * g.rib_e))
+    s = py + g.rib_a * t - g.rib_b * t**2.6
+    disc = g.rib_d**2 + 4 * g.rib_e * np.maximum(s - g.rib_y0, -(g.rib_d**2) / (4 * g.rib_e))
     r = (np.sqrt(np.maximum(disc, 0.0)) - g.rib_d) * (1.0 / (2 * g.rib_e))
     f = r - np.floor(r)
     dist = np.abs(f - 0.5 * g.rib_w)
@@ -332,15 +338,13 @@ def render_anatomy(cv: Canvas) -> None:
     # Clavicles: S-shaped bands from the sternum up towards the shoulders.
     tc = np.clip((ax - 0.1) * (1.0 / 1.1), 0.0, 1.0)
     yc = 0.0 - 0.1 * tc + 0.025 * np.sin(2 * math.pi * tc)
-    clav = (step((0.026 - np.abs(py - yc)) * g.sy, 1.5 * e)
-            * step(ax - 0.1, 0.05) * step(1.2 - ax, 0.06))
+    clav = step((0.026 - np.abs(py - yc)) * g.sy, 1.5 * e) * step(ax - 0.1, 0.05) * step(1.2 - ax, 0.06)
     att += 0.2 * clav * (0.8 + 0.2 * np.abs(py - yc) * (1 / 0.026))
 
     abdomen = step((py - g.base[1] - 0.12) * g.sy, 8 * e) * body * step(1.0 - ax, 0.15)
     # Stomach bubble under the left hemidiaphragm, bowel gas lower down.
     if rng.random() < 0.7:
-        d = np.sqrt(((px - 0.5 - 0.12 * rng.random()) * (1 / 0.13)) ** 2
-                    + ((py - g.base[1] - 0.1) * (1 / 0.045)) ** 2)
+        d = np.sqrt(((px - 0.5 - 0.12 * rng.random()) * (1 / 0.13)) ** 2 + ((py - g.base[1] - 0.1) * (1 / 0.045)) ** 2)
         att -= 0.22 * step((1.0 - d) * 0.05 * g.sy, 3 * e)
     gas = np.clip(smooth_noise(rng, g.h, g.w, g.h / 30.0) - 1.5, 0.0, 0.6)
     att -= 0.2 * gas * abdomen * step(py - g.base[1] - 0.3, 0.15)
@@ -356,9 +360,17 @@ def render_anatomy(cv: Canvas) -> None:
             a = a + rng.normal(0.0, 0.12)
             ang = a if side > 0 else math.pi - a
             start = lwp * rng.uniform(0.03, 0.08)
-            draw_tree(draw, rng, col + math.cos(ang + g.theta) * start,
-                       row + math.sin(ang + g.theta) * start, ang + g.theta,
-                       lwp * rng.uniform(0.17, 0.25), lwp * 0.02, 3, 230)
+            draw_tree(
+                draw,
+                rng,
+                col + math.cos(ang + g.theta) * start,
+                row + math.sin(ang + g.theta) * start,
+                ang + g.theta,
+                lwp * rng.uniform(0.17, 0.25),
+                lwp * 0.02,
+                3,
+                230,
+            )
     vessels = np.asarray(img.filter(ImageFilter.GaussianBlur(1.1)), dtype=np.float32) * (1 / 255.0)
     att += 0.13 * cv.difficulty.texture * vessels * lungs
 

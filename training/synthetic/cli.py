@@ -23,23 +23,39 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.synthetic", description="Write a synthetic VinDr-PCXR-layout phantom dataset "
-                                            f"({DISCLAIMER}).")
+    p = argparse.ArgumentParser(
+        prog="python -m training.synthetic",
+        description=f"Write a synthetic VinDr-PCXR-layout phantom dataset ({DISCLAIMER}).",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--n-train", type=int, default=100)
     p.add_argument("--n-test", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default="default")
-    p.add_argument("--size", type=_parse_size, default=None,
-                   help="force ROWSxCOLS (default: drawn around the paper's median 1643x1349)")
-    p.add_argument("--transfer-syntax", default=None,
-                   help=f"force one of {sorted(TRANSFER_SYNTAXES)} (or its UID); default: a mix of "
-                        "explicit, implicit and rle")
+    p.add_argument(
+        "--size",
+        type=_parse_size,
+        default=None,
+        help="force ROWSxCOLS (default: drawn around the paper's median 1643x1349)",
+    )
+    p.add_argument(
+        "--transfer-syntax",
+        default=None,
+        help=f"force one of {sorted(TRANSFER_SYNTAXES)} (or its UID); default: a mix of explicit, implicit and rle",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes (output is identical)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
-    generate_dataset(args.out, args.n_train, args.n_test, args.seed, difficulty=args.difficulty,
-                     size=args.size, transfer_syntax=args.transfer_syntax, workers=args.workers)
+    generate_dataset(
+        args.out,
+        args.n_train,
+        args.n_test,
+        args.seed,
+        difficulty=args.difficulty,
+        size=args.size,
+        transfer_syntax=args.transfer_syntax,
+        workers=args.workers,
+    )

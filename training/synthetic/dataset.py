@@ -18,7 +18,14 @@ from training.synthetic.findings import NO_FINDING
 from training.synthetic.instance import image_id_for, synthesize_instance
 
 ANNOTATION_HEADER = (
-    "image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max", "class_id",
+    "image_id",
+    "rad_id",
+    "class_name",
+    "x_min",
+    "y_min",
+    "x_max",
+    "y_max",
+    "class_id",
 )
 IMAGE_LABEL_HEADER = ("image_id", "rad_ID") + tuple(label.name for label in VINDR_PCXR.labels)
 
@@ -38,8 +45,7 @@ def _random_size(image_seed: int) -> tuple[int, int]:
 def _make_image(job: tuple) -> tuple:
     out, split, index, image_seed, difficulty, size, transfer_syntax = job
     rows, cols = size if size is not None else _random_size(image_seed)
-    ds, case = synthesize_instance(image_seed, rows, cols, difficulty=difficulty,
-                                   transfer_syntax=transfer_syntax)
+    ds, case = synthesize_instance(image_seed, rows, cols, difficulty=difficulty, transfer_syntax=transfer_syntax)
     image_id = image_id_for(ds.SOPInstanceUID)
     (Path(out) / split / f"{image_id}.dicom").write_bytes(dicom_bytes(ds))
     rad_id = f"R{int(np.random.default_rng([image_seed, 11]).integers(1, 4))}"
@@ -50,9 +56,17 @@ def _fmt(v: float) -> str:
     return f"{v:.2f}"
 
 
-def generate_dataset(out: Path, n_train: int, n_test: int, seed: int, *,
-                     difficulty: str = "default", size: tuple[int, int] | None = None,
-                     transfer_syntax: str | None = None, workers: int = 1) -> None:
+def generate_dataset(
+    out: Path,
+    n_train: int,
+    n_test: int,
+    seed: int,
+    *,
+    difficulty: str = "default",
+    size: tuple[int, int] | None = None,
+    transfer_syntax: str | None = None,
+    workers: int = 1,
+) -> None:
     """Write a VinDr-PCXR-layout phantom dataset under `out` (see the module docstring)."""
     out = Path(out)
     resolve_difficulty(difficulty)
@@ -60,8 +74,11 @@ def generate_dataset(out: Path, n_train: int, n_test: int, seed: int, *,
         resolve_transfer_syntax(transfer_syntax)
     for split in ("train", "test"):
         (out / split).mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), split, i, _image_seed(seed, split, i), difficulty, size, transfer_syntax)
-            for split, n in (("train", n_train), ("test", n_test)) for i in range(n)]
+    jobs = [
+        (str(out), split, i, _image_seed(seed, split, i), difficulty, size, transfer_syntax)
+        for split, n in (("train", n_train), ("test", n_test))
+        for i in range(n)
+    ]
     start = time.perf_counter()
     results: list[tuple] = []
     with tqdm(total=len(jobs), desc="phantoms", unit="img", disable=None) as bar:
@@ -77,8 +94,10 @@ def generate_dataset(out: Path, n_train: int, n_test: int, seed: int, *,
 
     per_label: Counter[str] = Counter()
     for split in ("train", "test"):
-        with open(out / f"annotations_{split}.csv", "w", newline="") as fa, \
-                open(out / f"image_labels_{split}.csv", "w", newline="") as fl:
+        with (
+            open(out / f"annotations_{split}.csv", "w", newline="") as fa,
+            open(out / f"image_labels_{split}.csv", "w", newline="") as fl,
+        ):
             ann, lab = csv.writer(fa), csv.writer(fl)
             ann.writerow(ANNOTATION_HEADER)
             lab.writerow(IMAGE_LABEL_HEADER)
@@ -86,15 +105,26 @@ def generate_dataset(out: Path, n_train: int, n_test: int, seed: int, *,
                 if res_split != split:
                     continue
                 for f in findings:
-                    ann.writerow([image_id, rad_id, f.label, _fmt(f.x_min), _fmt(f.y_min),
-                                  _fmt(f.x_max), _fmt(f.y_max), VINDR_PCXR.by_name(f.label).id])
+                    ann.writerow(
+                        [
+                            image_id,
+                            rad_id,
+                            f.label,
+                            _fmt(f.x_min),
+                            _fmt(f.y_min),
+                            _fmt(f.x_max),
+                            _fmt(f.y_max),
+                            VINDR_PCXR.by_name(f.label).id,
+                        ]
+                    )
                 if not findings:
-                    ann.writerow([image_id, rad_id, NO_FINDING, "", "", "", "",
-                                  VINDR_PCXR.by_name(NO_FINDING).id])
+                    ann.writerow([image_id, rad_id, NO_FINDING, "", "", "", "", VINDR_PCXR.by_name(NO_FINDING).id])
                 lab.writerow([image_id, rad_id] + [labels[name] for name in IMAGE_LABEL_HEADER[2:]])
                 per_label.update({f.label for f in findings})
     elapsed = time.perf_counter() - start
     counts = ", ".join(f"{name}={per_label[name]}" for name in SYNTHETIC_LOCAL)
     rate = len(results) / max(elapsed, 1e-9)
-    print(f"synthetic: wrote {len(results)} images (train {n_train}, test {n_test}) to {out} in "
-          f"{elapsed:.1f} s ({rate:.1f} img/s); images per finding: {counts}")
+    print(
+        f"synthetic: wrote {len(results)} images (train {n_train}, test {n_test}) to {out} in "
+        f"{elapsed:.1f} s ({rate:.1f} img/s); images per finding: {counts}"
+    )

@@ -21,13 +21,36 @@ class Difficulty:
 
 
 DIFFICULTIES: dict[str, Difficulty] = {
-    "easy": Difficulty("easy", contrast=(1.5, 2.2), size=(1.1, 1.4), noise_sigma=0.008,
-                       anatomy_variability=0.5, texture=0.6, label_noise=0.05, spurious_rate=0.01),
-    "default": Difficulty("default", contrast=(0.6, 1.1), size=(0.8, 1.15), noise_sigma=0.02,
-                          anatomy_variability=1.0, texture=1.0, label_noise=0.12,
-                          spurious_rate=0.02),
-    "hard": Difficulty("hard", contrast=(0.4, 0.75), size=(0.65, 1.0), noise_sigma=0.032,
-                       anatomy_variability=1.4, texture=1.3, label_noise=0.2, spurious_rate=0.04),
+    "easy": Difficulty(
+        "easy",
+        contrast=(1.5, 2.2),
+        size=(1.1, 1.4),
+        noise_sigma=0.008,
+        anatomy_variability=0.5,
+        texture=0.6,
+        label_noise=0.05,
+        spurious_rate=0.01,
+    ),
+    "default": Difficulty(
+        "default",
+        contrast=(0.6, 1.1),
+        size=(0.8, 1.15),
+        noise_sigma=0.02,
+        anatomy_variability=1.0,
+        texture=1.0,
+        label_noise=0.12,
+        spurious_rate=0.02,
+    ),
+    "hard": Difficulty(
+        "hard",
+        contrast=(0.4, 0.75),
+        size=(0.65, 1.0),
+        noise_sigma=0.032,
+        anatomy_variability=1.4,
+        texture=1.3,
+        label_noise=0.2,
+        spurious_rate=0.04,
+    ),
 }
 
 
@@ -37,5 +60,4 @@ def resolve_difficulty(difficulty: str | Difficulty) -> Difficulty:
     try:
         return DIFFICULTIES[difficulty]
     except KeyError:
-        raise ValueError(
-            f"unknown difficulty {difficulty!r}; one of {sorted(DIFFICULTIES)}") from None
+        raise ValueError(f"unknown difficulty {difficulty!r}; one of {sorted(DIFFICULTIES)}") from None

@@ -56,10 +56,12 @@ CODECS: dict[str, Codec] = {
     # JPEG processes 1 and 4 are lossy DCT codecs without a notion of sign: a two's complement
     # image would wrap around at zero, so they take unsigned data only. libjpeg-turbo writes 8-bit
     # data as baseline (SOF0), never as 8-bit process 2 (SOF1), so "jpeg-extended" is 12-bit.
-    "jpeg-baseline": Codec(JPEGBaseline8Bit, "imagecodecs:jpeg8_encode", bits=(8,), signed=False,
-                           lossy=True, method="ISO_10918_1"),
-    "jpeg-extended": Codec(JPEGExtended12Bit, "imagecodecs:jpeg8_encode", bits=(12,),
-                           signed=False, lossy=True, method="ISO_10918_1"),
+    "jpeg-baseline": Codec(
+        JPEGBaseline8Bit, "imagecodecs:jpeg8_encode", bits=(8,), signed=False, lossy=True, method="ISO_10918_1"
+    ),
+    "jpeg-extended": Codec(
+        JPEGExtended12Bit, "imagecodecs:jpeg8_encode", bits=(12,), signed=False, lossy=True, method="ISO_10918_1"
+    ),
     "jpeg-lossless": Codec(JPEGLossless, "imagecodecs:jpeg8_encode"),  # process 14, predictor 6
     "jpeg-lossless-sv1": Codec(JPEGLosslessSV1, "imagecodecs:jpeg8_encode"),  # predictor 1
     "jpeg-ls": Codec(JPEGLSLossless, "pydicom:pyjpegls"),
@@ -110,8 +112,9 @@ def resolve_transfer_syntax(transfer_syntax: str) -> str:
         return TRANSFER_SYNTAXES[transfer_syntax]
     if transfer_syntax in TRANSFER_SYNTAXES.values():
         return pydicom.uid.UID(transfer_syntax)
-    raise ValueError(f"unsupported transfer syntax {transfer_syntax!r}; one of "
-                     f"{sorted(TRANSFER_SYNTAXES)} or their UIDs")
+    raise ValueError(
+        f"unsupported transfer syntax {transfer_syntax!r}; one of {sorted(TRANSFER_SYNTAXES)} or their UIDs"
+    )
 
 
 def codec_for(transfer_syntax: str) -> tuple[str, Codec]:
@@ -136,9 +139,14 @@ def can_encode(transfer_syntax: str) -> bool:
     return bool(getattr(getattr(imagecodecs, module, None), "available", False))
 
 
-def choose_encoding(rng: np.random.Generator, transfer_syntax: str | None = None,
-                    photometric: str | None = None, bits_stored: int | None = None,
-                    signed: bool | None = None, windowed: bool | None = None) -> PixelEncoding:
+def choose_encoding(
+    rng: np.random.Generator,
+    transfer_syntax: str | None = None,
+    photometric: str | None = None,
+    bits_stored: int | None = None,
+    signed: bool | None = None,
+    windowed: bool | None = None,
+) -> PixelEncoding:
     """Draw how one image is stored; any argument given forces that choice.
 
     A drawn bit depth or sign the forced transfer syntax cannot carry is replaced by the nearest
@@ -150,8 +158,7 @@ def choose_encoding(rng: np.random.Generator, transfer_syntax: str | None = None
     photo_draw = "MONOCHROME1" if rng.random() < 0.25 else "MONOCHROME2"
     bits_draw = int(rng.choice((8, 12, 16), p=(0.15, 0.45, 0.4)))
     signed_draw = bool(rng.random() < 0.15)
-    rescale = [(1.0, 0.0), (1.0, -1024.0), (0.5, 0.0), (2.0, -100.0)][
-        int(rng.choice(4, p=(0.7, 0.15, 0.1, 0.05)))]
+    rescale = [(1.0, 0.0), (1.0, -1024.0), (0.5, 0.0), (2.0, -100.0)][int(rng.choice(4, p=(0.7, 0.15, 0.1, 0.05)))]
     windowed_draw = bool(rng.random() < 0.8)
     photometric = photometric or photo_draw
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -198,8 +205,7 @@ def encode_pixels(density: np.ndarray, enc: PixelEncoding, rng: np.random.Genera
         stored = np.float32(sv1) - scaled
     else:
         stored = scaled + np.float32(sv0)
-    dtypes = {(8, False): np.uint8, (8, True): np.int8,
-              (16, False): np.uint16, (16, True): np.int16}
+    dtypes = {(8, False): np.uint8, (8, True): np.int8, (16, False): np.uint16, (16, True): np.int16}
     dtype = dtypes[(enc.bits_allocated, enc.signed)]
     arr = np.clip(np.rint(stored), lo, hi).astype(dtype)
     m0 = enc.slope * sv0 + enc.intercept
@@ -220,8 +226,10 @@ def encode_dataset(ds: Dataset, transfer_syntax: str) -> None:
     uid = codec.uid
     bits, is_signed = int(ds.BitsStored), int(ds.PixelRepresentation) == 1
     if bits not in codec.bits or (is_signed and not codec.signed):
-        raise ValueError(f"{name} cannot store {bits}-bit {'signed' if is_signed else 'unsigned'} "
-                         f"pixels; use choose_encoding() to pick a compatible encoding")
+        raise ValueError(
+            f"{name} cannot store {bits}-bit {'signed' if is_signed else 'unsigned'} "
+            f"pixels; use choose_encoding() to pick a compatible encoding"
+        )
     if uid in _UNCOMPRESSED:  # Deflated is written by pydicom's dcmwrite (dataset-level zlib)
         ds.file_meta.TransferSyntaxUID = uid
         return
@@ -270,15 +278,13 @@ def _imagecodecs_frame(uid: str, arr: np.ndarray, bits: int, is_signed: bool) ->
     try:
         import imagecodecs
     except ImportError:
-        raise RuntimeError(f"writing {pydicom.uid.UID(uid).name} needs imagecodecs "
-                           "(pip install imagecodecs)") from None
+        raise RuntimeError(f"writing {pydicom.uid.UID(uid).name} needs imagecodecs (pip install imagecodecs)") from None
     if uid in (JPEGLossless, JPEGLosslessSV1):
         if is_signed:  # JPEG has no sign: store the BitsStored-bit two's complement pattern
             unsigned = np.uint8 if arr.dtype.itemsize == 1 else np.uint16
             arr = arr.view(unsigned) & unsigned((1 << bits) - 1)
         predictor = 1 if uid == JPEGLosslessSV1 else 6
-        return bytes(imagecodecs.jpeg8_encode(arr, lossless=True, predictor=predictor,
-                                              bitspersample=bits))
+        return bytes(imagecodecs.jpeg8_encode(arr, lossless=True, predictor=predictor, bitspersample=bits))
     if uid in (JPEGBaseline8Bit, JPEGExtended12Bit):  # unsigned only (see CODECS)
         return bytes(imagecodecs.jpeg8_encode(arr, level=JPEG_QUALITY, bitspersample=bits))
     if uid in (HTJ2KLossless, HTJ2KLosslessRPCL):
@@ -286,8 +292,7 @@ def _imagecodecs_frame(uid: str, arr: np.ndarray, bits: int, is_signed: bool) ->
         # tile-part per resolution, so a viewer can fetch a low resolution first.
         rpcl = uid == HTJ2KLosslessRPCL
         tileparts = imagecodecs.HTJ2K.TILEPART.RESOLUTIONS if rpcl else None
-        return bytes(imagecodecs.htj2k_encode(arr, reversible=True, tlm=rpcl or None,
-                                              tilepart=tileparts))
+        return bytes(imagecodecs.htj2k_encode(arr, reversible=True, tlm=rpcl or None, tilepart=tileparts))
     if uid == HTJ2K:
         container = 8 * arr.dtype.itemsize  # the codestream's precision; the step is relative to it
         qstep = HTJ2K_QSTEP / (1 << (container - bits))

@@ -26,8 +26,14 @@ HYPERINFLATION = "Lung hyperinflation"
 EFFUSION = "Pleural effusion"
 NO_FINDING = "No finding"
 assert set(SYNTHETIC_LOCAL) == {
-    PIO, RETICULONODULAR, BRONCHIAL_THICKENING, CARDIOMEGALY, OTHER_OPACITY, CONSOLIDATION,
-    HYPERINFLATION, EFFUSION,
+    PIO,
+    RETICULONODULAR,
+    BRONCHIAL_THICKENING,
+    CARDIOMEGALY,
+    OTHER_OPACITY,
+    CONSOLIDATION,
+    HYPERINFLATION,
+    EFFUSION,
 }
 
 
@@ -84,10 +90,10 @@ def _plant_consolidation(cv: Canvas, strength: float, size: float) -> None:
         oy, ox = rng.normal(0, 0.45 * radius, 2)
         rb = radius * rng.uniform(0.45, 0.8)
         ry = rb * rng.uniform(0.75, 1.3)
-        patch += np.exp(-((rows - row - oy) / ry) ** 2 - ((cols - col - ox) / rb) ** 2)
+        patch += np.exp(-(((rows - row - oy) / ry) ** 2) - ((cols - col - ox) / rb) ** 2)
     texture = smooth_noise(rng, *patch.shape, max(2.0, radius / 4))
     patch *= 1.0 + 0.35 * texture
-    patch *= np.exp(-(((rows - row) ** 2 + (cols - col) ** 2) / (2.2 * radius) ** 2) ** 2)
+    patch *= np.exp(-((((rows - row) ** 2 + (cols - col) ** 2) / (2.2 * radius) ** 2) ** 2))
     dens = step(patch - 0.6, 1.1) * cv.lung[side][sl]
     if rng.random() < 0.5:  # air bronchograms
         img = Image.new("L", (patch.shape[1], patch.shape[0]), 0)
@@ -96,9 +102,17 @@ def _plant_consolidation(cv: Canvas, strength: float, size: float) -> None:
         hc, hr = g.to_pix(hx, hy)
         base_angle = math.atan2(row - hr, col - hc)
         for _ in range(int(rng.integers(1, 3))):
-            draw_tree(draw, rng, col - sl[1].start - math.cos(base_angle) * radius,
-                       row - sl[0].start - math.sin(base_angle) * radius,
-                       base_angle + rng.normal(0, 0.3), 1.5 * radius, max(1.0, radius / 14), 2, 255)
+            draw_tree(
+                draw,
+                rng,
+                col - sl[1].start - math.cos(base_angle) * radius,
+                row - sl[0].start - math.sin(base_angle) * radius,
+                base_angle + rng.normal(0, 0.3),
+                1.5 * radius,
+                max(1.0, radius / 14),
+                2,
+                255,
+            )
         bronch = np.asarray(img.filter(ImageFilter.GaussianBlur(0.8)), np.float32) * (1 / 255.0)
         dens = dens * (1.0 - 0.4 * bronch)
     cv.att[sl] += 0.2 * strength * dens
@@ -114,8 +128,11 @@ def _plant_other_opacity(cv: Canvas, strength: float, size: float) -> None:
     sl, rows, cols = _window(g, row, col, 1.6 * radius + 2)
     dy, dx = rows - row, cols - col
     ang = np.arctan2(dy, dx)
-    rr = radius * (1.0 + rng.uniform(0.03, 0.15) * np.cos(2 * ang + rng.uniform(0, 6.3))
-                   + rng.uniform(0.0, 0.12) * np.cos(3 * ang + rng.uniform(0, 6.3)))
+    rr = radius * (
+        1.0
+        + rng.uniform(0.03, 0.15) * np.cos(2 * ang + rng.uniform(0, 6.3))
+        + rng.uniform(0.0, 0.12) * np.cos(3 * ang + rng.uniform(0, 6.3))
+    )
     rho = np.sqrt(dx * dx + dy * dy) / rr
     dens = np.sqrt(np.clip(1.0 - rho * rho, 0.0, 1.0)) * 0.7 + 0.3 * step(1.0 - rho, 0.3)
     dens = dens * np.clip(cv.lung[side][sl] * 1.5, 0.0, 1.0)
@@ -169,7 +186,7 @@ def _plant_reticulonodular(cv: Canvas, strength: float, size: float) -> None:
         shape = region.shape
         cell = max(2.5, lwp * 0.045)
         n1 = smooth_noise(rng, *shape, cell)
-        net = np.exp(-(n1 * (1 / 0.3)) ** 2)
+        net = np.exp(-((n1 * (1 / 0.3)) ** 2))
         n2 = smooth_noise(rng, *shape, cell * 0.8)
         dots = np.clip((n2 - 1.5) * 1.5, 0.0, 1.0)
         dens = (0.7 * net + 0.8 * dots + 0.15) * region * cv.lung[side][sl]
@@ -204,8 +221,11 @@ def _plant_bronchial_thickening(cv: Canvas, strength: float, size: float) -> Non
             for k in (-1, 1):
                 x0 = hc + math.cos(ang) * start + k * nx * sep
                 y0 = hr + math.sin(ang) * start + k * ny * sep
-                draw.line([(x0, y0), (x0 + math.cos(ang) * length, y0 + math.sin(ang) * length)],
-                          fill=220, width=max(1, int(round(sep * 0.5))))
+                draw.line(
+                    [(x0, y0), (x0 + math.cos(ang) * length, y0 + math.sin(ang) * length)],
+                    fill=220,
+                    width=max(1, int(round(sep * 0.5))),
+                )
         dens = np.asarray(img.filter(ImageFilter.GaussianBlur(0.7)), np.float32) * (1 / 255.0)
         dens *= np.clip(cv.lung[side] * 1.3, 0.0, 1.0)
         cv.att += 0.13 * strength * dens
@@ -259,8 +279,7 @@ def disease_labels(rng: np.random.Generator, local: set[str], d: Difficulty) -> 
     causes = {
         "Pneumonia": CONSOLIDATION in local,
         "Brocho-pneumonia": RETICULONODULAR in local or (PIO in local and OTHER_OPACITY in local),
-        "Bronchitis": (BRONCHIAL_THICKENING in local
-                       or (PIO in local and CONSOLIDATION not in local)),
+        "Bronchitis": (BRONCHIAL_THICKENING in local or (PIO in local and CONSOLIDATION not in local)),
         "Bronchiolitis": HYPERINFLATION in local,
         "Other diseases": CARDIOMEGALY in local or EFFUSION in local,
     }

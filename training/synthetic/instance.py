@@ -23,12 +23,19 @@ def _age_string(months: int) -> str:
     return f"{months:03d}M" if months < 24 else f"{months // 12:03d}Y"
 
 
-def synthesize_instance(seed: int, rows: int = 1643, cols: int = 1349, *,
-                        difficulty: str | Difficulty = "default",
-                        findings: Sequence[str] | None = None,
-                        transfer_syntax: str | None = None, photometric: str | None = None,
-                        bits_stored: int | None = None, signed: bool | None = None,
-                        windowed: bool | None = None) -> tuple[Dataset, PhantomCase]:
+def synthesize_instance(
+    seed: int,
+    rows: int = 1643,
+    cols: int = 1349,
+    *,
+    difficulty: str | Difficulty = "default",
+    findings: Sequence[str] | None = None,
+    transfer_syntax: str | None = None,
+    photometric: str | None = None,
+    bits_stored: int | None = None,
+    signed: bool | None = None,
+    windowed: bool | None = None,
+) -> tuple[Dataset, PhantomCase]:
     """One phantom as a DICOM dataset (with file meta) plus its ground truth."""
     difficulty = resolve_difficulty(difficulty)
     img_ss, enc_ss, meta_ss = np.random.SeedSequence(seed).spawn(3)
@@ -38,8 +45,14 @@ def synthesize_instance(seed: int, rows: int = 1643, cols: int = 1349, *,
     arr, center, width = encode_pixels(case.density, enc, enc_rng)
 
     rng = np.random.default_rng(meta_ss)
-    key = ["vindr-pcxr-phantom", str(seed), f"{rows}x{cols}", repr(difficulty),
-           repr(None if findings is None else list(findings)), repr(enc)]
+    key = [
+        "vindr-pcxr-phantom",
+        str(seed),
+        f"{rows}x{cols}",
+        repr(difficulty),
+        repr(None if findings is None else list(findings)),
+        repr(enc),
+    ]
     study_uid = generate_uid(entropy_srcs=key + ["study"])
     series_uid = generate_uid(entropy_srcs=key + ["series"])
     sop_uid = generate_uid(entropy_srcs=key + ["instance"])
@@ -80,8 +93,8 @@ def synthesize_instance(seed: int, rows: int = 1643, cols: int = 1349, *,
     ds.PatientBirthDate = ""
     ds.PatientSex = case.sex
     ds.PatientAge = _age_string(case.age_months)
-    ds.PatientSize = f"{(50.0 + 25.0 * years ** 0.6) / 100.0:.2f}"
-    ds.PatientWeight = f"{3.5 + 2.3 * years ** 0.9:.1f}"
+    ds.PatientSize = f"{(50.0 + 25.0 * years**0.6) / 100.0:.2f}"
+    ds.PatientWeight = f"{3.5 + 2.3 * years**0.9:.1f}"
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = "Synthetic phantom: no patient data"  # required when PatientIdentityRemoved is YES
     ds.BodyPartExamined = "CHEST"

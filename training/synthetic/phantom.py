@@ -44,8 +44,9 @@ class PhantomCase:
     sex: str = "M"
 
 
-def render_case(rng: np.random.Generator, rows: int, cols: int, difficulty: Difficulty,
-                findings: Sequence[str] | None = None) -> PhantomCase:
+def render_case(
+    rng: np.random.Generator, rows: int, cols: int, difficulty: Difficulty, findings: Sequence[str] | None = None
+) -> PhantomCase:
     """Render one phantom. `findings=None` draws them at random; a sequence plants exactly those."""
     difficulty = resolve_difficulty(difficulty)
     if findings is None:
@@ -83,8 +84,17 @@ def render_case(rng: np.random.Generator, rows: int, cols: int, difficulty: Diff
         g.ctr *= 0.93
 
     px, py = g.grid()
-    cv = Canvas(g=g, rng=rng, difficulty=difficulty, px=px, py=py,
-                 att=np.zeros((h, w), np.float32), lung={}, air={}, heart=np.zeros(1))
+    cv = Canvas(
+        g=g,
+        rng=rng,
+        difficulty=difficulty,
+        px=px,
+        py=py,
+        att=np.zeros((h, w), np.float32),
+        lung={},
+        air={},
+        heart=np.zeros(1),
+    )
     render_anatomy(cv)
 
     for label in wanted:
@@ -95,12 +105,10 @@ def render_case(rng: np.random.Generator, rows: int, cols: int, difficulty: Diff
             visible = cv.heart * step((dia - py) * g.sy, 2 * g.edge)
             add_box(cv, CARDIOMEGALY, visible, (slice(0, h), slice(0, w)), frac=0.5)
         elif label == HYPERINFLATION:
-            add_box(cv, HYPERINFLATION, np.maximum(cv.lung[-1], cv.lung[1]),
-                     (slice(0, h), slice(0, w)), frac=0.5)
+            add_box(cv, HYPERINFLATION, np.maximum(cv.lung[-1], cv.lung[1]), (slice(0, h), slice(0, w)), frac=0.5)
 
     low = tone(cv.att, g)
-    density = np.array(Image.fromarray(low.astype(np.float32)).resize((cols, rows), Image.BICUBIC),
-                         dtype=np.float32)
+    density = np.array(Image.fromarray(low.astype(np.float32)).resize((cols, rows), Image.BICUBIC), dtype=np.float32)
     noise = rng.standard_normal((rows, cols), dtype=np.float32)
     noise *= difficulty.noise_sigma * (0.6 + 0.8 * np.clip(density, 0.0, 1.0))
     density += noise
@@ -115,5 +123,4 @@ def render_case(rng: np.random.Generator, rows: int, cols: int, difficulty: Diff
             boxes.append(Finding(label, round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2)))
     present = {b.label for b in boxes}
     labels = disease_labels(rng, present, difficulty)
-    return PhantomCase(density=density, findings=boxes, image_labels=labels, age_months=age,
-                       sex=sex)
+    return PhantomCase(density=density, findings=boxes, image_labels=labels, age_months=age, sex=sex)

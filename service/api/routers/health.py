@@ -19,30 +19,52 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-READINESS = {"type": "object", "properties": {"status": {"type": "string"}, "reason": {"type": "string"}},
-             "required": ["status"]}
+READINESS = {
+    "type": "object",
+    "properties": {"status": {"type": "string"}, "reason": {"type": "string"}},
+    "required": ["status"],
+}
 
 
-@router.get("/readyz", summary="Readiness: the model pack is verified, loaded and warmed up",
-            responses={200: {"content": {"application/json": {"schema": READINESS}}},
-                       503: {"description": "not ready, with the reason (Retry-After)",
-                             "content": {"application/json": {"schema": READINESS}}}})
+@router.get(
+    "/readyz",
+    summary="Readiness: the model pack is verified, loaded and warmed up",
+    responses={
+        200: {"content": {"application/json": {"schema": READINESS}}},
+        503: {
+            "description": "not ready, with the reason (Retry-After)",
+            "content": {"application/json": {"schema": READINESS}},
+        },
+    },
+)
 async def readyz(state: StateDep) -> JSONResponse:
     if state.ready:
         return JSONResponse({"status": "ready"})
-    return JSONResponse({"status": "not ready", "reason": state.not_ready_reason}, status_code=503,
-                        headers={"Retry-After": "5"})
+    return JSONResponse(
+        {"status": "not ready", "reason": state.not_ready_reason}, status_code=503, headers={"Retry-After": "5"}
+    )
 
 
-@router.get("/v1/models", response_model=ModelsResponse, summary="The model pack being served",
-            responses={503: {"model": ErrorResponse, "description": "model not ready (Retry-After)"}})
+@router.get(
+    "/v1/models",
+    response_model=ModelsResponse,
+    summary="The model pack being served",
+    responses={503: {"model": ErrorResponse, "description": "model not ready (Retry-After)"}},
+)
 async def models(state: ReadyStateDep, settings: SettingsDep) -> ModelsResponse:
     pack = state.pack
     # In-process sessions describe themselves; a shared inference server's stand-in only knows its providers.
     runtime = asdict(state.models.runtime) if isinstance(state.models, OnnxModels) else None
     return ModelsResponse(
-        pack=pack.name, version=pack.version, intended_use=pack.manifest["intended_use"],
-        input_size=pack.input_spec.size, detector_labels=pack.local_labels, classifier_labels=pack.global_labels,
-        thresholds=pack.thresholds, providers=state.models.providers, max_batch_size=settings.max_batch_size,
-        precisions=list(pack.precisions), runtime=runtime,
+        pack=pack.name,
+        version=pack.version,
+        intended_use=pack.manifest["intended_use"],
+        input_size=pack.input_spec.size,
+        detector_labels=pack.local_labels,
+        classifier_labels=pack.global_labels,
+        thresholds=pack.thresholds,
+        providers=state.models.providers,
+        max_batch_size=settings.max_batch_size,
+        precisions=list(pack.precisions),
+        runtime=runtime,
     )

@@ -9,8 +9,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 router = APIRouter()
 
 
-@router.get("/metrics", summary="Prometheus metrics: per-stage latency, batch sizes, queue depth, errors by code",
-            response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics: per-stage latency, batch sizes, queue depth, errors by code",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+)
 async def metrics(request: Request) -> Response:
     service_metrics = request.app.state.metrics
     state = request.app.state.serving

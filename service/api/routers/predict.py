@@ -20,51 +20,95 @@ router = APIRouter(prefix="/v1")
 
 OutputFormat = Literal["json", "sr", "gsps", "png"]
 
-ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
-    400: "not DICOM, or malformed", 406: "the Accept header asks for a representation not offered",
-    413: "body too large", 415: "unsupported media type or transfer syntax",
-    422: "valid DICOM but not a usable radiograph, outside the intended use (strict mode), or too slow to decode",
-    429: "queue full (Retry-After)", 503: "model not ready, or the request outlasted CXR_REQUEST_TIMEOUT_S (Retry-After)"}.items()}
+ERRORS = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "not DICOM, or malformed",
+        406: "the Accept header asks for a representation not offered",
+        413: "body too large",
+        415: "unsupported media type or transfer syntax",
+        422: "valid DICOM but not a usable radiograph, outside the intended use (strict mode), or too slow to decode",
+        429: "queue full (Retry-After)",
+        503: "model not ready, or the request outlasted CXR_REQUEST_TIMEOUT_S (Retry-After)",
+    }.items()
+}
 
-DICOM_BODY = {"requestBody": {"content": {
-    "application/dicom": {"schema": {"type": "string", "format": "binary"}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
-                                       "required": ["file"]}},
-}, "required": True}}
+DICOM_BODY = {
+    "requestBody": {
+        "content": {
+            "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+        },
+        "required": True,
+    }
+}
 
-OUTPUTS = {200: {"content": {
-    "application/json": {},
-    "application/dicom": {"schema": {"type": "string", "format": "binary"},
-                          "description": "format=sr: Comprehensive SR (TID 1500); format=gsps: Grayscale Softcopy Presentation State"},
-    "image/png": {"schema": {"type": "string", "format": "binary"}, "description": "the image with boxes and labels drawn"},
-}}}
+OUTPUTS = {
+    200: {
+        "content": {
+            "application/json": {},
+            "application/dicom": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "format=sr: Comprehensive SR (TID 1500); format=gsps: Grayscale Softcopy Presentation State",
+            },
+            "image/png": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "the image with boxes and labels drawn",
+            },
+        }
+    }
+}
 
 
 def negotiate_format(requested: str | None, accept: str | None) -> OutputFormat:
     """The `format` query wins; otherwise the Accept header; JSON when either is absent or generic."""
     if requested:
         return requested  # type: ignore[return-value]  # validated by the Query enum
-    offered = {"application/json": "json", "application/dicom": "sr", "image/png": "png",
-               "*/*": "json", "application/*": "json", "image/*": "png"}
+    offered = {
+        "application/json": "json",
+        "application/dicom": "sr",
+        "image/png": "png",
+        "*/*": "json",
+        "application/*": "json",
+        "image/*": "png",
+    }
     ranges = [part.split(";")[0].strip().lower() for part in (accept or "").split(",") if part.strip()]
     if not ranges:
         return "json"
     for media_range in ranges:
         if media_range in offered:
             return offered[media_range]  # type: ignore[return-value]
-    raise NotAcceptable(f"Cannot produce {accept!r}; ask for application/json, application/dicom (format=sr or gsps) or image/png.")
+    raise NotAcceptable(
+        f"Cannot produce {accept!r}; ask for application/json, application/dicom (format=sr or gsps) or image/png."
+    )
 
 
-@router.post("/predict", response_model=Prediction, responses=ERRORS | OUTPUTS, openapi_extra=DICOM_BODY,
-             summary="Findings (boxes in the image's pixel space) and disease probabilities for one DICOM")
-async def predict(request: Request, state: ReadyStateDep, settings: SettingsDep,
-                  format: OutputFormat | None = Query(None, description="json (default), sr, gsps or png; overrides Accept")):
+@router.post(
+    "/predict",
+    response_model=Prediction,
+    responses=ERRORS | OUTPUTS,
+    openapi_extra=DICOM_BODY,
+    summary="Findings (boxes in the image's pixel space) and disease probabilities for one DICOM",
+)
+async def predict(
+    request: Request,
+    state: ReadyStateDep,
+    settings: SettingsDep,
+    format: OutputFormat | None = Query(None, description="json (default), sr, gsps or png; overrides Accept"),
+):
     output = negotiate_format(format, request.headers.get("accept"))
     check_declared_length(request.headers.get("content-length"), settings.max_body_bytes)
     async with request_time_limit(settings.request_timeout_s):
         body = await read_single_dicom(request.stream(), request.headers.get("content-type"), settings.max_body_bytes)
-        prediction, prepared = await predict_instance(body, state, settings, request.state.request_id,
-                                                      keep_display=output == "png")
+        prediction, prepared = await predict_instance(
+            body, state, settings, request.state.request_id, keep_display=output == "png"
+        )
     del body  # nothing uploaded is kept
     if output == "json":
         return JSONResponse(Prediction.model_validate(prediction).model_dump(mode="json"))

@@ -28,15 +28,23 @@ router = APIRouter(prefix="/v1")
 
 # PS3.18 / PS3.4 failure reasons for the FailedSOPSequence.
 FAILURE_REASONS = {
-    "not_dicom": 0xC000, "malformed_dicom": 0xC000,  # cannot understand
+    "not_dicom": 0xC000,
+    "malformed_dicom": 0xC000,  # cannot understand
     "unsupported_transfer_syntax": 0xC122,  # referenced transfer syntax not supported
-    "unusable_image": 0xA900, "out_of_intended_use": 0xA900, "decode_timeout": 0xA900,  # does not match what we process
-    "overloaded": 0xA700, "not_ready": 0xA700,  # out of resources
+    "unusable_image": 0xA900,
+    "out_of_intended_use": 0xA900,
+    "decode_timeout": 0xA900,  # does not match what we process
+    "overloaded": 0xA700,
+    "not_ready": 0xA700,  # out of resources
 }
 PROCESSING_FAILURE = 0x0110
 
-STOW_BODY = {"requestBody": {"content": {'multipart/related; type="application/dicom"': {
-    "schema": {"type": "string", "format": "binary"}}}, "required": True}}
+STOW_BODY = {
+    "requestBody": {
+        "content": {'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}},
+        "required": True,
+    }
+}
 
 
 def _failure(index: int, error: ApiError, sop_instance_uid: str | None) -> dict:
@@ -50,14 +58,17 @@ def _sop_uids(body: bytes) -> tuple[str | None, str | None]:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(BytesIO(body), stop_before_pixels=True, force=True,
-                             specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        ds = pydicom.dcmread(
+            BytesIO(body), stop_before_pixels=True, force=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
+        )
         return str(ds.get("SOPClassUID", "") or "") or None, str(ds.get("SOPInstanceUID", "") or "") or None
     except Exception:  # unreadable instance: the failure reason already says so
         return None, None
 
 
-def store_response(successes: list[tuple[str | None, str | None]], failures: list[tuple[str | None, str | None, int]]) -> dict:
+def store_response(
+    successes: list[tuple[str | None, str | None]], failures: list[tuple[str | None, str | None, int]]
+) -> dict:
     """The STOW-RS response dataset as DICOM JSON."""
     response = Dataset()
     if successes:
@@ -80,20 +91,38 @@ def store_response(successes: list[tuple[str | None, str | None]], failures: lis
 
 # Every outcome comes in both representations: the DICOMweb store response by default, the
 # predictions themselves with `Accept: application/json`.
-DICOM_JSON = {"application/dicom+json": {"schema": {
-    "type": "object", "description": "DICOM JSON store response: ReferencedSOPSequence (00081199) and FailedSOPSequence (00081198)"}}}
-OUTCOMES = {status: {"model": StudiesResponse, "description": text, "content": DICOM_JSON} for status, text in {
-    200: "all instances processed", 202: "some instances failed (listed)", 409: "no instance could be processed (listed)"}.items()}
+DICOM_JSON = {
+    "application/dicom+json": {
+        "schema": {
+            "type": "object",
+            "description": "DICOM JSON store response: ReferencedSOPSequence (00081199) and FailedSOPSequence (00081198)",
+        }
+    }
+}
+OUTCOMES = {
+    status: {"model": StudiesResponse, "description": text, "content": DICOM_JSON}
+    for status, text in {
+        200: "all instances processed",
+        202: "some instances failed (listed)",
+        409: "no instance could be processed (listed)",
+    }.items()
+}
 
 
-@router.post("/studies", responses=ERRORS | OUTCOMES,
-             openapi_extra=STOW_BODY, summary="DICOMweb STOW-RS style: predictions for every instance of a multipart/related body")
+@router.post(
+    "/studies",
+    responses=ERRORS | OUTCOMES,
+    openapi_extra=STOW_BODY,
+    summary="DICOMweb STOW-RS style: predictions for every instance of a multipart/related body",
+)
 async def store_instances(request: Request, state: ReadyStateDep, settings: SettingsDep) -> JSONResponse:
     kind, options = media_type(request.headers.get("content-type"))
     if kind != "multipart/related" or not options.get("boundary"):
         raise UnsupportedMediaType('Send multipart/related; type="application/dicom" with a boundary parameter.')
     if options.get("type", "application/dicom").lower() != "application/dicom":
-        raise UnsupportedMediaType(f"multipart/related type {options['type']!r} is not supported; use application/dicom.")
+        raise UnsupportedMediaType(
+            f"multipart/related type {options['type']!r} is not supported; use application/dicom."
+        )
     check_declared_length(request.headers.get("content-length"), settings.max_body_bytes)
     async with request_time_limit(settings.request_timeout_s):
         parts = await read_multipart(request.stream(), options["boundary"], settings.max_body_bytes)
@@ -105,7 +134,9 @@ async def _store(parts: list[Part], request: Request, state: ServingState, setti
     if not parts:
         raise MalformedDicom("The multipart body holds no instance.")
     if len(parts) > settings.max_instances_per_request:
-        raise MalformedDicom(f"{len(parts)} instances in one request; the limit is {settings.max_instances_per_request}.")
+        raise MalformedDicom(
+            f"{len(parts)} instances in one request; the limit is {settings.max_instances_per_request}."
+        )
     request_id = request.state.request_id
 
     async def one(index: int, body: bytes) -> tuple[dict, str | None] | ApiError:
@@ -122,12 +153,23 @@ async def _store(parts: list[Part], request: Request, state: ServingState, setti
     outcomes = await asyncio.gather(*(one(i, bytes(part.body)) for i, part in enumerate(parts)))
     results = [outcome[0] for outcome in outcomes if not isinstance(outcome, ApiError)]
     status = 200 if len(results) == len(parts) else (202 if results else 409)
-    uids = [_sop_uids(bytes(part.body)) if isinstance(outcome, ApiError) else None for part, outcome in zip(parts, outcomes)]
+    uids = [
+        _sop_uids(bytes(part.body)) if isinstance(outcome, ApiError) else None for part, outcome in zip(parts, outcomes)
+    ]
     accept = (request.headers.get("accept") or "").lower()
     if "application/json" in accept and "application/dicom+json" not in accept:
-        failures = [_failure(i, outcome, uids[i][1]) for i, outcome in enumerate(outcomes) if isinstance(outcome, ApiError)]
+        failures = [
+            _failure(i, outcome, uids[i][1]) for i, outcome in enumerate(outcomes) if isinstance(outcome, ApiError)
+        ]
         return JSONResponse({"request_id": request_id, "results": results, "failures": failures}, status_code=status)
-    successes = [(outcome[1], outcome[0]["instance"]["sop_instance_uid"]) for outcome in outcomes if not isinstance(outcome, ApiError)]
-    failures = [(uids[i][0], uids[i][1], FAILURE_REASONS.get(outcome.code, PROCESSING_FAILURE))
-                for i, outcome in enumerate(outcomes) if isinstance(outcome, ApiError)]
+    successes = [
+        (outcome[1], outcome[0]["instance"]["sop_instance_uid"])
+        for outcome in outcomes
+        if not isinstance(outcome, ApiError)
+    ]
+    failures = [
+        (uids[i][0], uids[i][1], FAILURE_REASONS.get(outcome.code, PROCESSING_FAILURE))
+        for i, outcome in enumerate(outcomes)
+        if isinstance(outcome, ApiError)
+    ]
     return JSONResponse(store_response(successes, failures), status_code=status, media_type="application/dicom+json")
