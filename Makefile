@@ -1,6 +1,6 @@
 # Two set-up commands on a fresh machine (see README):
 #   make serve   install the service and serve the demo model pack on http://127.0.0.1:8000
-#   make test    install everything (service, training, dev tools) and run the test suite
+#   make test    install everything (service, training, dev tools), lint (ruff) and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PACK ?= models/demo-synthetic
 
-.PHONY: serve test install-service install-all
+.PHONY: serve test lint format install-service install-all
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,17 @@ install-all: $(PY)
 serve: install-service
 	$(PY) -m service --host $(HOST) --port $(PORT) --models $(PACK)
 
-test: install-all
+test: install-all lint
 	$(PY) -m pytest -q
+
+# ruff (configured in pyproject.toml) as linter and formatter; `make format` applies both.
+lint: install-all
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install-all
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # Benchmarks (separate commands, never part of `make test`; see README "Throughput and latency"):
 #   make bench          in-process + HTTP throughput/latency, ours vs the peers (~20 min on 2 cores;

@@ -25,8 +25,8 @@ import numpy as np
 from benchmarks.peers.common import prediction_json
 from service.allocator import keep_freed_memory
 from service.dicom.decode import has_native_pixel_data
-from service.inference.modelpack import ModelPack, OnnxModels
 from service.dicom.pipeline import PreparedImage, prepare
+from service.inference.modelpack import ModelPack, OnnxModels
 from service.settings import Settings
 
 

@@ -27,7 +27,10 @@ class InputSet:
 
     @property
     def folder_name(self) -> str:
-        return f"{self.name}-{self.transfer_syntax}-{self.rows}x{self.cols}-{self.bits_stored}bit-seed{self.first_seed}-n{self.count}"
+        return (
+            f"{self.name}-{self.transfer_syntax}-{self.rows}x{self.cols}-{self.bits_stored}bit"
+            f"-seed{self.first_seed}-n{self.count}"
+        )
 
 
 INPUT_SETS = (

@@ -117,7 +117,7 @@ def run_level(
         "BENCH_WINDOW_FILE": str(window_file),
     }
     started = time.perf_counter()
-    with open(csv_prefix.with_name(csv_prefix.name + "_locust.log"), "w") as log:
+    with csv_prefix.with_name(csv_prefix.name + "_locust.log").open("w") as log:
         command = locust_command(host, users, run_time_s + RUN_TIME_MARGIN_S, csv_prefix)
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         # wait4, not wait: it also returns the child's resource usage, i.e. locust's own CPU time.

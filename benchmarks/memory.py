@@ -200,7 +200,8 @@ def render_memory_report(
             f"(growing means more than +{GROWTH_LIMIT_PERCENT:g}%). PSS: {pss.first_quarter_median_mib:.0f} → "
             f"{pss.last_quarter_median_mib:.0f} MiB ({pss.percent:+.1f}%).",
             "",
-            f"{len(samples)} samples, one every {samples[1].requests - samples[0].requests if len(samples) > 1 else '?'} "
+            f"{len(samples)} samples, one every "
+            f"{samples[1].requests - samples[0].requests if len(samples) > 1 else '?'} "
             "requests; RSS summed over the server and its decode workers, read from /proc. Raw data: `memory.csv`.",
             "",
             "![memory](memory.png)",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -260,10 +261,8 @@ def stop_tree(process: subprocess.Popen, timeout_s: float = 60) -> float:
     stopped = time.monotonic() - started
     time.sleep(1.0)
     for pid in tree[1:]:  # processes this run started: never anything else
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return stopped
 
 
@@ -315,12 +314,12 @@ def ipc_round_trip_ms(size: int, images: int) -> dict[str, float]:
     """The hop alone: a 1 x size x size float32 image to an inference server over its socket and the outputs
     back, one at a time, the model replaced by a function returning outputs of the demo pack's shapes."""
     from service.inference.batcher import Batcher
-    from service.inference.server import InferenceServer
+    from service.inference.client import RemoteBatcher, RemoteModels
     from service.inference.modelpack import ModelPack
     from service.inference.protocol import pack_identity
-    from service.inference.client import RemoteBatcher, RemoteModels
-    from service.settings import Settings
+    from service.inference.server import InferenceServer
     from service.inference.state import ServingState
+    from service.settings import Settings
 
     pack = ModelPack(
         path=Path("unused"),
@@ -381,7 +380,8 @@ def markdown_report(
 ) -> str:
     by_name = {result.name: result for result in results}
     lines = [
-        f"# Several HTTP workers: shared inference server vs one session per worker{' (quick run)' if args.quick else ''}",
+        "# Several HTTP workers: shared inference server vs one session per worker"
+        f"{' (quick run)' if args.quick else ''}",
         "",
         f"Command: `python -m benchmarks.multiworker {' '.join(sys.argv[1:])}`".rstrip(),
         "",
@@ -428,7 +428,7 @@ def markdown_report(
         f"{hop['remote_p50_ms']:.2f} | {hop['hop_p50_ms']:.2f} |"
         for hop in ipc
     ]
-    lines += ["", "## What is traded", ""] + tradeoff_lines(by_name, ipc[0])
+    lines += ["", "## What is traded", "", *tradeoff_lines(by_name, ipc[0])]
     return "\n".join(lines) + "\n"
 
 

@@ -52,7 +52,8 @@ def pinned_versions(names: tuple[str, ...] = PINNED_FROM_HERE) -> list[str]:
 
 
 def requirements_key(requirements: list[str], constraints: list[str]) -> str:
-    """What the venv was built from; any change (versions, pyproject.toml, the checkout's path) means installing again."""
+    """What the venv was built from; any change (versions, pyproject.toml, the checkout's path) means installing
+    again."""
     pyproject = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     return json.dumps(
         {"requirements": requirements, "constraints": constraints, "pyproject": pyproject, "repository": str(ROOT)},

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import re
@@ -27,10 +28,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.inputs import INPUT_SETS, input_set, make_input_set
-from benchmarks.loadgen import run_level
 import httpx
 
+from benchmarks.inputs import INPUT_SETS, input_set, make_input_set
+from benchmarks.loadgen import run_level
 from benchmarks.machine import describe_machine, load_average
 from benchmarks.procfs import cpu_ticks, process_tree
 from benchmarks.servers import ServerSpec, served_providers, start_server, stop_server
@@ -62,10 +63,8 @@ def thread_ticks(pids: list[int]) -> dict[tuple[int, int], int]:
     ticks = {}
     for pid in pids:
         for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
+            with contextlib.suppress(OSError, ValueError, IndexError):  # the thread ended meanwhile
                 ticks[(pid, int(task.name))] = cpu_ticks((task / "stat").read_text())
-            except (OSError, ValueError, IndexError):
-                pass  # the thread ended meanwhile
     return ticks
 
 
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = input_set(args.input_set)
     inputs = make_input_set(spec)
     args.out.mkdir(parents=True, exist_ok=True)
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     load_at_start = load_average()
     server = start_server(
         ServerSpec(

@@ -220,7 +220,8 @@ def http_table(results: Results, input_set: str) -> list[str]:
             row.append(
                 "–"
                 if level is None
-                else f"{level.rps:.2f} ({number(level.p50_ms, 0)} / {number(level.p95_ms, 0)} / {number(level.p99_ms, 0)})"
+                else f"{level.rps:.2f} ({number(level.p50_ms, 0)} / {number(level.p95_ms, 0)} / "
+                f"{number(level.p99_ms, 0)})"
                 + (" †" if is_rough(level) else "")
                 + (f" ⚠ {level.failures} failed" if level.failures else "")
             )
@@ -343,7 +344,8 @@ def inprocess_section(results: Results) -> list[str]:
         "",
         *inprocess_table(results),
         "",
-        f"Pipeline = `service.dicom.pipeline.prepare` routed as the service routes it ({results.plan.get('decode_workers', '?')} "
+        "Pipeline = `service.dicom.pipeline.prepare` routed as the service routes it "
+        f"({results.plan.get('decode_workers', '?')} "
         "threads for uncompressed pixel data, as many worker processes for compressed syntaxes) "
         "→ batch → both models → postprocess to the JSON answer; models only = both models on ready-made "
         "tensors. Best batch size in bold.",

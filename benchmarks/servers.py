@@ -7,6 +7,7 @@ daemons and replicas) can be ended together, by that group's id, when it is done
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -96,14 +97,10 @@ def stop_server_process(process: subprocess.Popen, grace_s: float = 30.0) -> Non
     """SIGTERM (graceful shutdown), then SIGKILL to whatever is left of the server's own process group."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)  # the group start_new_session made: only this server's processes
-    except ProcessLookupError:
-        pass
     if process.poll() is None:
         process.wait(timeout=10)
 

@@ -131,18 +131,22 @@ def main(args: argparse.Namespace) -> None:
     report = [
         "# Reliability: soak run",
         "",
-        f"Command: `python -m benchmarks.soak --minutes {args.minutes:g} --users {args.users} --queue-size {args.queue_size} "
+        f"Command: `python -m benchmarks.soak --minutes {args.minutes:g} --users {args.users} "
+        f"--queue-size {args.queue_size} "
         f"--max-batch {args.max_batch}` (demo pack, CPU).",
         "",
         f"Machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}.",
         "",
-        f"- Duration {args.minutes:g} min, {args.users} concurrent users (no think time), queue limited to {args.queue_size} images "
+        f"- Duration {args.minutes:g} min, {args.users} concurrent users (no think time), "
+        f"queue limited to {args.queue_size} images "
         "so the offered load exceeds capacity and must be shed with 429.",
-        "- Mix per user: 12 valid 1643x1349 images (explicit VR, RLE, JPEG 2000, MONOCHROME1) : 4 bad inputs (truncated, "
+        "- Mix per user: 12 valid 1643x1349 images (explicit VR, RLE, JPEG 2000, MONOCHROME1) : "
+        "4 bad inputs (truncated, "
         "text, colour, empty) : 1 STOW-RS request (2 good + 1 broken instance).",
         f"- Requests: {total['Request Count']}, **unexpected answers: {total['Failure Count']}** "
         "(load shed with 429/503 + Retry-After counts as expected).",
-        f"- Throughput {float(total['Requests/s']):.1f} requests/s; latency p50 {total['50%']} ms, p95 {total['95%']} ms, "
+        f"- Throughput {float(total['Requests/s']):.1f} requests/s; "
+        f"latency p50 {total['50%']} ms, p95 {total['95%']} ms, "
         f"p99 {total['99%']} ms (all requests, including refusals).",
         f"- Cold start (process start to ready): {cold_start_s:.1f} s. `/readyz` after the run: {alive}.",
         f"- Resident memory, server + decode workers: {warm[0] / 1024:.0f} MiB at {args.warmup_s:g} s (after warm-up), "

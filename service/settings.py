@@ -122,7 +122,9 @@ class Settings(BaseSettings):
         None,
         ge=0,
         le=1,
-        description="report findings scoring at least this, for every label, instead of the pack's per-label operating points",
+        description=(
+            "report findings scoring at least this, for every label, instead of the pack's per-label operating points"
+        ),
     )
     request_timeout_s: float = Field(
         120.0, gt=0, description="longest a request may take, upload included (503 request_timeout)"

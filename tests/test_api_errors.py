@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
-import pydicom
 import pytest
 
 from training.synthetic import dicom_bytes, synthesize_instance

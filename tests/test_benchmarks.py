@@ -240,8 +240,8 @@ def test_peer_venv_pins_the_compute_path_to_this_environment():
 def test_prediction_json_matches_the_services_schema():
     """A peer's answer, built by the shared postprocess, validates as the service's Prediction."""
     from benchmarks.peers.common import prediction_json, response_body
-    from service.inference.modelpack import ModelPack
     from service.dicom.pipeline import prepare
+    from service.inference.modelpack import ModelPack
     from service.settings import Settings
     from training.synthetic import dicom_bytes, synthesize_instance
 

@@ -180,7 +180,7 @@ def test_image_id_is_the_hashlib_digest_of_the_sop_instance_uid(hash_name):
 def test_uids_are_replaced_deterministically_and_the_file_meta_agrees():
     """New SOP/Study/Series UIDs: valid, distinct from the originals, equal on a re-run, different per image."""
     source = read_back(phi_instance())
-    image_id, out = D.deidentify_dataset(source)
+    _image_id, out = D.deidentify_dataset(source)
     _, again = D.deidentify_dataset(source)
     for keyword in D.REPLACED_UIDS:
         assert out[keyword].value != source[keyword].value

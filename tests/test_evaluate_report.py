@@ -1,4 +1,5 @@
-"""Evaluation report: bootstrap intervals over images, and the JSON / markdown / PNG writers (synthetic arrays, no model)."""
+"""Evaluation report: bootstrap intervals over images, and the JSON / markdown / PNG writers (synthetic arrays, no
+model)."""
 
 from __future__ import annotations
 
@@ -73,9 +74,7 @@ def _inputs(seed: int = 0, count: int = 120, perfect: bool = False) -> Evaluatio
         )
     else:
         probabilities = 1 / (1 + np.exp(-(2.0 * (2 * targets - 1) + rng.normal(0, 1.5, targets.shape))))
-    return EvaluationInputs(
-        _images(rng, count), targets, probabilities, LOCAL, GLOBAL, {label: 0.5 for label in GLOBAL}
-    )
+    return EvaluationInputs(_images(rng, count), targets, probabilities, LOCAL, GLOBAL, dict.fromkeys(GLOBAL, 0.5))
 
 
 def _score(inputs: EvaluationInputs, resamples: int = 200, seed: int = 0) -> dict:
@@ -177,7 +176,8 @@ def test_perfect_classifier_has_degenerate_intervals_at_one():
 
 
 def test_label_with_one_class_only_has_no_interval():
-    """A label with no positive has no AUROC, sensitivity or F1 (None, 0 valid resamples) and is left out of the means."""
+    """A label with no positive has no AUROC, sensitivity or F1 (None, 0 valid resamples) and is left out of the
+    means."""
     inputs = _inputs(seed=7)
     inputs.targets[:, 2] = 0
     report = _score(inputs)
@@ -211,7 +211,8 @@ def test_percentile_interval_of_known_samples():
 
 
 def test_report_writer_writes_tables_and_plots(tmp_path):
-    """JSON keeps the established keys, markdown holds the tables with intervals and the command, PNGs are real images."""
+    """JSON keeps the established keys, markdown holds the tables with intervals and the command, PNGs are real
+    images."""
     inputs = _inputs(seed=9)
     matches = detection_matches(inputs)
     args = get_args_parser().parse_args(

@@ -10,6 +10,7 @@ import pytest
 
 from service.inference.modelpack import ModelPack, PackError
 from service.inference.postprocess import Detections
+from tests.reference import at_operating_points
 from training.data import Box, Record, load_tensors, read_split
 from training.evaluate import predict_records, torch_infer_from_run
 from training.export import (
@@ -25,8 +26,6 @@ from training.export import (
     load_run,
     missed_top_detections,
 )
-
-from tests.reference import at_operating_points
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +160,7 @@ def test_tampered_fp16_variant_is_rejected(tiny_pack, tmp_path):
     copy = tmp_path / "pack"
     shutil.copytree(tiny_pack, copy)
     (copy / "detector.fp16.onnx").write_bytes(b"not the model")
-    with pytest.raises(PackError, match="fp16 detector file detector.fp16.onnx has sha256"):
+    with pytest.raises(PackError, match=r"fp16 detector file detector\.fp16\.onnx has sha256"):
         ModelPack.load(copy)
 
 
@@ -285,7 +284,7 @@ def test_tampered_pack_is_rejected(tiny_pack, tmp_path):
 def test_evaluation_in_pytorch_equals_service_json(client, tiny_run, tiny_dataset, tiny_pack):
     """For a test DICOM, the evaluation code (PyTorch) and the service (ONNX, from the DICOM bytes) give the
     same boxes and probabilities."""
-    infer, spec, local_labels, global_labels, _, params = torch_infer_from_run(tiny_run)
+    infer, spec, local_labels, _global_labels, _, params = torch_infer_from_run(tiny_run)
     reporting = ModelPack.load(tiny_pack).finding_thresholds()
     records = read_split(tiny_dataset, "test")[:3]
     evaluation = predict_records(records, spec, infer, params, batch_size=3, threads=1)

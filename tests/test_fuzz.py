@@ -164,7 +164,7 @@ def overwritten_runs(draw):
 
 @st.composite
 def header_values(draw):
-    keyword = draw(st.sampled_from(HEADER_NUMBERS + ("NumberOfFrames",)))
+    keyword = draw(st.sampled_from((*HEADER_NUMBERS, "NumberOfFrames")))
     if keyword == "NumberOfFrames":
         value = draw(st.sampled_from(["0", "1", "2", "-1", "65535", "2147483647", "99999999"]))
     else:
@@ -368,7 +368,8 @@ def test_seeds_are_predicted(client, seeds):
 
 
 def test_fuzzed_uploads_never_get_a_500(client, seeds, tiny_dataset):
-    """Hundreds of mutated DICOMs, answered as JSON, SR, GSPS or PNG, each get a 4xx JSON error or a 200; afterwards the service is ready and serves a good DICOM."""
+    """Hundreds of mutated DICOMs, answered as JSON, SR, GSPS or PNG, each get a 4xx JSON error or a 200; afterwards
+    the service is ready and serves a good DICOM."""
     rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     @settings(
@@ -464,7 +465,8 @@ def _with_raw_value(data: bytes, group: int, element: int, value: bytes) -> byte
 
 
 def test_rle_segments_longer_than_rows_get_400(client, seeds, tiny_dataset):
-    """RLE data that does not fit Rows x Columns is malformed (400), not a decoder panic that broke the decode pool (500)."""
+    """RLE data that does not fit Rows x Columns is malformed (400), not a decoder panic that broke the decode pool
+    (500)."""
     data = _with_header(seeds["rle-12-mono1"], "Rows", 200)  # the segments still hold 256 rows
     _error(_post(client, data), 400, "malformed_dicom")
     assert client.get("/readyz").status_code == 200
@@ -472,7 +474,8 @@ def test_rle_segments_longer_than_rows_get_400(client, seeds, tiny_dataset):
 
 
 def test_unknown_vr_in_the_header_gets_400(client, seeds):
-    """An element with an unknown VR (read lazily by pydicom) is malformed (400), not a 500 when the header is summarised."""
+    """An element with an unknown VR (read lazily by pydicom) is malformed (400), not a 500 when the header is
+    summarised."""
     data = seeds["explicit-16"]
     at = _find(data, 0x0008, 0x0018)  # SOP Instance UID
     _error(_post(client, data[: at + 4] + b"\x55\x8d" + data[at + 6 :]), 400, "malformed_dicom")
@@ -486,7 +489,8 @@ def test_unreadable_rescale_slope_gets_400(client, seeds, slope):
 
 
 def test_overflowing_rescale_gets_422(client, seeds):
-    """A finite RescaleSlope that overflows float32 on the stored values is unusable (422), not a prediction on an inf/NaN image."""
+    """A finite RescaleSlope that overflows float32 on the stored values is unusable (422), not a prediction on an
+    inf/NaN image."""
     _error(_post(client, _with_header(seeds["explicit-16"], "RescaleSlope", "1e38")), 422, "unusable_image")
 
 
@@ -517,7 +521,8 @@ def test_rescale_slope_written_as_is_gets_400(client, seeds):
     ],
 )
 def test_dicom_output_without_a_valid_reference_gets_422(client, seeds, output, keyword, value):
-    """An SR or GSPS of an image lacking a valid UID to reference it by (or an unknown charset) is 422; JSON still works."""
+    """An SR or GSPS of an image lacking a valid UID to reference it by (or an unknown charset) is 422; JSON still
+    works."""
     ds = pydicom.dcmread(io.BytesIO(seeds["explicit-16"]))
     if value is None:
         delattr(ds, keyword)

@@ -96,7 +96,8 @@ def test_every_service_module_has_a_layer():
 
 
 def test_imports_point_one_way():
-    """api -> inference/dicom/viewer_outputs, viewer_outputs and inference -> dicom, everything -> shared; never back."""
+    """api -> inference/dicom/viewer_outputs, viewer_outputs and inference -> dicom, everything -> shared; never
+    back."""
     modules = service_modules()
     problems = []
     for name, path in modules.items():

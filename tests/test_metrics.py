@@ -1,4 +1,5 @@
-"""Metrics: VOC average precision at IoU 0.4 (golden values, and cross-checked with pycocotools), AUROC and operating points."""
+"""Metrics: VOC average precision at IoU 0.4 (golden values, and cross-checked with pycocotools), AUROC and operating
+points."""
 
 from __future__ import annotations
 
@@ -205,7 +206,8 @@ def _assert_agrees_with_coco(images: list[ImageDetections], num_classes: int) ->
 def _random_images(
     seed: int, num_images: int = 80, num_classes: int = 3, tied_scores: bool = False
 ) -> list[ImageDetections]:
-    """Ground-truth boxes, jittered predictions around them (IoUs spread across 0.4-0.5), duplicates, wrong classes and strays."""
+    """Ground-truth boxes, jittered predictions around them (IoUs spread across 0.4-0.5), duplicates, wrong classes and
+    strays."""
     rng = np.random.default_rng(seed)
     images = []
     for _ in range(num_images):
@@ -249,7 +251,8 @@ def _random_images(
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_random_detections_agree_with_pycocotools(seed):
-    """On random boxes, classes and scores, per-class AP at IoU 0.4 and 0.5 agrees with pycocotools (see the three checks above)."""
+    """On random boxes, classes and scores, per-class AP at IoU 0.4 and 0.5 agrees with pycocotools (see the three
+    checks above)."""
     _assert_agrees_with_coco(_random_images(seed), num_classes=3)
 
 
@@ -306,7 +309,8 @@ def test_tied_scores_across_images_agree_with_pycocotools():
 
 
 def test_prediction_falls_back_to_an_unmatched_overlapping_box_like_pycocotools():
-    """When a prediction's best box is taken, it matches the best unmatched one above the threshold (not a false positive)."""
+    """When a prediction's best box is taken, it matches the best unmatched one above the threshold (not a false
+    positive)."""
     image = _image([[0, 0, 10, 10], [0, 0, 10, 10.5]], [0.9, 0.8], [0, 0], [[0, 0, 10, 10], [0, 0, 10, 12]], [0, 0])
     _assert_agrees_with_coco([image], num_classes=1)
     np.testing.assert_array_equal(class_matches([image], 0, 0.5).hits, [True, True])

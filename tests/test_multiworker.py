@@ -16,8 +16,10 @@ import httpx
 import numpy as np
 import pytest
 
-from service.inference.batcher import Batcher
 from service.errors import NotReady, Overloaded
+from service.inference.batcher import Batcher
+from service.inference.client import RemoteBatcher, RemoteModels, hello_problem
+from service.inference.modelpack import ModelPack
 from service.inference.protocol import (
     PREFIX,
     ProtocolError,
@@ -28,11 +30,9 @@ from service.inference.protocol import (
     read_frame,
 )
 from service.inference.server import InferenceServer, input_problem
-from service.inference.modelpack import ModelPack
-from service.multiworker import default_decode_workers, restart_delay, worker_environment
-from service.inference.client import RemoteBatcher, RemoteModels, hello_problem
-from service.settings import Settings
 from service.inference.state import ServingState
+from service.multiworker import default_decode_workers, restart_delay, worker_environment
+from service.settings import Settings
 from tests.live import free_port, wait_until_ready
 
 SIZE = 8

@@ -99,7 +99,8 @@ def test_schema_declares_the_error_statuses():
 
 
 def test_not_ready_answers_conform_to_the_schema(tiny_settings, tmp_path):
-    """Without a loadable pack, the 503 answers of /readyz, /v1/models and /v1/predict are the ones the schema declares."""
+    """Without a loadable pack, the 503 answers of /readyz, /v1/models and /v1/predict are the ones the schema
+    declares."""
     with TestClient(create_app(tiny_settings.model_copy(update={"models": tmp_path / "nowhere"}))) as client:
         for method, path, kwargs in (
             ("GET", "/readyz", {}),

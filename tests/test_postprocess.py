@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from service.dicom.preprocess import Letterbox
 from service.inference.postprocess import (
     DetectionParams,
     Detections,
@@ -11,7 +12,6 @@ from service.inference.postprocess import (
     select_detections,
     to_original_space,
 )
-from service.dicom.preprocess import Letterbox
 from tests.reference import at_operating_points
 
 

@@ -14,15 +14,15 @@ import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from training import synthetic as S
-from training.synthetic import findings, instance
 from training.labels import SYNTHETIC_GLOBAL, SYNTHETIC_LOCAL, VINDR_PCXR
+from training.synthetic import findings, instance
 
 SIZE = (256, 224)
 LABEL_IDS = {label.name: label.id for label in VINDR_PCXR.labels}
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="") as f:
+    with path.open(newline="") as f:
         reader = csv.DictReader(f)
         return list(reader.fieldnames or []), list(reader)
 
@@ -146,7 +146,7 @@ def test_forced_finding_is_planted(label: str):
         assert case.image_labels[label] == 1 and case.image_labels["No finding"] == 0
         assert sum(case.image_labels[name] for name in SYNTHETIC_LOCAL) == 1
         assert case.density.dtype == np.float32 and case.density.shape == SIZE
-        assert 0.0 <= case.density.min() and case.density.max() <= 1.0
+        assert case.density.min() >= 0.0 and case.density.max() <= 1.0
 
 
 def test_forcing_no_findings_gives_a_normal_image():

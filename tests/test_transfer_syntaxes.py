@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import pydicom
@@ -14,9 +14,9 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder
 
 from service.dicom.decode import decode_pixels, read_dataset
-from service.errors import MalformedDicom, UnsupportedTransferSyntax
 from service.dicom.pipeline import InputSpec, prepare
 from service.dicom.preprocess import Normalization, PixelParams, display_image
+from service.errors import MalformedDicom, UnsupportedTransferSyntax
 from training import synthetic as S
 
 SIZE = (320, 288)  # rows, columns: small, so the whole file runs in seconds on two cores
@@ -46,7 +46,7 @@ def _needs_encoder(name: str) -> None:
         pytest.skip(f"no encoder for {name} installed (imagecodecs / pyjpegls)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _file(name: str, bits: int, photometric: str, signed: bool) -> bytes:
     ds, _ = S.synthesize_instance(
         SEED, *SIZE, transfer_syntax=name, photometric=photometric, bits_stored=bits, signed=signed, windowed=True

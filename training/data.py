@@ -147,7 +147,7 @@ def _read_marks(path: Path, require_rater: bool) -> dict[str, list[_Mark]]:
     """Annotation rows grouped by image_id, in file order."""
     header, rows = _read_csv(path)
     rater_column = _rater_column(header)
-    _require_columns(path, header, ("image_id", "class_name") + COORDINATE_COLUMNS)
+    _require_columns(path, header, ("image_id", "class_name", *COORDINATE_COLUMNS))
     if require_rater and rater_column is None:
         raise ValueError(f"{path} has no 'rad_id' column; its columns are {header}")
     marks: dict[str, list[_Mark]] = {}
@@ -249,7 +249,7 @@ def read_kaggle_split(root: Path, split: str, fusion: FusionConfig = FusionConfi
     for image_id, image_marks in marks.items():
         raters = _unique([mark.rater for mark in image_marks])
         readings = [
-            {name: 0 for name in names} | {m.class_name: 1 for m in image_marks if m.rater == rater} for rater in raters
+            dict.fromkeys(names, 0) | {m.class_name: 1 for m in image_marks if m.rater == rater} for rater in raters
         ]
         records.append(
             Record(

@@ -56,18 +56,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import re
 import sys
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import pydicom
 from pydicom.datadict import dictionary_VR
@@ -223,7 +223,7 @@ def value_matches_vr(element: DataElement) -> bool:
     copied.
     """
     dictionary_vr = dictionary_VR(element.tag)
-    if element.VR != dictionary_vr and element.VR not in dictionary_vr.split(" or "):
+    if dictionary_vr != element.VR and element.VR not in dictionary_vr.split(" or "):
         return False
     if element.VR in _BINARY_VRS or element.value in (None, "", b""):
         return True
@@ -236,7 +236,9 @@ def value_matches_vr(element: DataElement) -> bool:
 def kept_element(ds: Dataset, keyword: str) -> DataElement | None:
     """A copy of `ds`'s element `keyword` when it is present and valid for its VR, else None."""
     try:
-        element = ds[keyword] if keyword in ds else None  # converts the raw element: may raise
+        # Not ds.get(keyword): that returns the value, and the element itself is wanted.
+        # Converts the raw element: may raise.
+        element = ds[keyword] if keyword in ds else None  # noqa: SIM401
         if element is None or not value_matches_vr(element):
             return None
     except Exception:  # pydicom cannot read the value: dropped like any invalid one (dropped_for_vr counts it)
@@ -295,7 +297,7 @@ def deidentify_dataset(ds: Dataset, hash_name: str = DEFAULT_HASH) -> tuple[str,
     transfer_syntax = transfer_syntax_of(ds)
 
     out = Dataset()  # a new dataset: no preamble, no private blocks, no read-time state
-    for keyword in TABLE_3_KEYWORDS + ("PlanarConfiguration",):  # SOP Class UID: checked below
+    for keyword in (*TABLE_3_KEYWORDS, "PlanarConfiguration"):  # SOP Class UID: checked below
         element = kept_element(ds, keyword)
         if element is not None:
             out.add(element)
@@ -435,7 +437,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary name, so an interrupted run leaves no half file."""
     partial = path.with_name(f".{path.name}.partial")
     partial.write_bytes(data)
-    os.replace(partial, path)
+    partial.replace(path)
 
 
 def _results(jobs: list[tuple[int, str, str]], workers: int) -> Iterator[FileResult]:

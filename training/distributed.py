@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -167,5 +168,5 @@ def quiet_unless_main(context: DistContext) -> Iterator[None]:
     if context.is_main:
         yield
         return
-    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+    with Path(os.devnull).open("w") as sink, contextlib.redirect_stderr(sink):
         yield

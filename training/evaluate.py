@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from service.inference.modelpack import ModelPack, OnnxModels
-from service.settings import Settings
 from service.dicom.pipeline import InputSpec, prepare
+from service.inference.modelpack import ModelPack, OnnxModels
 from service.inference.postprocess import DetectionParams, Detections, select_detections, to_original_space
+from service.settings import Settings
 from training.data import Record, add_layout_arguments, fusion_from_args, read_split
 from training.metrics import (
     ClassMatches,
@@ -44,9 +44,9 @@ from training.metrics import (
     matches_average_precision,
     nan_mean_rows,
     operating_point,
+    percentile_interval,
     precision_envelope,
     precision_recall,
-    percentile_interval,
     resample_counts,
     roc_curve,
 )
@@ -349,7 +349,8 @@ def markdown_report(report: dict, title: str) -> str:
         "| --- | ---: | ---: | ---: |",
     ]
     lines += [
-        f"| {label} | {v['boxes']} | {_with_ci(v['ap40'], v.get('ap40_ci'))} | {_with_ci(v['ap50'], v.get('ap50_ci'))} |"
+        f"| {label} | {v['boxes']} | {_with_ci(v['ap40'], v.get('ap40_ci'))} | "
+        f"{_with_ci(v['ap50'], v.get('ap50_ci'))} |"
         for label, v in detection["per_class"].items()
     ]
     lines += [

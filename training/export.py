@@ -31,6 +31,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto
 
+from service.dicom.pipeline import InputSpec
+from service.dicom.preprocess import Normalization
 from service.inference.modelpack import (
     CLASSIFIER_OUTPUTS,
     DETECTOR_OUTPUTS,
@@ -39,9 +41,7 @@ from service.inference.modelpack import (
     ModelPack,
     sha256_of,
 )
-from service.dicom.pipeline import InputSpec
 from service.inference.postprocess import DetectionParams, Detections, box_iou, select_detections
-from service.dicom.preprocess import Normalization
 from service.inference.runtime import GPU_PROVIDERS, preload_gpu_libraries
 from training.data import Record, fusion_from_args, load_tensors, read_split
 from training.engine import predict
@@ -586,7 +586,7 @@ def main(args: argparse.Namespace) -> Path:
         "format": MANIFEST_FORMAT,
         "name": name,
         "version": args.version,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "intended_use": INTENDED_USE,
         "intended_population": {
             "modalities": ["CR", "DX"],
@@ -604,7 +604,10 @@ def main(args: argparse.Namespace) -> Path:
             "channels": 1,
             "size": size,
             "normalization": {"mean": normalization.mean, "std": normalization.std},
-            "preprocessing": "modality LUT -> window (or min-max) -> MONOCHROME1 inverted -> top-left letterbox (PIL bilinear) -> (x - mean) / std",
+            "preprocessing": (
+                "modality LUT -> window (or min-max) -> MONOCHROME1 inverted -> top-left letterbox (PIL bilinear) "
+                "-> (x - mean) / std"
+            ),
         },
         "precisions": list(precisions),
         "detector": model_entry(args.out, "detector", precisions)

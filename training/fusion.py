@@ -163,6 +163,6 @@ def vote_labels(readings: Sequence[Mapping[str, int]], threshold: float = DEFAUL
     """Image labels from several raters' label dicts; a label a reading lacks counts as a negative vote."""
     names = list(dict.fromkeys(name for reading in readings for name in reading))
     if not readings or not names:
-        return {name: 0 for name in names}
+        return dict.fromkeys(names, 0)
     votes = np.array([[reading.get(name, 0) for name in names] for reading in readings])
     return dict(zip(names, (int(value) for value in vote(votes, threshold))))

@@ -99,7 +99,7 @@ class Detector(nn.Module):
         cls, reg, ctr, points, strides = [], [], [], [], []
         for level, (name, feature) in enumerate(levels.items()):
             stride = int(name)
-            n, _, h, w = feature.shape
+            _n, _, h, w = feature.shape
             cls_feature, reg_feature = self.cls_tower(feature), self.reg_tower(feature)
             cls.append(self.cls_logits(cls_feature).flatten(2).transpose(1, 2))
             distances = torch.exp((self.level_scales[level] * self.box_deltas(reg_feature)).clamp(max=10.0)) * stride

@@ -34,8 +34,8 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from service.dicom.preprocess import Normalization
 from service.dicom.pipeline import InputSpec
+from service.dicom.preprocess import Normalization
 from training import distributed
 from training.data import Record, TensorSet, add_layout_arguments, fusion_from_args, load_tensors, read_split
 from training.distributed import DistContext

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from service.dicom.intended_use import out_of_distribution_reasons
-from service.inference.modelpack import ModelPack, OnnxModels
-from service.dicom.pipeline import PreparedImage, prepare
-from service.inference.predictor import prediction_body
 from service.api.schemas import Prediction
-from service.settings import Settings
+from service.dicom.intended_use import out_of_distribution_reasons
+from service.dicom.pipeline import PreparedImage, prepare
+from service.inference.modelpack import ModelPack, OnnxModels
+from service.inference.predictor import prediction_body
 from service.inference.state import load_serving_state
+from service.settings import Settings
 
 ModelOutputs = tuple[np.ndarray, np.ndarray, np.ndarray]  # one image's boxes, scores, probabilities
 

@@ -9,18 +9,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.allocator import keep_freed_memory
 from service.api.auth import KeyRing, requires_key
-from service.errors import ApiError
-from service.metrics import ServiceMetrics
-from service.inference.client import load_remote_serving_state
 from service.api.request_context import RequestContext, error_response
 from service.api.routers import health, metrics, predict, studies
-from service.settings import Settings, get_settings
+from service.errors import ApiError
+from service.inference.client import load_remote_serving_state
 from service.inference.state import ServingState, load_serving_state
+from service.metrics import ServiceMetrics
+from service.settings import Settings, get_settings
 
 log = logging.getLogger("service")
 

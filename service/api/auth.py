@@ -12,12 +12,12 @@ import argparse
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 from service.errors import Forbidden, Unauthorized
 
@@ -44,7 +44,9 @@ def new_key() -> tuple[str, str]:
 
 
 def parse_key_entry(entry: str) -> tuple[str, str]:
-    """`name:sha256hex` or a bare `sha256hex` → (name, lowercase digest); bare digests are named by their first 8 hex digits.
+    """`name:sha256hex` or a bare `sha256hex` → (name, lowercase digest).
+
+    Bare digests are named by their first 8 hex digits.
 
     Raises ValueError without echoing the entry: a mistaken entry may be a plaintext key.
     """
@@ -94,7 +96,7 @@ class KeyRing:
     def _refresh(self) -> None:
         """Re-read the keys file when its mtime, size or inode changed (one stat per request: cheap)."""
         try:
-            info = os.stat(self._file)
+            info = self._file.stat()
             stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
         except OSError:
             stamp = None

@@ -13,8 +13,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.errors import NotReady
-from service.settings import Settings
 from service.inference.state import ServingState
+from service.settings import Settings
 
 
 async def get_app_settings(request: Request) -> Settings:

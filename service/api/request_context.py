@@ -87,7 +87,8 @@ class RequestContext:
                 try:
                     key_name = state["api_key_name"] = authenticate(headers, self.keys)
                 except ApiError as denied:
-                    # Error handlers sit inside this middleware, so the refusal is rendered here, in the same JSON shape.
+                    # Error handlers sit inside this middleware, so the refusal is rendered here, in the same JSON
+                    # shape.
                     refusal = error_response(
                         denied.status_code, denied.code, denied.message, request_id, denied.headers
                     )

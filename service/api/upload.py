@@ -107,5 +107,6 @@ async def read_single_dicom(stream: AsyncIterator[bytes], content_type: str | No
             raise MalformedDicom(f"Expected exactly one form field named 'file', got {len(files)}.")
         return bytes(files[0].body)
     raise UnsupportedMediaType(
-        f"Content-Type {kind or '(none)'} is not accepted; send application/dicom or multipart/form-data with a 'file' field."
+        f"Content-Type {kind or '(none)'} is not accepted; "
+        "send application/dicom or multipart/form-data with a 'file' field."
     )

@@ -117,7 +117,7 @@ def read_dataset(body: bytes) -> Dataset:
 def check_image_header(ds: Dataset, limits: DecodeLimits) -> None:
     """Reject images this service cannot read as one grayscale radiograph, before decoding."""
     for keyword, vr in PIXEL_ELEMENT_VRS.items():
-        if keyword in ds and ds[keyword].VR != vr:
+        if keyword in ds and vr != ds[keyword].VR:
             raise MalformedDicom(f"{keyword} has VR {ds[keyword].VR}; PS3.6 defines it as {vr}.")
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)

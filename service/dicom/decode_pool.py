@@ -9,6 +9,7 @@ overruns is killed and the pool replaced, so the next request is served normally
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import time
@@ -18,9 +19,9 @@ from concurrent.futures.process import BrokenProcessPool
 
 from service.allocator import keep_freed_memory
 from service.dicom.decode import has_native_pixel_data
+from service.dicom.pipeline import InputSpec, PreparedImage, prepare
 from service.errors import ApiError, Overloaded
 from service.settings import DecodeLimits
-from service.dicom.pipeline import InputSpec, PreparedImage, prepare
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,8 @@ def _load_decoders() -> None:
     import pydicom.pixels  # noqa: F401
 
     for plugin in ("pylibjpeg", "openjpeg", "libjpeg", "rle"):
-        try:
+        with contextlib.suppress(ImportError):  # a missing plugin is reported per image as 415, not here
             importlib.import_module(plugin)
-        except ImportError:
-            pass  # a missing plugin is reported per image as 415, not here
     time.sleep(0.05)  # hold this worker briefly so the pool starts a separate process for the next task
 
 

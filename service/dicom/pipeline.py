@@ -7,12 +7,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from pydicom.dataset import Dataset
 
 from service.dicom.decode import check_image_header, decode_pixels, read_dataset
-from service.errors import UnusableImage
-from service.settings import DecodeLimits
 from service.dicom.preprocess import (
     Letterbox,
     Normalization,
@@ -21,6 +18,8 @@ from service.dicom.preprocess import (
     display_image,
     model_input,
 )
+from service.errors import UnusableImage
+from service.settings import DecodeLimits
 
 
 @dataclass(frozen=True)

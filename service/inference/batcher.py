@@ -9,6 +9,7 @@ time keeps the GPU's work ordered while the next batch gathers on the event loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,10 +56,8 @@ class Batcher:
     async def stop(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
         while not self._queue.empty():
             self._queue.get_nowait().future.set_exception(NotReady("The service is shutting down."))
         self._executor.shutdown(wait=True)

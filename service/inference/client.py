@@ -11,6 +11,7 @@ verified, the worker reports not ready (/readyz 503 with the reason) and request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.inference.batcher import BatchResult
 from service.errors import NotReady, Overloaded
+from service.inference.batcher import BatchResult
+from service.inference.modelpack import ModelPack, PackError
 from service.inference.protocol import (
     MAX_RESPONSE_PAYLOAD_BYTES,
     PROTOCOL_VERSION,
@@ -33,10 +35,9 @@ from service.inference.protocol import (
     pack_identity,
     read_frame,
 )
-from service.metrics import ServiceMetrics
-from service.inference.modelpack import ModelPack, PackError
-from service.settings import Settings
 from service.inference.state import ServingState, new_decode_pool
+from service.metrics import ServiceMetrics
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +141,8 @@ class RemoteBatcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self._fail_pending(NotReady("The service is shutting down."))
 
     async def submit(self, image: np.ndarray) -> BatchResult:

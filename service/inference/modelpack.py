@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.inference import runtime
 from service.dicom.intended_use import IntendedPopulation
 from service.dicom.pipeline import InputSpec
-from service.inference.postprocess import DetectionParams
 from service.dicom.preprocess import Normalization
+from service.inference import runtime
+from service.inference.postprocess import DetectionParams
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

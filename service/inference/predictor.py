@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from service.errors import OutOfDistribution, RequestTimeout
 from service.dicom.intended_use import out_of_distribution_reasons
-from service.inference.modelpack import ModelPack
 from service.dicom.pipeline import PreparedImage
+from service.errors import OutOfDistribution, RequestTimeout
+from service.inference.modelpack import ModelPack
 from service.inference.postprocess import diseases_json, findings_json, select_detections, to_original_space
-from service.settings import Settings
 from service.inference.state import ServingState
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 

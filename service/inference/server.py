@@ -24,8 +24,8 @@ import numpy as np
 from service.allocator import keep_freed_memory
 from service.errors import ApiError, NotReady
 from service.inference.protocol import PROTOCOL_VERSION, FrameReceiver, ProtocolError, pack_identity
-from service.settings import Settings
 from service.inference.state import ServingState, load_serving_state
+from service.settings import Settings
 
 log = logging.getLogger("service.inference.server")
 
@@ -200,7 +200,7 @@ async def serve(
     claim_socket_path(socket_path)
     listener = await loop.create_unix_server(server.protocol, path=str(socket_path))
     # Preprocessed images are patient pixels: only this user may connect (the launcher's folder is 0700 too).
-    os.chmod(socket_path, 0o600)
+    socket_path.chmod(0o600)
     watcher = loop.create_task(watch_parent(parent_pid, stop)) if parent_pid else None
     log.info(
         "inference server pid %d listening on %s (%s)",

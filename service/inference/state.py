@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.inference.batcher import Batcher
 from service.dicom.decode_pool import DecodePool
-from service.metrics import ServiceMetrics
+from service.inference.batcher import Batcher
 from service.inference.modelpack import ModelPack, OnnxModels, PackError
+from service.metrics import ServiceMetrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
-from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 PRIVATE_SCHEME = "99PCXR"
 PRIVATE_SCHEME_NAME = "Pediatric CXR inference service labels (VinDr-PCXR and VinDr-CXR names)"

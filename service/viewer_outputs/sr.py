@@ -36,8 +36,8 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
-from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from service.viewer_outputs import DISCLAIMER, MANUFACTURER, box_polygon, reference_header

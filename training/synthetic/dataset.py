@@ -27,7 +27,7 @@ ANNOTATION_HEADER = (
     "y_max",
     "class_id",
 )
-IMAGE_LABEL_HEADER = ("image_id", "rad_ID") + tuple(label.name for label in VINDR_PCXR.labels)
+IMAGE_LABEL_HEADER = ("image_id", "rad_ID", *tuple(label.name for label in VINDR_PCXR.labels))
 
 
 def _image_seed(seed: int, split: str, index: int) -> int:
@@ -43,7 +43,7 @@ def _random_size(image_seed: int) -> tuple[int, int]:
 
 
 def _make_image(job: tuple) -> tuple:
-    out, split, index, image_seed, difficulty, size, transfer_syntax = job
+    out, split, _index, image_seed, difficulty, size, transfer_syntax = job
     rows, cols = size if size is not None else _random_size(image_seed)
     ds, case = synthesize_instance(image_seed, rows, cols, difficulty=difficulty, transfer_syntax=transfer_syntax)
     image_id = image_id_for(ds.SOPInstanceUID)
@@ -95,8 +95,8 @@ def generate_dataset(
     per_label: Counter[str] = Counter()
     for split in ("train", "test"):
         with (
-            open(out / f"annotations_{split}.csv", "w", newline="") as fa,
-            open(out / f"image_labels_{split}.csv", "w", newline="") as fl,
+            (out / f"annotations_{split}.csv").open("w", newline="") as fa,
+            (out / f"image_labels_{split}.csv").open("w", newline="") as fl,
         ):
             ann, lab = csv.writer(fa), csv.writer(fl)
             ann.writerow(ANNOTATION_HEADER)

@@ -201,10 +201,7 @@ def encode_pixels(density: np.ndarray, enc: PixelEncoding, rng: np.random.Genera
     sv0 = lo + int(rng.uniform(0.0, margin) * span)
     sv1 = hi - int(rng.uniform(0.0, margin) * span)
     scaled = density * np.float32(sv1 - sv0)
-    if enc.photometric == "MONOCHROME1":
-        stored = np.float32(sv1) - scaled
-    else:
-        stored = scaled + np.float32(sv0)
+    stored = np.float32(sv1) - scaled if enc.photometric == "MONOCHROME1" else scaled + np.float32(sv0)
     dtypes = {(8, False): np.uint8, (8, True): np.int8, (16, False): np.uint16, (16, True): np.int16}
     dtype = dtypes[(enc.bits_allocated, enc.signed)]
     arr = np.clip(np.rint(stored), lo, hi).astype(dtype)

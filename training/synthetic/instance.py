@@ -53,9 +53,9 @@ def synthesize_instance(
         repr(None if findings is None else list(findings)),
         repr(enc),
     ]
-    study_uid = generate_uid(entropy_srcs=key + ["study"])
-    series_uid = generate_uid(entropy_srcs=key + ["series"])
-    sop_uid = generate_uid(entropy_srcs=key + ["instance"])
+    study_uid = generate_uid(entropy_srcs=[*key, "study"])
+    series_uid = generate_uid(entropy_srcs=[*key, "series"])
+    sop_uid = generate_uid(entropy_srcs=[*key, "instance"])
     is_dx = bool(rng.random() < 0.6)
     sop_class = DX_SOP_CLASS if is_dx else CR_SOP_CLASS
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from training.labels import SYNTHETIC_LOCAL
 from training.synthetic.anatomy import Canvas, render_anatomy, sample_geometry, step, tone
 from training.synthetic.difficulty import Difficulty, resolve_difficulty
 from training.synthetic.findings import (
@@ -19,7 +20,6 @@ from training.synthetic.findings import (
     disease_labels,
     draw_findings,
 )
-from training.labels import SYNTHETIC_LOCAL
 
 _WORK_SIDE = 640  # longest side of the coarse grid the anatomy is rendered on
 

@@ -8,8 +8,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.api.dependencies import ReadyStateDep, SettingsDep, StateDep
-from service.inference.modelpack import OnnxModels
 from service.api.schemas import ErrorResponse, ModelsResponse
+from service.inference.modelpack import OnnxModels
 
 router = APIRouter()
 

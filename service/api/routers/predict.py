@@ -8,13 +8,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.dicom.decode import check_referenceable
 from service.api.dependencies import ReadyStateDep, SettingsDep
+from service.api.schemas import ErrorResponse, Prediction
+from service.api.upload import check_declared_length, read_single_dicom
+from service.dicom.decode import check_referenceable
 from service.errors import NotAcceptable
 from service.inference.predictor import predict_instance, request_time_limit
 from service.viewer_outputs.render import render
-from service.api.schemas import ErrorResponse, Prediction
-from service.api.upload import check_declared_length, read_single_dicom
 
 router = APIRouter(prefix="/v1")
 
@@ -55,7 +55,9 @@ OUTPUTS = {
             "application/json": {},
             "application/dicom": {
                 "schema": {"type": "string", "format": "binary"},
-                "description": "format=sr: Comprehensive SR (TID 1500); format=gsps: Grayscale Softcopy Presentation State",
+                "description": (
+                    "format=sr: Comprehensive SR (TID 1500); format=gsps: Grayscale Softcopy Presentation State"
+                ),
             },
             "image/png": {
                 "schema": {"type": "string", "format": "binary"},

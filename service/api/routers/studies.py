@@ -16,13 +16,13 @@ from fastapi.responses import JSONResponse
 from pydicom.dataset import Dataset
 
 from service.api.dependencies import ReadyStateDep, SettingsDep
-from service.errors import ApiError, MalformedDicom, UnsupportedMediaType
-from service.inference.predictor import predict_instance, request_time_limit
 from service.api.routers.predict import ERRORS
 from service.api.schemas import StudiesResponse
-from service.settings import Settings
-from service.inference.state import ServingState
 from service.api.upload import DICOM_MEDIA_TYPES, Part, check_declared_length, media_type, read_multipart
+from service.errors import ApiError, MalformedDicom, UnsupportedMediaType
+from service.inference.predictor import predict_instance, request_time_limit
+from service.inference.state import ServingState
+from service.settings import Settings
 
 router = APIRouter(prefix="/v1")
 
@@ -95,7 +95,9 @@ DICOM_JSON = {
     "application/dicom+json": {
         "schema": {
             "type": "object",
-            "description": "DICOM JSON store response: ReferencedSOPSequence (00081199) and FailedSOPSequence (00081198)",
+            "description": (
+                "DICOM JSON store response: ReferencedSOPSequence (00081199) and FailedSOPSequence (00081198)"
+            ),
         }
     }
 }
