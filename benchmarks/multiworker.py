@@ -37,6 +37,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
@@ -48,6 +49,9 @@ from benchmarks.sampling import TreeSampler
 from benchmarks.soak import free_port
 from service.multiworker import default_decode_workers, usable_cores
 from service.settings import DEFAULT_PACK
+
+if TYPE_CHECKING:  # the service's inference modules are imported where they are used
+    from service.inference.modelpack import ModelPack
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -310,18 +314,11 @@ def run_setup(name: str, args: argparse.Namespace, bodies: list[bytes], logs: Pa
     return result
 
 
-def ipc_round_trip_ms(size: int, images: int) -> dict[str, float]:
-    """The hop alone: a 1 x size x size float32 image to an inference server over its socket and the outputs
-    back, one at a time, the model replaced by a function returning outputs of the demo pack's shapes."""
-    from service.inference.batcher import Batcher
-    from service.inference.client import RemoteBatcher, RemoteModels
+def _stub_pack(size: int) -> ModelPack:
+    """A pack manifest with nothing but what the hop needs: its identity and input size."""
     from service.inference.modelpack import ModelPack
-    from service.inference.protocol import pack_identity
-    from service.inference.server import InferenceServer
-    from service.inference.state import ServingState
-    from service.settings import Settings
 
-    pack = ModelPack(
+    return ModelPack(
         path=Path("unused"),
         manifest={
             "name": "ipc",
@@ -332,12 +329,27 @@ def ipc_round_trip_ms(size: int, images: int) -> dict[str, float]:
         },
     )
 
-    def outputs(batch: np.ndarray) -> tuple[np.ndarray, ...]:
-        n = len(batch)
-        return np.zeros((n, 100, 4), np.float32), np.zeros((n, 100, 9), np.float32), np.zeros((n, 6), np.float32)
+
+def _stub_outputs(batch: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Outputs of the demo pack's shapes, instead of running a model."""
+    n = len(batch)
+    return np.zeros((n, 100, 4), np.float32), np.zeros((n, 100, 9), np.float32), np.zeros((n, 6), np.float32)
+
+
+def ipc_round_trip_ms(size: int, images: int) -> dict[str, float]:
+    """The hop alone: a 1 x size x size float32 image to an inference server over its socket and the outputs
+    back, one at a time, the model replaced by a function returning outputs of the demo pack's shapes."""
+    from service.inference.batcher import Batcher
+    from service.inference.client import RemoteBatcher, RemoteModels
+    from service.inference.protocol import pack_identity
+    from service.inference.server import InferenceServer
+    from service.inference.state import ServingState
+    from service.settings import Settings
+
+    pack = _stub_pack(size)
 
     async def measure(socket_path: Path) -> dict[str, float]:
-        local = Batcher(outputs, max_batch_size=1, max_delay_s=0.0, max_queue_size=8)
+        local = Batcher(_stub_outputs, max_batch_size=1, max_delay_s=0.0, max_queue_size=8)
         local.start()
         state = ServingState(pack=pack, models=RemoteModels(socket=socket_path), batcher=local, not_ready_reason="")
         server = InferenceServer(state, Settings(max_batch_size=1))

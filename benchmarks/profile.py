@@ -104,12 +104,6 @@ def render(
     machine: dict[str, str],
 ) -> str:
     rate = requests / seconds
-    per_thread = collections.defaultdict(lambda: [0.0, 0.0])  # name -> [CPU cores, GIL seconds]
-    for (pid, tid), ticks in cpu.items():
-        name = profile.names.get(tid) or ("native (ONNX Runtime, uvloop)" if pid == main_pid else "decode processes")
-        per_thread[name][0] += ticks / TICKS_PER_S / seconds
-    for tid, samples in profile.samples_by_thread.items():
-        per_thread[profile.names[tid]][1] += samples / SAMPLE_RATE
     lines = [
         f"# Where the CPU goes: our service under HTTP load ({spec_name} inputs)",
         "",
@@ -124,6 +118,27 @@ def render(
         "",
         *[f"- {key}: {value}" for key, value in machine.items()],
         "",
+        *thread_table(per_thread_usage(profile, cpu, seconds, main_pid), seconds, requests),
+        *frame_tables(profile, requests),
+    ]
+    return "\n".join(lines)
+
+
+def per_thread_usage(
+    profile: GilProfile, cpu: dict[tuple[int, int], int], seconds: float, main_pid: int
+) -> dict[str, list[float]]:
+    """Thread name -> [CPU cores, GIL seconds]; threads of one name summed, unnamed ones grouped by process."""
+    per_thread: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for (pid, tid), ticks in cpu.items():
+        name = profile.names.get(tid) or ("native (ONNX Runtime, uvloop)" if pid == main_pid else "decode processes")
+        per_thread[name][0] += ticks / TICKS_PER_S / seconds
+    for tid, samples in profile.samples_by_thread.items():
+        per_thread[profile.names[tid]][1] += samples / SAMPLE_RATE
+    return per_thread
+
+
+def thread_table(per_thread: dict[str, list[float]], seconds: float, requests: float) -> list[str]:
+    lines = [
         "## Threads",
         "",
         "| thread | CPU (cores) | CPU per request (ms) | GIL held (s) | GIL per request (ms) |",
@@ -137,7 +152,8 @@ def render(
             f"{gil_s / requests * 1e3:.1f} |"
         )
     total = sum(cores for cores, _ in per_thread.values())
-    lines += [
+    return [
+        *lines,
         f"| **all** | **{total:.2f}** | **{total * seconds / requests * 1e3:.1f}** | | |",
         "",
         "Threads with the same name are summed (decode-native = both decode threads). Native threads "
@@ -146,6 +162,11 @@ def render(
         "preempted while it holds it), so it can exceed the CPU time.",
         "",
     ]
+
+
+def frame_tables(profile: GilProfile, requests: float) -> list[str]:
+    """The busiest frames holding the GIL, per thread that matters for a request."""
+    lines: list[str] = []
     for name in ("MainThread", "decode-native", "inference"):
         frames = profile.inclusive.get(name)
         if not frames:
@@ -161,43 +182,30 @@ def render(
         for frame, samples in busiest[: 30 if name == "MainThread" else 15]:
             lines.append(f"| {samples / SAMPLE_RATE:.2f} | {samples / SAMPLE_RATE / requests * 1e3:.2f} | `{frame}` |")
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=15.0, help="profiled window under load")
     parser.add_argument("--input-set", choices=[spec.name for spec in INPUT_SETS], default="uncompressed")
     parser.add_argument("--models", type=Path, default=ROOT / "models" / "demo-synthetic")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
     py_spy = find_py_spy()
     spec = input_set(args.input_set)
     inputs = make_input_set(spec)
     args.out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     load_at_start = load_average()
-    server = start_server(
-        ServerSpec(
-            "ours",
-            "ours",
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "--port",
-                "{port}",
-                "--models",
-                str(args.models),
-                "--log-level",
-                "warning",
-            ],
-            "",
-        ),
-        args.out,
-    )
+    server = start_server(service_spec(args.models), args.out)
     warmup_s = 8.0
+    raw_path = args.out / f"{spec.name}.pyspy.txt"
     try:
         load: dict = {}
         driver = threading.Thread(
@@ -217,28 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         time.sleep(warmup_s + 2)
         pids = process_tree(server.process.pid)
         count_before, before = images_predicted(server.base_url), thread_ticks(pids)
-        raw_path = args.out / f"{spec.name}.pyspy.txt"
         print(f"profiling pid {server.process.pid} for {args.seconds:g} s ...", flush=True)
-        subprocess.run(
-            [
-                py_spy,
-                "record",
-                "--gil",
-                "--threads",
-                "-r",
-                str(SAMPLE_RATE),
-                "-d",
-                f"{args.seconds:g}",
-                "-f",
-                "raw",
-                "-o",
-                str(raw_path),
-                "--pid",
-                str(server.process.pid),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        record_gil(py_spy, server.process.pid, args.seconds, raw_path)
         after, count_after = thread_ticks(pids), images_predicted(server.base_url)
         machine = describe_machine(
             json.loads((args.models / "manifest.json").read_text()), served_providers(server.base_url), load_at_start
@@ -262,6 +250,36 @@ def main(argv: list[str] | None = None) -> None:
     )
     (args.out / f"{spec.name}.md").write_text(report + "\n")
     print(f"wrote {args.out / (spec.name + '.md')}")
+
+
+def service_spec(models: Path) -> ServerSpec:
+    """Our service as `benchmarks.servers` starts it: `python -m service` with the pack, quiet logs."""
+    command = [sys.executable, "-m", "service", "--port", "{port}", "--models", str(models), "--log-level", "warning"]
+    return ServerSpec("ours", "ours", command, "")
+
+
+def record_gil(py_spy: str, pid: int, seconds: float, raw_path: Path) -> None:
+    """`py-spy record --gil` of every thread of `pid` for `seconds`, as raw collapsed stacks."""
+    subprocess.run(
+        [
+            py_spy,
+            "record",
+            "--gil",
+            "--threads",
+            "-r",
+            str(SAMPLE_RATE),
+            "-d",
+            f"{seconds:g}",
+            "-f",
+            "raw",
+            "-o",
+            str(raw_path),
+            "--pid",
+            str(pid),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ growth after warm-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import os
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -63,10 +65,32 @@ def main(args: argparse.Namespace) -> None:
         "CXR_MAX_BATCH_SIZE": str(args.max_batch),
         "SOAK_INPUTS": str(inputs),
     }
+    base = f"http://127.0.0.1:{port}"
+    server, cold_start_s = start_service(port, env, base)
+    out = RESULTS / "soak"
+    out.mkdir(parents=True, exist_ok=True)
+    with rss_samples(server.pid, args.sample_s) as samples:
+        locust = run_locust(base, args, env, out / "soak")
+    alive = httpx.get(f"{base}/readyz", timeout=5).status_code
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=60)
+
+    with (out / "memory.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["seconds", "rss_kib"])
+        writer.writerows(samples)
+    report = soak_report(args, out, samples, cold_start_s, alive)
+    (RESULTS / "reliability.md").write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+    if locust.returncode not in (0, 1):
+        print(locust.stdout[-3000:], locust.stderr[-3000:], file=sys.stderr)
+
+
+def start_service(port: int, env: dict[str, str], base: str) -> tuple[subprocess.Popen, float]:
+    """`python -m service` on `port`, and the seconds until /readyz said ready (given up after 120 s)."""
     server = subprocess.Popen(
         [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT
     )
-    base = f"http://127.0.0.1:{port}"
     started = time.time()
     while time.time() - started < 120:
         try:
@@ -74,21 +98,35 @@ def main(args: argparse.Namespace) -> None:
                 break
         except httpx.HTTPError:
             time.sleep(0.5)
-    cold_start_s = time.time() - started
+    return server, time.time() - started
+
+
+@contextlib.contextmanager
+def rss_samples(pid: int, every_s: float) -> Iterator[list[tuple[float, int]]]:
+    """(seconds since the start, resident KiB of the process tree) every `every_s` while the block runs."""
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
 
     def sample() -> None:
         t0 = time.time()
         while not stop.is_set():
-            samples.append((time.time() - t0, process_tree_rss_kib(server.pid)))
-            stop.wait(args.sample_s)
+            samples.append((time.time() - t0, process_tree_rss_kib(pid)))
+            stop.wait(every_s)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    out = RESULTS / "soak"
-    out.mkdir(parents=True, exist_ok=True)
-    locust = subprocess.run(
+    try:
+        yield samples
+    finally:
+        stop.set()
+        sampler.join()
+
+
+def run_locust(
+    base: str, args: argparse.Namespace, env: dict[str, str], csv_prefix: Path
+) -> subprocess.CompletedProcess:
+    """Locust headless with benchmarks/soak_locustfile.py for --minutes, CSVs at `csv_prefix`*."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -105,7 +143,7 @@ def main(args: argparse.Namespace) -> None:
             "--run-time",
             f"{args.minutes * 60:.0f}s",
             "--csv",
-            str(out / "soak"),
+            str(csv_prefix),
             "--only-summary",
         ],
         env=env,
@@ -113,16 +151,12 @@ def main(args: argparse.Namespace) -> None:
         capture_output=True,
         text=True,
     )
-    stop.set()
-    sampler.join()
-    alive = httpx.get(f"{base}/readyz", timeout=5).status_code
-    server.send_signal(signal.SIGTERM)
-    server.wait(timeout=60)
 
-    with (out / "memory.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["seconds", "rss_kib"])
-        writer.writerows(samples)
+
+def soak_report(
+    args: argparse.Namespace, out: Path, samples: list[tuple[float, int]], cold_start_s: float, alive: int
+) -> list[str]:
+    """reliability.md: the outcome (unexpected answers, throughput, latency) and the memory growth after warm-up."""
     rows = list(csv.DictReader(io.StringIO((out / "soak_stats.csv").read_text())))
     total = next(row for row in rows if row["Name"] == "Aggregated")
     warm = [rss for t, rss in samples if t >= args.warmup_s]
@@ -166,18 +200,21 @@ def main(args: argparse.Namespace) -> None:
     report += ["", "Raw data: `benchmarks/results/soak/` (locust CSVs, `memory.csv`)."]
     if failures.count("\n") > 1:
         report += ["", "Unexpected answers:", "", "```", failures.strip(), "```"]
-    (RESULTS / "reliability.md").write_text("\n".join(report) + "\n")
-    print("\n".join(report))
-    if locust.returncode not in (0, 1):
-        print(locust.stdout[-3000:], locust.stderr[-3000:], file=sys.stderr)
+    return report
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--users", type=int, default=48)
     parser.add_argument("--queue-size", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--warmup-s", type=float, default=60.0)
     parser.add_argument("--sample-s", type=float, default=5.0)
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

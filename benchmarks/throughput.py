@@ -102,46 +102,13 @@ def service_specs(
     settings: Settings, models: Path, peer_python: Path | None, service_workers: int
 ) -> dict[str, ServerSpec]:
     """Our service and the peers, every peer given our batcher's and decode pool's settings."""
-    pack = str(models)
-    batching = (
-        f"max batch {settings.max_batch_size}, max queue delay {settings.max_queue_delay_ms:g} ms, "
-        f"queue {settings.max_queue_size}"
-    )
     threads = f"ONNX Runtime intra-op threads {settings.intra_op_threads or 'one per core'}"
-    workers = ["--workers", str(service_workers)] if service_workers > 1 else []
-    # With --workers N the service gives each HTTP process cores // N decode processes unless CXR_DECODE_WORKERS is set.
-    decoders = (
-        f"{settings.decode_workers} decode threads (uncompressed) and as many decode processes (compressed)"
-        if not workers
-        else "decode threads and processes per HTTP process as `--workers` assigns them"
-    )
     specs = {
-        OURS: ServerSpec(
-            OURS,
-            "ours",
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "{port}",
-                "--models",
-                pack,
-                "--log-level",
-                "warning",
-                *workers,
-            ],
-            f"`python -m service{' --workers ' + str(service_workers) if workers else ''}`: "
-            f"{service_workers} uvicorn process(es), dynamic batcher ({batching}), "
-            f"{decoders}, {threads}, glibc malloc keeping {settings.malloc_keep_mb} MiB of freed memory "
-            f"for reuse (CXR_MALLOC_KEEP_MB).",
-        ),
+        OURS: ours_spec(settings, str(models), service_workers, threads),
         NAIVE: ServerSpec(
             NAIVE,
             "naive FastAPI",
-            [sys.executable, "-m", "benchmarks.peers.naive", "--port", "{port}", "--models", pack],
+            [sys.executable, "-m", "benchmarks.peers.naive", "--port", "{port}", "--models", str(models)],
             "`benchmarks/peers/naive.py`: one uvicorn worker, a plain `def` endpoint (FastAPI's thread "
             "pool), per request `service.dicom.pipeline.prepare` + both models at batch 1; no batcher, no "
             f"decode processes; sessions loaded by the service's loader; {threads}; glibc's default "
@@ -149,34 +116,54 @@ def service_specs(
         ),
     }
     if peer_python is not None:
-        specs[RAY] = ServerSpec(
-            RAY,
-            "Ray Serve",
-            [
-                str(peer_python),
-                "-m",
-                "benchmarks.peers.ray_serve",
-                "--port",
-                "{port}",
-                "--models",
-                pack,
-                "--decode-replicas",
-                str(settings.decode_workers),
-                "--max-batch-size",
-                str(settings.max_batch_size),
-                "--batch-wait-timeout-s",
-                f"{settings.max_queue_delay_ms / 1e3:g}",
-                "--max-ongoing-requests",
-                str(settings.max_queue_size),
-            ],
-            "`benchmarks/peers/ray_serve.py` (ray[serve] 2.60 in benchmarks/.venv-peers): Ingress ×1 (FastAPI) → "
-            f"Decoder ×{settings.decode_workers} (`service.dicom.pipeline.prepare`, ≤ 2 requests each) → Model ×1 with "
-            f"`@serve.batch(max_batch_size={settings.max_batch_size}, batch_wait_timeout_s="
-            f"{settings.max_queue_delay_ms / 1e3:g}, max_concurrent_batches=1)`; max_ongoing_requests "
-            f"{settings.max_queue_size} for Ingress and Model; 0 logical CPUs reserved per replica; {threads}.",
-            env={"PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"},
-        )
+        specs[RAY] = ray_serve_spec(settings, str(models), peer_python, threads)
     return specs
+
+
+def ours_spec(settings: Settings, pack: str, service_workers: int, threads: str) -> ServerSpec:
+    batching = (
+        f"max batch {settings.max_batch_size}, max queue delay {settings.max_queue_delay_ms:g} ms, "
+        f"queue {settings.max_queue_size}"
+    )
+    workers = ["--workers", str(service_workers)] if service_workers > 1 else []
+    # With --workers N the service gives each HTTP process cores // N decode processes unless CXR_DECODE_WORKERS is set.
+    decoders = (
+        f"{settings.decode_workers} decode threads (uncompressed) and as many decode processes (compressed)"
+        if not workers
+        else "decode threads and processes per HTTP process as `--workers` assigns them"
+    )
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "{port}", "--models", pack,
+               "--log-level", "warning", *workers]  # fmt: skip
+    return ServerSpec(
+        OURS,
+        "ours",
+        command,
+        f"`python -m service{' --workers ' + str(service_workers) if workers else ''}`: "
+        f"{service_workers} uvicorn process(es), dynamic batcher ({batching}), "
+        f"{decoders}, {threads}, glibc malloc keeping {settings.malloc_keep_mb} MiB of freed memory "
+        f"for reuse (CXR_MALLOC_KEEP_MB).",
+    )
+
+
+def ray_serve_spec(settings: Settings, pack: str, peer_python: Path, threads: str) -> ServerSpec:
+    command = [
+        str(peer_python), "-m", "benchmarks.peers.ray_serve", "--port", "{port}", "--models", pack,
+        "--decode-replicas", str(settings.decode_workers),
+        "--max-batch-size", str(settings.max_batch_size),
+        "--batch-wait-timeout-s", f"{settings.max_queue_delay_ms / 1e3:g}",
+        "--max-ongoing-requests", str(settings.max_queue_size),
+    ]  # fmt: skip
+    return ServerSpec(
+        RAY,
+        "Ray Serve",
+        command,
+        "`benchmarks/peers/ray_serve.py` (ray[serve] 2.60 in benchmarks/.venv-peers): Ingress ×1 (FastAPI) → "
+        f"Decoder ×{settings.decode_workers} (`service.dicom.pipeline.prepare`, ≤ 2 requests each) → Model ×1 with "
+        f"`@serve.batch(max_batch_size={settings.max_batch_size}, batch_wait_timeout_s="
+        f"{settings.max_queue_delay_ms / 1e3:g}, max_concurrent_batches=1)`; max_ongoing_requests "
+        f"{settings.max_queue_size} for Ingress and Model; 0 logical CPUs reserved per replica; {threads}.",
+        env={"PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"},
+    )
 
 
 # --- 1. in process ------------------------------------------------------------------------------------
@@ -370,31 +357,15 @@ def main(args: argparse.Namespace) -> int:
         f"{'quick' if args.quick else 'full'} run, results in {out}; about "
         f"{estimated_minutes(plan, len(args.services), len(sets)):.0f} min planned"
     )
-
-    peer_python, skipped = None, {}
-    if RAY in args.services:
-        from benchmarks.peer_env import ensure_peer_venv
-
-        try:
-            peer_python = ensure_peer_venv(progress)
-        except (RuntimeError, OSError) as exc:  # no network, say: the other measurements still stand
-            skipped[RAY] = f"the peers' venv could not be set up ({exc})"
-            progress(f"  Ray Serve skipped: {skipped[RAY]}")
+    peer_python, skipped = ray_serve_python(args.services, progress)
     specs = service_specs(settings, models, peer_python, args.service_workers)
 
     progress("making the inputs (cached in benchmarks/.bench-inputs)")
-    input_sets = []
-    for spec in sets:
-        paths = make_input_set(spec)
-        input_sets.append(
-            dataclasses.asdict(spec)
-            | {"files": len(paths), "mean_mib": sum(p.stat().st_size for p in paths) / len(paths) / 2**20}
-        )
     results = Results(
         command="python -m benchmarks.throughput " + shlex.join(sys.argv[1:]),
         mode="quick" if args.quick else "full",
         machine={},
-        input_sets=input_sets,
+        input_sets=describe_inputs(sets),
         plan=dataclasses.asdict(plan) | {"decode_workers": settings.decode_workers},
         services={
             name: {"title": spec.title, "configuration": spec.configuration}
@@ -409,25 +380,9 @@ def main(args: argparse.Namespace) -> int:
     providers = measure_inprocess(results, settings, sets, plan, progress)
     pack_manifest = json.loads((models / "manifest.json").read_text())
     results.machine = describe_machine(pack_manifest, providers, load_before)
-
     for name in args.services:
-        if name not in specs:
-            continue
-        try:
-            run = measure_service(specs[name], sets, plan, out, progress)
-        except RuntimeError as exc:  # never got ready: nothing measured
-            results.skipped[name] = str(exc).splitlines()[0]
-            progress(f"  {specs[name].title} failed: {exc}")
-            continue
-        results.http += run.levels
-        results.footprints.append(run.footprint)
-        results.services[name]["providers"] = run.providers
-        if run.error:
-            results.skipped[name] = f"stopped after {len(run.levels)} levels: {run.error.splitlines()[0]}"
-        progress(
-            f"  {specs[name].title}: cold start {run.footprint.cold_start_s:.1f} s, {run.footprint.processes} "
-            f"processes, PSS at ready {run.footprint.ready_pss_mib:.0f} MiB, peak {run.footprint.peak_pss_mib:.0f} MiB"
-        )
+        if name in specs:
+            measure_over_http(results, name, specs[name], sets, plan, out, progress)
 
     results.duration_s = time.perf_counter() - progress.started
     summary = write_outputs(results, out)
@@ -435,6 +390,59 @@ def main(args: argparse.Namespace) -> int:
     for check in target_checks(results):
         print(f"  {check.target} [{check.input_set}]: {verdict(check.met).strip('*')} — {check.detail}")
     return 0
+
+
+def ray_serve_python(services: list[str], progress: Callable[[str], None]) -> tuple[Path | None, dict[str, str]]:
+    """The peers' venv Python when Ray Serve is asked for (set up on first use), and why it was skipped if not."""
+    peer_python, skipped = None, {}
+    if RAY in services:
+        from benchmarks.peer_env import ensure_peer_venv
+
+        try:
+            peer_python = ensure_peer_venv(progress)
+        except (RuntimeError, OSError) as exc:  # no network, say: the other measurements still stand
+            skipped[RAY] = f"the peers' venv could not be set up ({exc})"
+            progress(f"  Ray Serve skipped: {skipped[RAY]}")
+    return peer_python, skipped
+
+
+def describe_inputs(sets: Sequence[InputSet]) -> list[dict]:
+    """Each input set as the results record it, made (or found in the cache) on the way."""
+    described = []
+    for spec in sets:
+        paths = make_input_set(spec)
+        described.append(
+            dataclasses.asdict(spec)
+            | {"files": len(paths), "mean_mib": sum(p.stat().st_size for p in paths) / len(paths) / 2**20}
+        )
+    return described
+
+
+def measure_over_http(
+    results: Results,
+    name: str,
+    spec: ServerSpec,
+    sets: Sequence[InputSet],
+    plan: Plan,
+    out: Path,
+    progress: Callable[[str], None],
+) -> None:
+    """One service's HTTP levels into `results`; a service that never gets ready is recorded as skipped."""
+    try:
+        run = measure_service(spec, sets, plan, out, progress)
+    except RuntimeError as exc:  # never got ready: nothing measured
+        results.skipped[name] = str(exc).splitlines()[0]
+        progress(f"  {spec.title} failed: {exc}")
+        return
+    results.http += run.levels
+    results.footprints.append(run.footprint)
+    results.services[name]["providers"] = run.providers
+    if run.error:
+        results.skipped[name] = f"stopped after {len(run.levels)} levels: {run.error.splitlines()[0]}"
+    progress(
+        f"  {spec.title}: cold start {run.footprint.cold_start_s:.1f} s, {run.footprint.processes} "
+        f"processes, PSS at ready {run.footprint.ready_pss_mib:.0f} MiB, peak {run.footprint.peak_pss_mib:.0f} MiB"
+    )
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -318,10 +318,8 @@ def _short_of_resamples(report: dict) -> list[str]:
 
 def markdown_report(report: dict, title: str) -> str:
     """Tables of every metric as `value [low, high]`, with how they were produced."""
-    detection, classification, bootstrap = report["detection"], report["classification"], report["bootstrap"]
+    bootstrap = report["bootstrap"]
     split = report.get("split", "test")
-    level = f"{100 * bootstrap['confidence']:g}%"
-    method = f" (thresholds.json: {report['thresholds_method']})" if report.get("thresholds_method") else ""
     lines = [f"# {title}", "", f"{report['images']} images."]
     if "command" in report:
         lines += ["", f"Command: `{report['command']}`"]
@@ -330,10 +328,22 @@ def markdown_report(report: dict, title: str) -> str:
     if bootstrap["resamples"]:
         lines += [
             "",
-            f"Intervals: {level} percentile bootstrap, {bootstrap['resamples']} resamples of the images "
-            f"with replacement (seed {bootstrap['seed']}), shown as `value [low, high]`.",
+            f"Intervals: {100 * bootstrap['confidence']:g}% percentile bootstrap, {bootstrap['resamples']} resamples "
+            f"of the images with replacement (seed {bootstrap['seed']}), shown as `value [low, high]`.",
         ]
-    lines += [
+    lines += _detection_section(report["detection"], split)
+    lines += _classification_section(report["classification"], split, report.get("thresholds_method"))
+    short = _short_of_resamples(report) if bootstrap["resamples"] else []
+    if short:
+        lines += [
+            "",
+            "Resamples where a metric was undefined were skipped for it; valid resamples: " + "; ".join(short) + ".",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _detection_section(detection: dict, split: str) -> list[str]:
+    lines = [
         "",
         "## Detection",
         "",
@@ -353,9 +363,12 @@ def markdown_report(report: dict, title: str) -> str:
         f"{_with_ci(v['ap50'], v.get('ap50_ci'))} |"
         for label, v in detection["per_class"].items()
     ]
-    lines += [
-        "",
-        f"![Precision-recall curves at IoU 0.4](pr_curves_{split}.png)",
+    return [*lines, "", f"![Precision-recall curves at IoU 0.4](pr_curves_{split}.png)"]
+
+
+def _classification_section(classification: dict, split: str, thresholds_method: str | None) -> list[str]:
+    method = f" (thresholds.json: {thresholds_method})" if thresholds_method else ""
+    lines = [
         "",
         "## Classification",
         "",
@@ -382,14 +395,7 @@ def markdown_report(report: dict, title: str) -> str:
         + " |"
         for label, v in classification["per_label"].items()
     ]
-    lines += ["", f"![ROC curves with the operating points](roc_curves_{split}.png)"]
-    short = _short_of_resamples(report) if bootstrap["resamples"] else []
-    if short:
-        lines += [
-            "",
-            "Resamples where a metric was undefined were skipped for it; valid resamples: " + "; ".join(short) + ".",
-        ]
-    return "\n".join(lines) + "\n"
+    return [*lines, "", f"![ROC curves with the operating points](roc_curves_{split}.png)"]
 
 
 def _grid(count: int, columns: int = 4):  # -> (Figure, list[Axes])

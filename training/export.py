@@ -21,7 +21,7 @@ import json
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +52,8 @@ INTENDED_USE = (
     "Research use only; not for diagnostic use. Frontal (PA/AP) pediatric chest radiographs "
     "(patients under 10 years), CR/DX modality."
 )
+# What the service's intended-use gate checks (service.dicom.intended_use), as the manifest states it.
+INTENDED_POPULATION = {"modalities": ["CR", "DX"], "body_part": "CHEST", "views": ["PA", "AP"], "max_age_years": 10}
 MODELS = ("detector", "classifier")
 PRECISIONS = ("fp32", "fp16")
 # The service's postprocessing, as written into the manifest: the top-detection check uses the same.
@@ -202,24 +204,41 @@ def _tidy_mixed_precision(graph: onnx.GraphProto) -> None:
     initializers to float32) become Identity, which ONNX Runtime folds away, casts nobody reads are
     dropped, value_info agrees with the types again and the nodes are back in topological order.
     """
+    nodes = _without_duplicates(graph.node)
+    # An initializer only float32 nodes read stays float32, but the converter retypes its value_info to
+    # float16: drop such entries, the initializer carries its own type.
+    initializers = {tensor.name for tensor in graph.initializer}
+    _keep_value_info(graph, lambda name: name not in initializers)
+    _float32_round_trips_to_identity(nodes, _float32_tensors(graph))
+    nodes = _read_nodes(nodes, {output.name for output in graph.output})
+    ordered, available = _topological_order(nodes, {i.name for i in graph.input} | initializers)
+    ordered = [onnx.NodeProto.FromString(node.SerializeToString()) for node in ordered]  # detached from graph.node
+    _keep_value_info(graph, lambda name: name in available)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _without_duplicates(nodes: Sequence[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """One node per name: the converter's identical Cast nodes under one name merged (different ones are an error)."""
     unique: dict[str, onnx.NodeProto] = {}
-    for node in graph.node:
+    for node in nodes:
         if node.name and node.name in unique:
             if unique[node.name] != node:
                 raise ValueError(f"float16 conversion made two different nodes named {node.name}")
             continue
         unique[node.name or f"\0unnamed {len(unique)}"] = node
-    nodes = list(unique.values())
+    return list(unique.values())
 
-    # An initializer only float32 nodes read stays float32, but the converter retypes its value_info to
-    # float16: drop such entries, the initializer carries its own type.
-    initializers = {tensor.name for tensor in graph.initializer}
-    kept_value_info = [v for v in graph.value_info if v.name not in initializers]
+
+def _keep_value_info(graph: onnx.GraphProto, keep: Callable[[str], bool]) -> None:
+    kept = [v for v in graph.value_info if keep(v.name)]
     del graph.value_info[:]
-    graph.value_info.extend(kept_value_info)
+    graph.value_info.extend(kept)
 
+
+def _float32_round_trips_to_identity(nodes: list[onnx.NodeProto], float32: set[str]) -> None:
+    """float32 -> float16 -> float32 round trips, and float32 "casts" of float32 initializers, become Identity."""
     producer = {output: node for node in nodes for output in node.output}
-    float32 = _float32_tensors(graph)
     for node in nodes:
         if not _is_cast_to(node, TensorProto.FLOAT):
             continue
@@ -234,17 +253,23 @@ def _tidy_mixed_precision(graph: onnx.GraphProto) -> None:
         node.input[0] = original
         del node.attribute[:]
 
-    graph_outputs = {output.name for output in graph.output}
-    while True:  # drop nodes whose outputs nobody reads, until none is left
+
+def _read_nodes(nodes: list[onnx.NodeProto], graph_outputs: set[str]) -> list[onnx.NodeProto]:
+    """The nodes left once those whose outputs nobody reads are dropped, repeatedly."""
+    while True:
         read = {name for node in nodes for name in node.input} | graph_outputs
         kept = [node for node in nodes if any(output in read for output in node.output)]
         if len(kept) == len(nodes):
-            break
+            return nodes
         nodes = kept
 
-    available = (
-        {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    )  # "": an omitted optional input
+
+def _topological_order(nodes: list[onnx.NodeProto], sources: set[str]) -> tuple[list[onnx.NodeProto], set[str]]:
+    """`nodes` in an order where each runs after what it reads, and every tensor name defined on the way.
+
+    `sources` are the graph's inputs and initializers; "" stands for an omitted optional input.
+    """
+    available = sources | {""}
     ordered: list[onnx.NodeProto] = []
     remaining = nodes
     while remaining:
@@ -256,12 +281,7 @@ def _tidy_mixed_precision(graph: onnx.GraphProto) -> None:
                 available.update(node.output)
                 ordered.append(node)
         remaining = [node for node, is_ready in zip(remaining, ready) if not is_ready]
-    ordered = [onnx.NodeProto.FromString(node.SerializeToString()) for node in ordered]  # detached from graph.node
-    kept_value_info = [v for v in graph.value_info if v.name in available]
-    del graph.node[:]
-    graph.node.extend(ordered)
-    del graph.value_info[:]
-    graph.value_info.extend(kept_value_info)
+    return ordered, available
 
 
 def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -529,13 +549,8 @@ def variant_paths(folder: Path, precision: str) -> dict[str, Path]:
 def main(args: argparse.Namespace) -> Path:
     checkpoint, detector, classifier = load_run(args.run)
     run_args = checkpoint["args"]
-    size = int(checkpoint["input_size"])
-    normalization = Normalization(*checkpoint["normalization"])
-    local_labels, global_labels = checkpoint["local_labels"], checkpoint["global_labels"]
-    thresholds_path = args.run / "thresholds.json"
-    if not thresholds_path.is_file():
-        raise SystemExit(f"error: {thresholds_path} is missing; the run did not finish")
-    thresholds = json.loads(thresholds_path.read_text())
+    spec = InputSpec(size=int(checkpoint["input_size"]), normalization=Normalization(*checkpoint["normalization"]))
+    thresholds = read_thresholds(args.run)
     evaluation_path = args.evaluation or (args.run / "evaluation_test.json")
     if args.evaluation is None and not evaluation_path.is_file():
         evaluation_path = None
@@ -543,44 +558,21 @@ def main(args: argparse.Namespace) -> Path:
     data_root = args.data or Path(run_args["data"])
     # Read the data the way the run did (layout and rater fusion are in its saved arguments).
     training_records = read_split(data_root, "train", run_args["layout"], fusion_from_args(run_args))
-    records = training_records[: args.parity_images]
-    spec = InputSpec(size=size, normalization=normalization)
-    images = load_tensors(records, spec, local_labels, global_labels, description="parity images").images
+    parity_records = training_records[: args.parity_images]
+    labels = {"detector": checkpoint["local_labels"], "classifier": checkpoint["global_labels"]}
+    images = load_tensors(
+        parity_records, spec, labels["detector"], labels["classifier"], description="parity images"
+    ).images
     precisions = PRECISIONS if args.fp16 else ("fp32",)
-
     name = args.name or args.out.name
-    metadata = {
-        "pack": name,
-        "version": args.version,
-        "input_size": str(size),
-        "normalization": json.dumps({"mean": normalization.mean, "std": normalization.std}),
-        "intended_use": INTENDED_USE,
-    }
-    labels = {"detector": local_labels, "classifier": global_labels}
-    outputs = {"detector": DETECTOR_OUTPUTS, "classifier": CLASSIFIER_OUTPUTS}
-    with tempfile.TemporaryDirectory() as scratch:
-        staging = Path(scratch)
-        fp32 = variant_paths(staging, "fp32")
-        for model, module in (("detector", detector), ("classifier", classifier)):
-            model_metadata = metadata | {"model": model, "labels": json.dumps(labels[model])}
-            export_onnx(module, size, outputs[model], fp32[model], model_metadata)
-            if "fp16" in precisions:
-                export_float16(fp32[model], variant_paths(staging, "fp16")[model], model_metadata)
-        parity = {
-            precision: check_variant(
-                detector, classifier, variant_paths(staging, precision), images, precision, args.parity_providers
-            )
-            for precision in precisions
-        }
-        args.out.mkdir(parents=True, exist_ok=True)
-        for precision in precisions:
-            for file in variant_paths(staging, precision).values():
-                shutil.move(str(file), args.out / file.name)
+
+    models = {"detector": detector, "classifier": classifier}
+    metadata = pack_metadata(name, args.version, spec)
+    parity = write_models(models, labels, metadata, spec.size, precisions, images, args.parity_providers, args.out)
     for extra in ("loss_curves.png", "thresholds.json", "run.json"):
         if (args.run / extra).exists():
             shutil.copy(args.run / extra, args.out / extra)
     evaluation = copy_evaluation(evaluation_path, args.out) if evaluation_path is not None else None
-    run_summary = json.loads((args.run / "run.json").read_text()) if (args.run / "run.json").is_file() else {}
 
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -588,52 +580,15 @@ def main(args: argparse.Namespace) -> Path:
         "version": args.version,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "intended_use": INTENDED_USE,
-        "intended_population": {
-            "modalities": ["CR", "DX"],
-            "body_part": "CHEST",
-            "views": ["PA", "AP"],
-            "max_age_years": 10,
-        },
+        "intended_population": INTENDED_POPULATION,
         "training_data": args.training_data
         or (f"{run_args['dataset']} layout at {data_root.name} ({len(training_records)} images in its train split)"),
         "label_set": run_args["dataset"],
-        "label_selection": label_selection(run_args, local_labels, global_labels, training_records),
-        "input": {
-            "name": INPUT_NAME,
-            "layout": "NCHW",
-            "channels": 1,
-            "size": size,
-            "normalization": {"mean": normalization.mean, "std": normalization.std},
-            "preprocessing": (
-                "modality LUT -> window (or min-max) -> MONOCHROME1 inverted -> top-left letterbox (PIL bilinear) "
-                "-> (x - mean) / std"
-            ),
-        },
+        "label_selection": label_selection(run_args, labels["detector"], labels["classifier"], training_records),
+        "input": input_entry(spec),
         "precisions": list(precisions),
-        "detector": model_entry(args.out, "detector", precisions)
-        | {
-            "backbone": run_args["detector_backbone"],
-            "outputs": list(DETECTOR_OUTPUTS),
-            "labels": local_labels,
-            "postprocess": asdict(POSTPROCESS),
-            # Findings are reported at these per-label operating points; evaluation uses all boxes.
-            "thresholds": thresholds["finding_thresholds"],
-        },
-        "classifier": model_entry(args.out, "classifier", precisions)
-        | {
-            "backbone": run_args["classifier_backbone"],
-            "outputs": list(CLASSIFIER_OUTPUTS),
-            "labels": global_labels,
-            "thresholds": thresholds["thresholds"],
-            "threshold_method": thresholds["method"],
-        },
-        "training": {
-            "epochs": checkpoint["epoch"] + 1,
-            "seed": run_args["seed"],
-            "train_images": run_summary.get("train_images"),
-            "validation_images": run_summary.get("val_images"),
-            "final_validation": checkpoint["log"][-1]["val"] if checkpoint["log"] else None,
-        },
+        **model_entries(args.out, checkpoint, thresholds, precisions),
+        "training": training_entry(checkpoint, args.run),
         "evaluation": evaluation,
         "export_parity": {
             "images": len(images),
@@ -648,6 +603,117 @@ def main(args: argparse.Namespace) -> Path:
     for precision in precisions:
         print(f"wrote {args.out} {precision}: parity {parity[precision]['providers']}")
     return args.out
+
+
+def read_thresholds(run: Path) -> dict:
+    """The run's thresholds.json (the operating points chosen on validation), which only a finished run has."""
+    path = run / "thresholds.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing; the run did not finish")
+    return json.loads(path.read_text())
+
+
+def pack_metadata(name: str, version: str, spec: InputSpec) -> dict[str, str]:
+    """What every ONNX file of the pack carries in its metadata_props (the model's own entries are added per file)."""
+    return {
+        "pack": name,
+        "version": version,
+        "input_size": str(spec.size),
+        "normalization": json.dumps({"mean": spec.normalization.mean, "std": spec.normalization.std}),
+        "intended_use": INTENDED_USE,
+    }
+
+
+def write_models(
+    models: dict[str, torch.nn.Module],
+    labels: dict[str, list[str]],
+    metadata: dict[str, str],
+    size: int,
+    precisions: Sequence[str],
+    images: np.ndarray,
+    parity_providers: Sequence[str],
+    out: Path,
+) -> dict[str, dict]:
+    """Export every variant into a scratch folder, check each against PyTorch, and only then move them into `out`.
+
+    Returns each precision's parity record; check_parity stops the export (SystemExit) before anything is moved.
+    """
+    outputs = {"detector": DETECTOR_OUTPUTS, "classifier": CLASSIFIER_OUTPUTS}
+    with tempfile.TemporaryDirectory() as scratch:
+        staging = Path(scratch)
+        fp32 = variant_paths(staging, "fp32")
+        for model, module in models.items():
+            model_metadata = metadata | {"model": model, "labels": json.dumps(labels[model])}
+            export_onnx(module, size, outputs[model], fp32[model], model_metadata)
+            if "fp16" in precisions:
+                export_float16(fp32[model], variant_paths(staging, "fp16")[model], model_metadata)
+        parity = {
+            precision: check_variant(
+                models["detector"],
+                models["classifier"],
+                variant_paths(staging, precision),
+                images,
+                precision,
+                parity_providers,
+            )
+            for precision in precisions
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        for precision in precisions:
+            for file in variant_paths(staging, precision).values():
+                shutil.move(str(file), out / file.name)
+    return parity
+
+
+def input_entry(spec: InputSpec) -> dict:
+    """The manifest's description of the model input and how an image becomes one."""
+    return {
+        "name": INPUT_NAME,
+        "layout": "NCHW",
+        "channels": 1,
+        "size": spec.size,
+        "normalization": {"mean": spec.normalization.mean, "std": spec.normalization.std},
+        "preprocessing": (
+            "modality LUT -> window (or min-max) -> MONOCHROME1 inverted -> top-left letterbox (PIL bilinear) "
+            "-> (x - mean) / std"
+        ),
+    }
+
+
+def model_entries(out: Path, checkpoint: dict, thresholds: dict, precisions: Sequence[str]) -> dict[str, dict]:
+    """The manifest's "detector" and "classifier": files, backbone, outputs, labels and operating points."""
+    run_args = checkpoint["args"]
+    return {
+        "detector": model_entry(out, "detector", precisions)
+        | {
+            "backbone": run_args["detector_backbone"],
+            "outputs": list(DETECTOR_OUTPUTS),
+            "labels": checkpoint["local_labels"],
+            "postprocess": asdict(POSTPROCESS),
+            # Findings are reported at these per-label operating points; evaluation uses all boxes.
+            "thresholds": thresholds["finding_thresholds"],
+        },
+        "classifier": model_entry(out, "classifier", precisions)
+        | {
+            "backbone": run_args["classifier_backbone"],
+            "outputs": list(CLASSIFIER_OUTPUTS),
+            "labels": checkpoint["global_labels"],
+            "thresholds": thresholds["thresholds"],
+            "threshold_method": thresholds["method"],
+        },
+    }
+
+
+def training_entry(checkpoint: dict, run: Path) -> dict:
+    """The manifest's summary of the training run: epochs, seed, split sizes, final validation metrics."""
+    run_summary = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    return {
+        "epochs": checkpoint["epoch"] + 1,
+        "seed": checkpoint["args"]["seed"],
+        "train_images": run_summary.get("train_images"),
+        "validation_images": run_summary.get("val_images"),
+        "final_validation": checkpoint["log"][-1]["val"] if checkpoint["log"] else None,
+    }
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import random
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -203,10 +204,107 @@ def main(args: argparse.Namespace) -> dict:
             distributed.stop()
 
 
+@dataclass
+class StartingPoint:
+    """What a run starts from besides random weights."""
+
+    checkpoint: dict | None  # this run's own checkpoint.pt (--resume): everything, optimiser and epoch included
+    initial: dict | None  # another run's checkpoint.pt (--init-from, fresh runs only): its weights and labels
+
+
+@dataclass
+class TrainingState:
+    """The models and the optimisation state every epoch advances, and checkpoint.pt saves."""
+
+    detector: Detector
+    classifier: Classifier
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    pos_weight: torch.Tensor
+    start_epoch: int = 0
+    log: list[dict] = field(default_factory=list)
+
+
 def train_on_rank(args: argparse.Namespace, context: DistContext, device: torch.device) -> dict:
     """The whole run as seen from one rank (the only rank for a plain single process)."""
     generator = seed_everything(args.seed, context.rank)
     args.out.mkdir(parents=True, exist_ok=True)
+    start = load_starting_point(args, context)
+    records = read_split(args.data, "train", args.layout, fusion_from_args(args))[: args.limit]
+    local_labels, global_labels = labels_to_train(records, args, start)
+    train_records, val_records = split_train_val(records, args.val_fraction, args.seed)
+    steps = steps_per_epoch(len(train_records), args.batch_size, context.world_size, args.max_steps)
+    announce_plan(context, args, device, len(train_records), len(val_records), local_labels, global_labels, steps)
+    spec = InputSpec(size=args.input_size, normalization=DEFAULT_NORMALIZATION)
+    train_data, val_data = load_splits(train_records, val_records, spec, local_labels, global_labels, args, context)
+    state = new_training_state(args, len(local_labels), len(global_labels), steps * args.epochs, train_data, device)
+    restore(state, start, generator, args, context)
+    # After loading: DDP starts every rank from rank 0's weights. The checkpoint keeps saving the
+    # unwrapped detector and classifier, so export, evaluate and --resume read it unchanged.
+    joint = JointModel(state.detector, state.classifier, every_parameter_in_graph=context.enabled)
+    model = distributed.wrap(joint, context, device)
+
+    normalization = (spec.normalization.mean, spec.normalization.std)
+    val_probabilities = val_detections = None
+    for epoch in range(state.start_epoch, args.epochs):
+        started = time.time()
+        train_stats = train_epoch_on_every_rank(
+            model, state, train_data, generator, epoch, normalization, args, context, device
+        )
+        if context.is_main:
+            val_metrics, val_probabilities, val_detections = evaluate(
+                state.detector, state.classifier, val_data, local_labels, global_labels, device
+            )
+            log_epoch(args.out, state, epoch, train_stats, val_metrics, started)
+            save_checkpoint(args, state, generator, epoch, local_labels, global_labels, normalization)
+        distributed.barrier(context)  # the other ranks wait while rank 0 validates and saves
+
+    # Every rank hashes its parameters: identical digests prove DDP kept the replicas in step.
+    digests = replica_digests(state, context)
+    summary: dict = {}
+    if context.is_main:
+        if val_probabilities is None:  # resumed a finished run: recompute validation outputs
+            _, val_probabilities, val_detections = evaluate(
+                state.detector, state.classifier, val_data, local_labels, global_labels, device
+            )
+        write_thresholds(
+            args.out / "thresholds.json", val_data, val_probabilities, val_detections, local_labels, global_labels
+        )
+        summary = write_run_summary(args, context, state.log, steps, digests, len(train_records), len(val_records))
+    distributed.barrier(context)
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"DDP replicas diverged: parameter digests per rank {digests} (see {args.out / 'run.json'})")
+    return summary
+
+
+def announce_plan(
+    context: DistContext,
+    args: argparse.Namespace,
+    device: torch.device,
+    train_images: int,
+    val_images: int,
+    local_labels: list[str],
+    global_labels: list[str],
+    steps: int,
+) -> None:
+    """What is about to be trained, on what, and (under torchrun) how the batch is shared out."""
+    announce(
+        context,
+        f"{train_images} training / {val_images} validation images; "
+        f"{len(local_labels)} local labels, {len(global_labels)} global labels; device {device}",
+    )
+    if context.enabled:
+        announce(
+            context,
+            f"DDP: {context.world_size} ranks ({context.backend}); batch {args.batch_size} per rank = "
+            f"effective batch {args.batch_size * context.world_size} (--lr not scaled); "
+            f"{steps} steps per epoch on each rank",
+        )
+
+
+def load_starting_point(args: argparse.Namespace, context: DistContext) -> StartingPoint:
+    """The checkpoints --resume and --init-from name; the settings they fix are written into `args`."""
     checkpoint_path = args.out / "checkpoint.pt"
     # Every rank loads the checkpoint itself: the same file gives every rank the same state.
     checkpoint = (
@@ -230,35 +328,36 @@ def train_on_rank(args: argparse.Namespace, context: DistContext, device: torch.
         # The weights dictate the architecture; seed and split stay this run's own.
         for key in ("input_size", "detector_backbone", "classifier_backbone", "fpn_channels"):
             setattr(args, key, initial["args"][key])
+    return StartingPoint(checkpoint, initial)
 
-    records = read_split(args.data, "train", args.layout, fusion_from_args(args))[: args.limit]
-    if checkpoint is not None:
-        local_labels, global_labels = checkpoint["local_labels"], checkpoint["global_labels"]
-    elif initial is not None:
-        local_labels, global_labels = initial["local_labels"], initial["global_labels"]
+
+def labels_to_train(
+    records: list[Record], args: argparse.Namespace, start: StartingPoint
+) -> tuple[list[str], list[str]]:
+    """(local, global) labels: those of the checkpoint started from, else chosen from the training records."""
+    if start.checkpoint is not None:
+        local_labels, global_labels = start.checkpoint["local_labels"], start.checkpoint["global_labels"]
+    elif start.initial is not None:
+        local_labels, global_labels = start.initial["local_labels"], start.initial["global_labels"]
     else:
-        local_labels = choose_labels(records, args.local_labels, "local", args.min_examples, LABEL_SETS[args.dataset])
-        global_labels = choose_labels(
-            records, args.global_labels, "global", args.min_examples, LABEL_SETS[args.dataset]
-        )
+        label_set = LABEL_SETS[args.dataset]
+        local_labels = choose_labels(records, args.local_labels, "local", args.min_examples, label_set)
+        global_labels = choose_labels(records, args.global_labels, "global", args.min_examples, label_set)
     if not local_labels or not global_labels:
         raise SystemExit("error: no local or no global label has enough examples; lower --min-examples or name labels")
-    train_records, val_records = split_train_val(records, args.val_fraction, args.seed)
-    announce(
-        context,
-        f"{len(train_records)} training / {len(val_records)} validation images; "
-        f"{len(local_labels)} local labels, {len(global_labels)} global labels; device {device}",
-    )
-    steps = steps_per_epoch(len(train_records), args.batch_size, context.world_size, args.max_steps)
-    if context.enabled:
-        announce(
-            context,
-            f"DDP: {context.world_size} ranks ({context.backend}); batch {args.batch_size} per rank = "
-            f"effective batch {args.batch_size * context.world_size} (--lr not scaled); "
-            f"{steps} steps per epoch on each rank",
-        )
+    return local_labels, global_labels
 
-    spec = InputSpec(size=args.input_size, normalization=DEFAULT_NORMALIZATION)
+
+def load_splits(
+    train_records: list[Record],
+    val_records: list[Record],
+    spec: InputSpec,
+    local_labels: list[str],
+    global_labels: list[str],
+    args: argparse.Namespace,
+    context: DistContext,
+) -> tuple[TensorSet, TensorSet | None]:
+    """The preprocessed training split, and the validation split on rank 0 (None on the other ranks)."""
     # Simple over clever: each rank decodes the whole training split (its shard changes every
     # epoch); only rank 0 validates, so only it decodes the validation split.
     with distributed.quiet_unless_main(context):
@@ -268,15 +367,23 @@ def train_on_rank(args: argparse.Namespace, context: DistContext, device: torch.
         if context.is_main
         else None
     )
+    return train_data, val_data
 
-    detector = Detector(len(local_labels), args.detector_backbone, args.fpn_channels, args.pretrained_backbone).to(
-        device
-    )
-    classifier = Classifier(len(global_labels), args.classifier_backbone, args.pretrained_backbone).to(device)
+
+def new_training_state(
+    args: argparse.Namespace,
+    local_count: int,
+    global_count: int,
+    total_steps: int,
+    train_data: TensorSet,
+    device: torch.device,
+) -> TrainingState:
+    """Freshly initialised models (from the global seed), AdamW, the warm-up + cosine schedule, loss weights."""
+    detector = Detector(local_count, args.detector_backbone, args.fpn_channels, args.pretrained_backbone).to(device)
+    classifier = Classifier(global_count, args.classifier_backbone, args.pretrained_backbone).to(device)
     optimizer = torch.optim.AdamW(
         list(detector.parameters()) + list(classifier.parameters()), lr=args.lr, weight_decay=args.weight_decay
     )
-    total_steps = steps * args.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, min(200, total_steps // 10 + 1))
     )
@@ -284,130 +391,158 @@ def train_on_rank(args: argparse.Namespace, context: DistContext, device: torch.
     # Rare diseases get a larger positive weight (capped) so the classifier does not ignore them.
     prevalence = train_data.image_labels.mean(axis=0).clip(1e-3, 1.0)
     pos_weight = torch.from_numpy(((1 - prevalence) / prevalence).clip(1.0, 10.0)).float().to(device)
+    return TrainingState(detector, classifier, optimizer, scheduler, scaler, pos_weight)
 
-    start_epoch, log = 0, []
-    if initial is not None:
-        detector.load_state_dict(initial["detector"])
-        classifier.load_state_dict(initial["classifier"])
-        announce(context, f"initialised from {args.init_from} (epoch {initial['epoch']} of that run)")
-    if checkpoint is not None:
-        detector.load_state_dict(checkpoint["detector"])
-        classifier.load_state_dict(checkpoint["classifier"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+
+def restore(
+    state: TrainingState,
+    start: StartingPoint,
+    generator: torch.Generator,
+    args: argparse.Namespace,
+    context: DistContext,
+) -> None:
+    """Load the starting point: --init-from's weights, or everything of --resume's checkpoint."""
+    if start.initial is not None:
+        state.detector.load_state_dict(start.initial["detector"])
+        state.classifier.load_state_dict(start.initial["classifier"])
+        announce(context, f"initialised from {args.init_from} (epoch {start.initial['epoch']} of that run)")
+    if start.checkpoint is not None:
+        checkpoint = start.checkpoint
+        state.detector.load_state_dict(checkpoint["detector"])
+        state.classifier.load_state_dict(checkpoint["classifier"])
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        state.scheduler.load_state_dict(checkpoint["scheduler"])
         generator.set_state(checkpoint["generator"])
-        start_epoch, log = checkpoint["epoch"] + 1, checkpoint["log"]
-        announce(context, f"resumed from {checkpoint_path} at epoch {start_epoch}")
-    # After loading: DDP starts every rank from rank 0's weights. The checkpoint keeps saving the
-    # unwrapped detector and classifier, so export, evaluate and --resume read it unchanged.
-    joint = JointModel(detector, classifier, every_parameter_in_graph=context.enabled)
-    model = distributed.wrap(joint, context, device)
+        state.start_epoch, state.log = checkpoint["epoch"] + 1, checkpoint["log"]
+        announce(context, f"resumed from {args.out / 'checkpoint.pt'} at epoch {state.start_epoch}")
 
-    normalization = (spec.normalization.mean, spec.normalization.std)
-    val_probabilities = val_detections = None
-    for epoch in range(start_epoch, args.epochs):
-        started = time.time()
-        train_stats = train_one_epoch(
-            model,
-            train_data,
-            optimizer,
-            scheduler,
-            pos_weight,
-            Augment(),
-            generator,
-            args.batch_size,
-            device,
-            epoch,
-            normalization,
-            args.max_steps,
-            scaler,
-            rank=context.rank,
-            world_size=context.world_size,
-            show_progress=context.is_main,
-        )
-        losses = distributed.mean_across_ranks({k: v for k, v in train_stats.items() if k != "steps"}, context, device)
-        train_stats = losses | {"steps": train_stats["steps"]}
-        if context.is_main:
-            val_metrics, val_probabilities, val_detections = evaluate(
-                detector, classifier, val_data, local_labels, global_labels, device
-            )
-            entry = {
-                "epoch": epoch,
-                "train": train_stats,
-                "val": val_metrics,
-                "seconds": round(time.time() - started, 1),
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            log.append(entry)
-            with (args.out / "log.jsonl").open("a") as handle:
-                handle.write(json.dumps(entry) + "\n")
-            print(
-                f"epoch {epoch}: loss {sum(v for k, v in train_stats.items() if k != 'steps'):.3f}  "
-                f"val mAP@0.4 {val_metrics['map40'] or 0:.3f}  val mean AUROC {val_metrics['mean_auroc'] or 0:.3f}  "
-                f"({entry['seconds']} s)"
-            )
-            torch.save(
-                {
-                    "detector": detector.state_dict(),
-                    "classifier": classifier.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "args": vars(args)
-                    | {
-                        "data": str(args.data),
-                        "out": str(args.out),
-                        "pretrained_backbone": str(args.pretrained_backbone),
-                        "init_from": str(args.init_from) if args.init_from else None,
-                    },
-                    "epoch": epoch,
-                    "log": log,
-                    "local_labels": local_labels,
-                    "global_labels": global_labels,
-                    "input_size": args.input_size,
-                    "normalization": normalization,
-                },
-                checkpoint_path,
-            )
-        distributed.barrier(context)  # the other ranks wait while rank 0 validates and saves
 
-    # Every rank hashes its parameters: identical digests prove DDP kept the replicas in step.
-    digests = (
-        distributed.gather_strings(distributed.parameter_digest([detector, classifier]), context)
-        if context.enabled
-        else []
+def train_epoch_on_every_rank(
+    model: torch.nn.Module,
+    state: TrainingState,
+    train_data: TensorSet,
+    generator: torch.Generator,
+    epoch: int,
+    normalization: tuple[float, float],
+    args: argparse.Namespace,
+    context: DistContext,
+    device: torch.device,
+) -> dict:
+    """One epoch on this rank's shard; the losses come back averaged over the ranks."""
+    train_stats = train_one_epoch(
+        model,
+        train_data,
+        state.optimizer,
+        state.scheduler,
+        state.pos_weight,
+        Augment(),
+        generator,
+        args.batch_size,
+        device,
+        epoch,
+        normalization,
+        args.max_steps,
+        state.scaler,
+        rank=context.rank,
+        world_size=context.world_size,
+        show_progress=context.is_main,
     )
-    summary: dict = {}
-    if context.is_main:
-        if val_probabilities is None:  # resumed a finished run: recompute validation outputs
-            _, val_probabilities, val_detections = evaluate(
-                detector, classifier, val_data, local_labels, global_labels, device
-            )
-        write_thresholds(
-            args.out / "thresholds.json", val_data, val_probabilities, val_detections, local_labels, global_labels
-        )
-        if log:
-            plot_curves(log, args.out / "loss_curves.png")
-        summary = {
-            "epochs": len(log),
-            "final_val": log[-1]["val"] if log else None,
-            "train_images": len(train_records),
-            "val_images": len(val_records),
+    losses = distributed.mean_across_ranks({k: v for k, v in train_stats.items() if k != "steps"}, context, device)
+    return losses | {"steps": train_stats["steps"]}
+
+
+def log_epoch(
+    out: Path, state: TrainingState, epoch: int, train_stats: dict, val_metrics: dict, started: float
+) -> None:
+    """One line of log.jsonl (kept in the checkpoint too) and one on the console."""
+    entry = {
+        "epoch": epoch,
+        "train": train_stats,
+        "val": val_metrics,
+        "seconds": round(time.time() - started, 1),
+        "lr": state.optimizer.param_groups[0]["lr"],
+    }
+    state.log.append(entry)
+    with (out / "log.jsonl").open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    print(
+        f"epoch {epoch}: loss {sum(v for k, v in train_stats.items() if k != 'steps'):.3f}  "
+        f"val mAP@0.4 {val_metrics['map40'] or 0:.3f}  val mean AUROC {val_metrics['mean_auroc'] or 0:.3f}  "
+        f"({entry['seconds']} s)"
+    )
+
+
+def save_checkpoint(
+    args: argparse.Namespace,
+    state: TrainingState,
+    generator: torch.Generator,
+    epoch: int,
+    local_labels: list[str],
+    global_labels: list[str],
+    normalization: tuple[float, float],
+) -> None:
+    """checkpoint.pt: the unwrapped models, the optimisation state and everything export and --resume read."""
+    torch.save(
+        {
+            "detector": state.detector.state_dict(),
+            "classifier": state.classifier.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "generator": generator.get_state(),
+            "args": vars(args)
+            | {
+                "data": str(args.data),
+                "out": str(args.out),
+                "pretrained_backbone": str(args.pretrained_backbone),
+                "init_from": str(args.init_from) if args.init_from else None,
+            },
+            "epoch": epoch,
+            "log": state.log,
+            "local_labels": local_labels,
+            "global_labels": global_labels,
+            "input_size": args.input_size,
+            "normalization": normalization,
+        },
+        args.out / "checkpoint.pt",
+    )
+
+
+def replica_digests(state: TrainingState, context: DistContext) -> list[str]:
+    """Every rank's parameter digest, gathered on every rank (empty without torchrun)."""
+    if not context.enabled:
+        return []
+    return distributed.gather_strings(distributed.parameter_digest([state.detector, state.classifier]), context)
+
+
+def write_run_summary(
+    args: argparse.Namespace,
+    context: DistContext,
+    log: list[dict],
+    steps: int,
+    digests: list[str],
+    train_images: int,
+    val_images: int,
+) -> dict:
+    """loss_curves.png and run.json (epochs, final validation, split sizes, the DDP layout); returns the summary."""
+    if log:
+        plot_curves(log, args.out / "loss_curves.png")
+    summary: dict = {
+        "epochs": len(log),
+        "final_val": log[-1]["val"] if log else None,
+        "train_images": train_images,
+        "val_images": val_images,
+    }
+    if context.enabled:
+        summary["distributed"] = {
+            "world_size": context.world_size,
+            "backend": context.backend,
+            "batch_size_per_rank": args.batch_size,
+            "effective_batch_size": args.batch_size * context.world_size,
+            "steps_per_epoch_per_rank": steps,
+            "parameter_sha256_per_rank": digests,
         }
-        if context.enabled:
-            summary["distributed"] = {
-                "world_size": context.world_size,
-                "backend": context.backend,
-                "batch_size_per_rank": args.batch_size,
-                "effective_batch_size": args.batch_size * context.world_size,
-                "steps_per_epoch_per_rank": steps,
-                "parameter_sha256_per_rank": digests,
-            }
-        (args.out / "run.json").write_text(json.dumps(summary, indent=2))
-        print(f"done: {args.out / 'checkpoint.pt'}")
-    distributed.barrier(context)
-    if len(set(digests)) > 1:
-        raise RuntimeError(f"DDP replicas diverged: parameter digests per rank {digests} (see {args.out / 'run.json'})")
+    (args.out / "run.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: {args.out / 'checkpoint.pt'}")
     return summary
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -84,9 +85,33 @@ def document_api_keys(app: FastAPI, settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    app = FastAPI(
+        title="Pediatric chest X-ray inference API",
+        version="0.1.0",
+        description="POST a chest radiograph as DICOM; get findings (boxes in the image's own pixel space) and "
+        "disease probabilities. Research use only: not for diagnostic use.",
+        lifespan=serving_lifespan(settings),
+    )
+    app.state.metrics = ServiceMetrics()
+    app.state.serving = ServingState(metrics=app.state.metrics)
+    app.state.settings = settings
+    # Built here, not per request, so a wrong digest or a missing keys file stops startup instead of every call.
+    keys = KeyRing(settings.api_key_sha256s, settings.api_keys_file) if settings.auth_enabled else None
+    if keys is not None:
+        document_api_keys(app, settings)
+    for router in (health.router, predict.router, studies.router, metrics.router):
+        app.include_router(router)
+    add_middleware(app, settings, keys)
+    for error, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(error, handler)
+    return app
+
+
+def serving_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Load the pack (or connect to the shared inference server) at startup; stop the batcher and decoders at exit."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Process-wide, so here rather than in create_app: building an app (as tests do) changes nothing.
         if keep_freed_memory(settings.malloc_keep_mb):
             log.info(
@@ -106,25 +131,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if state.decoder is not None:
             state.decoder.close()
 
-    app = FastAPI(
-        title="Pediatric chest X-ray inference API",
-        version="0.1.0",
-        description="POST a chest radiograph as DICOM; get findings (boxes in the image's own pixel space) and "
-        "disease probabilities. Research use only: not for diagnostic use.",
-        lifespan=lifespan,
-    )
-    app.state.metrics = ServiceMetrics()
-    app.state.serving = ServingState(metrics=app.state.metrics)
-    app.state.settings = settings
-    # Built here, not per request, so a wrong digest or a missing keys file stops startup instead of every call.
-    keys = KeyRing(settings.api_key_sha256s, settings.api_keys_file) if settings.auth_enabled else None
-    if keys is not None:
-        document_api_keys(app, settings)
-    app.include_router(health.router)
-    app.include_router(predict.router)
-    app.include_router(studies.router)
-    app.include_router(metrics.router)
+    return lifespan
 
+
+def add_middleware(app: FastAPI, settings: Settings, keys: KeyRing | None) -> None:
+    """The request context (ids, security headers, API keys, access log) and, when configured, CORS outside it."""
     # Outermost but CORS: ids, headers and key checks apply to every path, error responses included.
     app.add_middleware(
         RequestContext,
@@ -132,7 +143,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         requires_key=lambda path: requires_key(path, settings),
         security_headers=lambda path: security_headers(path, settings),
     )
-
     if settings.cors_allow_origins:
         # Added last, so outermost: a preflight carries no key and is answered here, before authentication.
         app.add_middleware(
@@ -143,30 +153,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID"],
         )
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        app.state.metrics.observe_error(exc.code, exc.status_code)
-        return error_response(exc.status_code, exc.code, exc.message, _request_id(request), exc.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return error_response(422, "invalid_request", problems, _request_id(request))
+async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+    request.app.state.metrics.observe_error(exc.code, exc.status_code)
+    return error_response(exc.status_code, exc.code, exc.message, _request_id(request), exc.headers)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(
-            exc.status_code, code, str(exc.detail), _request_id(request), getattr(exc, "headers", None)
-        )
 
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        # A 500 is a bug in this service: log the type and stack (no request content) under the request id.
-        log.error("unhandled %s request_id=%s", type(exc).__name__, _request_id(request), exc_info=exc)
-        app.state.metrics.observe_error("internal_error", 500)
-        return error_response(
-            500, "internal_error", "An internal error occurred; report the request id.", _request_id(request)
-        )
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return error_response(422, "invalid_request", problems, _request_id(request))
 
-    return app
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), _request_id(request), getattr(exc, "headers", None))
+
+
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # A 500 is a bug in this service: log the type and stack (no request content) under the request id.
+    log.error("unhandled %s request_id=%s", type(exc).__name__, _request_id(request), exc_info=exc)
+    request.app.state.metrics.observe_error("internal_error", 500)
+    return error_response(
+        500, "internal_error", "An internal error occurred; report the request id.", _request_id(request)
+    )
+
+
+# Every error answer has the same JSON shape (service.api.request_context.error_response).
+ERROR_HANDLERS = {
+    ApiError: api_error,
+    RequestValidationError: validation_error,
+    StarletteHTTPException: http_error,
+    Exception: unexpected_error,
+}

@@ -48,28 +48,7 @@ def build_gsps(
     model = result.get("model") or {}
     findings, diseases = result.get("findings") or [], result.get("diseases") or []
 
-    layers, annotations = [], []
-    if findings:
-        layer = GraphicLayer(FINDINGS_LAYER, order=1, description=f"AI findings - {DISCLAIMER}")
-        layers.append(layer)
-        annotations.append(
-            GraphicAnnotation(
-                referenced_images=[header],
-                graphic_layer=layer,
-                graphic_objects=[
-                    GraphicObject(GraphicTypeValues.POLYLINE, box_polygon(f["box"]), AnnotationUnitsValues.PIXEL)
-                    for f in findings
-                ],
-                text_objects=[_box_caption(f, header) for f in findings],
-            )
-        )
-    # The summary layer always exists: it carries the disclaimer even when nothing was found.
-    summary = GraphicLayer(SUMMARY_LAYER, order=2, description="AI disease probabilities")
-    layers.append(summary)
-    lines = [DISCLAIMER] + [disease_text(d) for d in diseases]
-    annotations.append(
-        GraphicAnnotation(referenced_images=[header], graphic_layer=summary, text_objects=_summary_lines(lines))
-    )
+    layers, annotations = _layers(header, findings, diseases)
 
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=[header],
@@ -102,6 +81,36 @@ def build_gsps(
     else:
         gsps.Laterality = ""
     return gsps
+
+
+def _layers(
+    header: pydicom.Dataset, findings: list[dict], diseases: list[dict]
+) -> tuple[list[GraphicLayer], list[GraphicAnnotation]]:
+    """The findings layer (boxes and captions, when there are findings) and the summary layer (always)."""
+    layers: list[GraphicLayer] = []
+    annotations: list[GraphicAnnotation] = []
+    if findings:
+        layer = GraphicLayer(FINDINGS_LAYER, order=1, description=f"AI findings - {DISCLAIMER}")
+        layers.append(layer)
+        annotations.append(
+            GraphicAnnotation(
+                referenced_images=[header],
+                graphic_layer=layer,
+                graphic_objects=[
+                    GraphicObject(GraphicTypeValues.POLYLINE, box_polygon(f["box"]), AnnotationUnitsValues.PIXEL)
+                    for f in findings
+                ],
+                text_objects=[_box_caption(f, header) for f in findings],
+            )
+        )
+    # The summary layer always exists: it carries the disclaimer even when nothing was found.
+    summary = GraphicLayer(SUMMARY_LAYER, order=2, description="AI disease probabilities")
+    layers.append(summary)
+    lines = [DISCLAIMER] + [disease_text(d) for d in diseases]
+    annotations.append(
+        GraphicAnnotation(referenced_images=[header], graphic_layer=summary, text_objects=_summary_lines(lines))
+    )
+    return layers, annotations
 
 
 def _min_max_window(header: pydicom.Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:

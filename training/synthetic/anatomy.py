@@ -248,54 +248,85 @@ def tone(att: np.ndarray, g: Geometry) -> np.ndarray:
 
 
 def render_anatomy(cv: Canvas) -> None:
-    """Sum the normal anatomy into cv.att (attenuation: ~1 = full soft-tissue thickness)."""
-    g, rng, px, py = cv.g, cv.rng, cv.px, cv.py
-    var = cv.difficulty.anatomy_variability
-    e = g.edge
-    ax = np.abs(px)
+    """Sum the normal anatomy into cv.att (attenuation: ~1 = full soft-tissue thickness).
 
-    # Soft-tissue envelope: neck, shoulders, chest wall, abdomen; thinner at the edges.
+    Each step adds its structure to cv.att in place, in this order (the random draws and the float sums
+    depend on it); the lungs and heart step also fills cv.lung, cv.air and cv.heart for the findings.
+    """
+    body = _soft_tissue(cv)
+    _arms_and_shoulders(cv, body)
+    _lungs_and_heart(cv)
+    _hila(cv)
+    _airways(cv)
+    _spine(cv, body)
+    lungs = np.maximum(cv.lung[-1], cv.lung[1])
+    _ribs(cv, lungs)
+    _clavicles(cv)
+    _abdominal_gas(cv, body)
+    _vascular_markings(cv, lungs)
+    _exposure_gradient(cv)
+
+
+def _soft_tissue(cv: Canvas) -> np.ndarray:
+    """Soft-tissue envelope: neck, shoulders, chest wall, abdomen; thinner at the edges. Starts cv.att; returns
+    the body mask."""
+    g, px, py = cv.g, cv.px, cv.py
     half = (0.36 + 0.9 * step(py + 0.14, 0.24) - 0.16 * step(py - 0.28, 0.45)).astype(np.float32)
-    body = step((half - ax) * g.sx, 3 * e)
+    body = step((half - np.abs(px)) * g.sx, 3 * g.edge)
     thick = np.sqrt(np.clip(1.0 - (px / (half + 0.04)) ** 2, 0.0, 1.0))
-    att = body * (0.45 + 0.55 * thick)
+    cv.att = body * (0.45 + 0.55 * thick)
+    return body
 
-    # Arms (up or down, a thin air gap from the chest wall), humeral heads, scapulae.
+
+def _arms_and_shoulders(cv: Canvas, body: np.ndarray) -> None:
+    """Arms (up or down, a thin air gap from the chest wall), humeral heads, scapulae."""
+    g, px, py, e = cv.g, cv.px, cv.py, cv.g.edge
     for side in (-1, 1):
         shoulder = (side * 1.2, -0.05)
         hand = (side * 2.2, -2.5) if g.arms_up else (side * 1.5, 4.0)
         arm = _line_band(px, py, g, shoulder, hand, 0.11 * g.sx)
-        att += 0.55 * arm * (1.0 - body)
-        att += 0.22 * _line_band(px, py, g, shoulder, hand, 0.035 * g.sx)
+        cv.att += 0.55 * arm * (1.0 - body)
+        cv.att += 0.22 * _line_band(px, py, g, shoulder, hand, 0.035 * g.sx)
         d = np.sqrt(((px - side * 1.2) * g.sx) ** 2 + ((py + 0.06) * g.sy) ** 2)
-        att += 0.15 * step(0.13 * g.sx - d, 3 * e)
+        cv.att += 0.15 * step(0.13 * g.sx - d, 3 * e)
         d = np.sqrt(((px - side * 0.98) * (1 / 0.2)) ** 2 + ((py - 0.2) * (1 / 0.32)) ** 2)
-        att += 0.05 * step((1.0 - d) * g.sx, 4 * e) * body
+        cv.att += 0.05 * step((1.0 - d) * g.sx, 4 * e) * body
 
-    # Lungs subtract air; the heart covers the medial lower lung (and sits on the diaphragm,
-    # where it merges with the equally dense liver).
+
+def _lungs_and_heart(cv: Canvas) -> None:
+    """Lungs subtract air; the heart covers the medial lower lung (and sits on the diaphragm, where it merges
+    with the equally dense liver)."""
+    g, px, py = cv.g, cv.px, cv.py
     heart = _heart(g, px, py)
     cv.heart = heart
-    mottle = smooth_noise(rng, g.h, g.w, g.h / 28.0)
+    mottle = smooth_noise(cv.rng, g.h, g.w, g.h / 28.0)
     clutter = 1.0 + 0.05 * cv.difficulty.texture * mottle
     for side in (-1, 1):
         mask, profile, _ = _lung(g, px, py, side)
         cv.lung[side] = mask
         air = g.air * mask * profile * clutter
         cv.air[side] = air
-        att -= air * (1.0 - 0.85 * heart)
+        cv.att -= air * (1.0 - 0.85 * heart)
 
-    # Hila and the aortic knob.
+
+def _hila(cv: Canvas) -> None:
+    """Hila and the aortic knob."""
+    g, px, py = cv.g, cv.px, cv.py
     for side in (-1, 1):
         hx, hy = g.hilum[side]
         d2 = ((px - hx) * (1 / 0.08)) ** 2 + ((py - hy) * (1 / 0.06)) ** 2
-        att += 0.12 * np.exp(-d2)
+        cv.att += 0.12 * np.exp(-d2)
     d2 = ((px - 0.13) * (1 / 0.06)) ** 2 + ((py - 0.3) * (1 / 0.04)) ** 2
-    att += 0.06 * np.exp(-d2)
+    cv.att += 0.06 * np.exp(-d2)
 
-    # Trachea and main bronchi (air).
-    # Union (max) of the bands, so segment end caps do not overlap into dark blobs; the bronchi
-    # fade where they enter the equally lucent lung.
+
+def _airways(cv: Canvas) -> None:
+    """Trachea and main bronchi (air).
+
+    Union (max) of the bands, so segment end caps do not overlap into dark blobs; the bronchi fade where they
+    enter the equally lucent lung.
+    """
+    g, px, py = cv.g, cv.px, cv.py
     carina = (0.01, 0.42)
     taper = 0.45 + 0.55 * step(carina[1] - 0.05 - py, 0.1)
     airway = 0.3 * taper * _line_band(px, py, g, (0.0, -0.8), carina, 0.02 * g.sx / 0.35)
@@ -303,53 +334,67 @@ def render_anatomy(cv: Canvas) -> None:
     for side in (-1, 1):
         bronchus = _line_band(px, py, g, (carina[0], carina[1] - 0.02), (side * 0.13, 0.48), 0.013 * g.sx / 0.35)
         airway = np.maximum(airway, 0.13 * bronchus * (1.0 - 0.8 * lungs_now))
-    att -= airway
+    cv.att -= airway
 
-    # Spine: vertebral bodies, disc spaces, pedicles.
+
+def _spine(cv: Canvas, body: np.ndarray) -> None:
+    """Spine: vertebral bodies, disc spaces, pedicles."""
+    g, py, ax = cv.g, cv.py, np.abs(cv.px)
     period = 0.082
     phase = (py * (1.0 / period)) % 1.0
-    column = step((0.11 - ax) * g.sx, 2 * e) * body
+    column = step((0.11 - ax) * g.sx, 2 * g.edge) * body
     body_v = 0.75 + 0.25 * step(0.36 - np.abs(phase - 0.5), 0.12)
     pedicle = np.exp(-(((ax - 0.08) * (1 / 0.02)) ** 2) - ((phase - 0.5) * (1 / 0.2)) ** 2)
-    att += (0.09 * body_v + 0.05 * pedicle) * column
+    cv.att += (0.09 * body_v + 0.05 * pedicle) * column
 
-    # Posterior ribs: one closed-form family of arched bands; spacing grows downwards.
-    # They show best over the lungs and fade over the dense mediastinum / abdomen.
-    lungs = np.maximum(cv.lung[-1], cv.lung[1])
-    t = ax * (1.0 / 1.0)
+
+def _ribs(cv: Canvas, lungs: np.ndarray) -> None:
+    """Posterior ribs: one closed-form family of arched bands, spacing growing downwards; they show best over
+    the lungs and fade over the dense mediastinum / abdomen. Then the faint anterior ribs."""
+    g, py = cv.g, cv.py
+    t = np.abs(cv.px) * (1.0 / 1.0)
     s = py + g.rib_a * t - g.rib_b * t**2.6
     disc = g.rib_d**2 + 4 * g.rib_e * np.maximum(s - g.rib_y0, -(g.rib_d**2) / (4 * g.rib_e))
     r = (np.sqrt(np.maximum(disc, 0.0)) - g.rib_d) * (1.0 / (2 * g.rib_e))
     f = r - np.floor(r)
     dist = np.abs(f - 0.5 * g.rib_w)
     spacing = (g.rib_d + 2 * g.rib_e * r) * g.sy  # width units per rib index
-    band = step((0.5 * g.rib_w - dist) * spacing, 1.2 * e)
+    band = step((0.5 * g.rib_w - dist) * spacing, 1.2 * g.edge)
     cortex = 0.65 + 0.35 * (dist * (2.0 / g.rib_w)) ** 2
     region = step(1.08 - t, 0.06) * step(t - 0.05, 0.08) * step(r, 0.2) * step(10.3 - r, 0.4)
-    att += 0.09 * band * cortex * region * (0.3 + 0.7 * lungs * (1.0 - 0.6 * heart))
+    cv.att += 0.09 * band * cortex * region * (0.3 + 0.7 * lungs * (1.0 - 0.6 * cv.heart))
     # Anterior ribs: faint, descending medially; costal cartilage invisible near the sternum.
     s2 = py - 0.3 * (1.0 - t)
     r2 = (s2 - 0.02) * (1.0 / 0.115)
     f2 = r2 - np.floor(r2)
     band2 = step(0.16 - np.abs(f2 - 0.17), 0.08)
     region2 = step(t - 0.35, 0.15) * step(1.0 - t, 0.06) * step(r2, 0.2) * step(6.0 - r2, 0.3)
-    att += 0.04 * band2 * region2 * lungs
+    cv.att += 0.04 * band2 * region2 * lungs
 
-    # Clavicles: S-shaped bands from the sternum up towards the shoulders.
+
+def _clavicles(cv: Canvas) -> None:
+    """Clavicles: S-shaped bands from the sternum up towards the shoulders."""
+    g, py, ax = cv.g, cv.py, np.abs(cv.px)
     tc = np.clip((ax - 0.1) * (1.0 / 1.1), 0.0, 1.0)
     yc = 0.0 - 0.1 * tc + 0.025 * np.sin(2 * math.pi * tc)
-    clav = step((0.026 - np.abs(py - yc)) * g.sy, 1.5 * e) * step(ax - 0.1, 0.05) * step(1.2 - ax, 0.06)
-    att += 0.2 * clav * (0.8 + 0.2 * np.abs(py - yc) * (1 / 0.026))
+    clav = step((0.026 - np.abs(py - yc)) * g.sy, 1.5 * g.edge) * step(ax - 0.1, 0.05) * step(1.2 - ax, 0.06)
+    cv.att += 0.2 * clav * (0.8 + 0.2 * np.abs(py - yc) * (1 / 0.026))
 
-    abdomen = step((py - g.base[1] - 0.12) * g.sy, 8 * e) * body * step(1.0 - ax, 0.15)
-    # Stomach bubble under the left hemidiaphragm, bowel gas lower down.
+
+def _abdominal_gas(cv: Canvas, body: np.ndarray) -> None:
+    """Stomach bubble under the left hemidiaphragm, bowel gas lower down."""
+    g, rng, px, py, e = cv.g, cv.rng, cv.px, cv.py, cv.g.edge
+    abdomen = step((py - g.base[1] - 0.12) * g.sy, 8 * e) * body * step(1.0 - np.abs(px), 0.15)
     if rng.random() < 0.7:
         d = np.sqrt(((px - 0.5 - 0.12 * rng.random()) * (1 / 0.13)) ** 2 + ((py - g.base[1] - 0.1) * (1 / 0.045)) ** 2)
-        att -= 0.22 * step((1.0 - d) * 0.05 * g.sy, 3 * e)
+        cv.att -= 0.22 * step((1.0 - d) * 0.05 * g.sy, 3 * e)
     gas = np.clip(smooth_noise(rng, g.h, g.w, g.h / 30.0) - 1.5, 0.0, 0.6)
-    att -= 0.2 * gas * abdomen * step(py - g.base[1] - 0.3, 0.15)
+    cv.att -= 0.2 * gas * abdomen * step(py - g.base[1] - 0.3, 0.15)
 
-    # Vascular markings: branching trees from each hilum, fading to the periphery.
+
+def _vascular_markings(cv: Canvas, lungs: np.ndarray) -> None:
+    """Vascular markings: branching trees from each hilum, fading to the periphery."""
+    g, rng = cv.g, cv.rng
     img = Image.new("L", (g.w, g.h), 0)
     draw = ImageDraw.Draw(img)
     lwp = g.lung_width_px()
@@ -372,11 +417,13 @@ def render_anatomy(cv: Canvas) -> None:
                 230,
             )
     vessels = np.asarray(img.filter(ImageFilter.GaussianBlur(1.1)), dtype=np.float32) * (1 / 255.0)
-    att += 0.13 * cv.difficulty.texture * vessels * lungs
+    cv.att += 0.13 * cv.difficulty.texture * vessels * lungs
 
-    # Smooth exposure gradient (heel effect, scatter).
+
+def _exposure_gradient(cv: Canvas) -> None:
+    """Smooth exposure gradient (heel effect, scatter)."""
+    g, rng, var = cv.g, cv.rng, cv.difficulty.anatomy_variability
     yy = np.linspace(-0.5, 0.5, g.h, dtype=np.float32)[:, None]
     xx = np.linspace(-0.5, 0.5, g.w, dtype=np.float32)[None, :]
-    att += float(rng.normal(0, 0.05 * var)) * xx + float(rng.normal(0, 0.05 * var)) * yy
-    att += 0.02 * var * smooth_noise(rng, g.h, g.w, g.h / 3.0)
-    cv.att = att
+    cv.att += float(rng.normal(0, 0.05 * var)) * xx + float(rng.normal(0, 0.05 * var)) * yy
+    cv.att += 0.02 * var * smooth_noise(rng, g.h, g.w, g.h / 3.0)

@@ -67,7 +67,7 @@ def generate_dataset(
     transfer_syntax: str | None = None,
     workers: int = 1,
 ) -> None:
-    """Write a VinDr-PCXR-layout phantom dataset under `out` (see the module docstring)."""
+    """Write a VinDr-PCXR-layout phantom dataset under `out` (see README.md, "Layout")."""
     out = Path(out)
     resolve_difficulty(difficulty)
     if transfer_syntax is not None:
@@ -80,6 +80,21 @@ def generate_dataset(
         for i in range(n)
     ]
     start = time.perf_counter()
+    results = _make_images(jobs, workers)
+    per_label: Counter[str] = Counter()
+    for split in ("train", "test"):
+        per_label += _write_csvs(out, split, [result for result in results if result[0] == split])
+    elapsed = time.perf_counter() - start
+    counts = ", ".join(f"{name}={per_label[name]}" for name in SYNTHETIC_LOCAL)
+    rate = len(results) / max(elapsed, 1e-9)
+    print(
+        f"synthetic: wrote {len(results)} images (train {n_train}, test {n_test}) to {out} in "
+        f"{elapsed:.1f} s ({rate:.1f} img/s); images per finding: {counts}"
+    )
+
+
+def _make_images(jobs: list[tuple], workers: int) -> list[tuple]:
+    """Every image's (split, image_id, rad_id, findings, labels), in job order, with a progress bar."""
     results: list[tuple] = []
     with tqdm(total=len(jobs), desc="phantoms", unit="img", disable=None) as bar:
         if workers > 1:
@@ -91,40 +106,35 @@ def generate_dataset(
             for job in jobs:
                 results.append(_make_image(job))
                 bar.update()
+    return results
 
+
+def _write_csvs(out: Path, split: str, results: list[tuple]) -> Counter[str]:
+    """annotations_<split>.csv and image_labels_<split>.csv; returns how many images have each local label."""
     per_label: Counter[str] = Counter()
-    for split in ("train", "test"):
-        with (
-            (out / f"annotations_{split}.csv").open("w", newline="") as fa,
-            (out / f"image_labels_{split}.csv").open("w", newline="") as fl,
-        ):
-            ann, lab = csv.writer(fa), csv.writer(fl)
-            ann.writerow(ANNOTATION_HEADER)
-            lab.writerow(IMAGE_LABEL_HEADER)
-            for res_split, image_id, rad_id, findings, labels in results:
-                if res_split != split:
-                    continue
-                for f in findings:
-                    ann.writerow(
-                        [
-                            image_id,
-                            rad_id,
-                            f.label,
-                            _fmt(f.x_min),
-                            _fmt(f.y_min),
-                            _fmt(f.x_max),
-                            _fmt(f.y_max),
-                            VINDR_PCXR.by_name(f.label).id,
-                        ]
-                    )
-                if not findings:
-                    ann.writerow([image_id, rad_id, NO_FINDING, "", "", "", "", VINDR_PCXR.by_name(NO_FINDING).id])
-                lab.writerow([image_id, rad_id] + [labels[name] for name in IMAGE_LABEL_HEADER[2:]])
-                per_label.update({f.label for f in findings})
-    elapsed = time.perf_counter() - start
-    counts = ", ".join(f"{name}={per_label[name]}" for name in SYNTHETIC_LOCAL)
-    rate = len(results) / max(elapsed, 1e-9)
-    print(
-        f"synthetic: wrote {len(results)} images (train {n_train}, test {n_test}) to {out} in "
-        f"{elapsed:.1f} s ({rate:.1f} img/s); images per finding: {counts}"
-    )
+    with (
+        (out / f"annotations_{split}.csv").open("w", newline="") as fa,
+        (out / f"image_labels_{split}.csv").open("w", newline="") as fl,
+    ):
+        ann, lab = csv.writer(fa), csv.writer(fl)
+        ann.writerow(ANNOTATION_HEADER)
+        lab.writerow(IMAGE_LABEL_HEADER)
+        for _, image_id, rad_id, findings, labels in results:
+            for f in findings:
+                ann.writerow(
+                    [
+                        image_id,
+                        rad_id,
+                        f.label,
+                        _fmt(f.x_min),
+                        _fmt(f.y_min),
+                        _fmt(f.x_max),
+                        _fmt(f.y_max),
+                        VINDR_PCXR.by_name(f.label).id,
+                    ]
+                )
+            if not findings:
+                ann.writerow([image_id, rad_id, NO_FINDING, "", "", "", "", VINDR_PCXR.by_name(NO_FINDING).id])
+            lab.writerow([image_id, rad_id, *(labels[name] for name in IMAGE_LABEL_HEADER[2:])])
+            per_label.update({f.label for f in findings})
+    return per_label

@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from training.synthetic.difficulty import Difficulty, resolve_difficulty
-from training.synthetic.encoding import choose_encoding, encode_dataset, encode_pixels
+from training.synthetic.encoding import PixelEncoding, choose_encoding, encode_dataset, encode_pixels
 from training.synthetic.phantom import PhantomCase, render_case
 
 DISCLAIMER = "SYNTHETIC PHANTOM - NOT CLINICAL DATA"
@@ -44,7 +44,7 @@ def synthesize_instance(
     enc = choose_encoding(enc_rng, transfer_syntax, photometric, bits_stored, signed, windowed)
     arr, center, width = encode_pixels(case.density, enc, enc_rng)
 
-    rng = np.random.default_rng(meta_ss)
+    # The UIDs derive from everything that shapes the image, so the same call always gives the same instance.
     key = [
         "vindr-pcxr-phantom",
         str(seed),
@@ -53,25 +53,26 @@ def synthesize_instance(
         repr(None if findings is None else list(findings)),
         repr(enc),
     ]
+    ds = _header(np.random.default_rng(meta_ss), key, case)
+    _set_pixels(ds, arr, enc, center, width)
+    encode_dataset(ds, enc.transfer_syntax)
+    return ds, case
+
+
+def _header(rng: np.random.Generator, key: list[str], case: PhantomCase) -> Dataset:
+    """File meta and every attribute but the pixels: a DX (60%) or CR chest image of a de-identified phantom."""
     study_uid = generate_uid(entropy_srcs=[*key, "study"])
     series_uid = generate_uid(entropy_srcs=[*key, "series"])
     sop_uid = generate_uid(entropy_srcs=[*key, "instance"])
     is_dx = bool(rng.random() < 0.6)
     sop_class = DX_SOP_CLASS if is_dx else CR_SOP_CLASS
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = _file_meta(sop_class, sop_uid)
 
     day = np.datetime64("2020-01-01") + int(rng.integers(0, 731))
     date = str(day).replace("-", "")
     clock = "".join(f"{int(v):02d}" for v in (rng.integers(7, 19), *rng.integers(0, 60, 2)))
     spacing = round(float(rng.uniform(0.1, 0.2)), 3)
-    years = case.age_months / 12.0
     number = int(rng.integers(0, 10000))
 
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -88,15 +89,7 @@ def synthesize_instance(
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "CHEST PA (phantom)"
     ds.SeriesDescription = DISCLAIMER
-    ds.PatientName = f"PHANTOM^{number:04d}"
-    ds.PatientID = f"PHANTOM-{number:04d}"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = case.sex
-    ds.PatientAge = _age_string(case.age_months)
-    ds.PatientSize = f"{(50.0 + 25.0 * years**0.6) / 100.0:.2f}"
-    ds.PatientWeight = f"{3.5 + 2.3 * years**0.9:.1f}"
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "Synthetic phantom: no patient data"  # required when PatientIdentityRemoved is YES
+    _set_patient(ds, case, number)
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA" if rng.random() < 0.7 else "AP"
     ds.StudyInstanceUID = study_uid
@@ -111,6 +104,34 @@ def synthesize_instance(
     if is_dx:
         ds.ImagerPixelSpacing = [spacing, spacing]
     ds.LossyImageCompression = "00"
+    return ds
+
+
+def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return meta
+
+
+def _set_patient(ds: Dataset, case: PhantomCase, number: int) -> None:
+    """A phantom patient: numbered name and id, the phantom's sex and age, size and weight for that age."""
+    years = case.age_months / 12.0
+    ds.PatientName = f"PHANTOM^{number:04d}"
+    ds.PatientID = f"PHANTOM-{number:04d}"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = case.sex
+    ds.PatientAge = _age_string(case.age_months)
+    ds.PatientSize = f"{(50.0 + 25.0 * years**0.6) / 100.0:.2f}"
+    ds.PatientWeight = f"{3.5 + 2.3 * years**0.9:.1f}"
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "Synthetic phantom: no patient data"  # required when PatientIdentityRemoved is YES
+
+
+def _set_pixels(ds: Dataset, arr: np.ndarray, enc: PixelEncoding, center: float, width: float) -> None:
+    """The stored values (uncompressed, little endian) and the attributes that say how to display them."""
     ds.set_pixel_data(arr, enc.photometric, enc.bits_stored, generate_instance_uid=False)
     ds.SmallestImagePixelValue = int(arr.min())
     ds.LargestImagePixelValue = int(arr.max())
@@ -121,8 +142,6 @@ def synthesize_instance(
         ds.WindowCenter = f"{center:.2f}"
         ds.WindowWidth = f"{width:.2f}"
         ds.VOILUTFunction = "LINEAR"
-    encode_dataset(ds, enc.transfer_syntax)
-    return ds, case
 
 
 def image_id_for(sop_instance_uid: str) -> str:
