@@ -1,4 +1,8 @@
-"""Errors the API reports to clients, each with a stable code and HTTP status (DESIGN §4)."""
+"""Errors the API reports to clients, each with a stable code and HTTP status (README "Errors").
+
+Shared by every stage (decoding raises UnusableImage, the batcher Overloaded), so none of them imports the HTTP
+layer to report one (docs/architecture.md, "Import direction").
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The benchmark's pure parts: parsing, target rules, rendering, machine description. No load, no network,
-no peer venv; numbers here are made up and never asserted about the code's speed (DESIGN §7)."""
+no peer venv; numbers here are made up and never asserted about the code's speed."""
 
 from __future__ import annotations
 

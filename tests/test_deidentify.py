@@ -1,4 +1,4 @@
-"""De-identification (DESIGN §2): only the VinDr-PCXR Table 3 tags (+ what a valid file needs) survive,
+"""De-identification (the VinDr papers' scheme): only the VinDr-PCXR Table 3 tags (+ what a valid file needs) survive,
 files are named by the hashed SOP Instance UID, pixels are untouched, and no PHI reaches the output
 or the console."""
 

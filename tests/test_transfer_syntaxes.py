@@ -1,4 +1,4 @@
-"""Every transfer syntax of DESIGN §5 decodes, displays as the phantom and is answered in the image's own
+"""Every transfer syntax the README lists decodes, displays as the phantom and is answered in the image's own
 pixel space; a syntax this installation cannot decode gets 415 unsupported_transfer_syntax."""
 
 from __future__ import annotations

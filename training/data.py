@@ -1,4 +1,4 @@
-"""Readers for the VinDr dataset layouts (DESIGN §2) and the cached training tensors.
+"""Readers for the VinDr dataset layouts (README "Dataset layouts") and the cached training tensors.
 
 Two folder layouts, told apart by the files present (`detect_layout`):
 

@@ -1,4 +1,4 @@
-"""Response schemas of the API (DESIGN §4); they drive the OpenAPI document and its examples."""
+"""Response schemas of the API (README "Try it", "Endpoints"); they drive the OpenAPI document and its examples."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ async def request_time_limit(seconds: float) -> AsyncIterator[None]:
 async def predict_instance(
     body: bytes, state: ServingState, settings: Settings, request_id: str, keep_display: bool = False
 ) -> tuple[dict, PreparedImage]:
-    """The JSON result of DESIGN §4 for one DICOM body, and the prepared image it came from."""
+    """The JSON answer (api/schemas.Prediction) for one DICOM body, and the prepared image it came from."""
     started = time.perf_counter()
     pack = state.pack
     prepared = await state.decoder.prepare(
@@ -84,7 +84,7 @@ def prediction_body(
     warnings: list[str],
     timing_ms: dict[str, float],
 ) -> dict:
-    """The JSON result of DESIGN §4 for one prepared image and its model outputs (boxes, scores, probabilities).
+    """The JSON answer for one prepared image and its model outputs (boxes, scores, probabilities).
 
     One function for the service and for anything that must answer exactly as it does (the benchmark peers).
     """

@@ -1,4 +1,4 @@
-"""ONNX Runtime configuration (DESIGN §6): providers, their options, the precision variant, IO binding.
+"""ONNX Runtime configuration (README "ONNX Runtime and GPUs"): providers, options, precision variant, IO binding.
 
 Every decision is a pure function of the settings and of what the machine offers (`Machine`, probed
 once at load), so the GPU path's choices are unit-tested on CPU-only machines;
