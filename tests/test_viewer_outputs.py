@@ -168,7 +168,7 @@ def test_sr_references_the_source_image_and_says_not_for_diagnosis(phantom, resu
     for group in sr.content.get_planar_roi_measurement_groups():
         referenced = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
         assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert written.ContentQualification == "RESEARCH" and written.SeriesDescription == DISCLAIMER
+    assert written.ContentQualification == "RESEARCH" and written.SeriesDescription.endswith(DISCLAIMER)
     assert written.PreliminaryFlag == "PRELIMINARY" and written.VerificationFlag == "UNVERIFIED"
     comments = [item.TextValue for item in written.ContentSequence[-1].ContentSequence]
     assert any("NOT FOR DIAGNOSTIC USE" in text for text in comments)

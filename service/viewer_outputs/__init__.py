@@ -71,6 +71,25 @@ def reference_header(source: Dataset) -> Dataset:
     return header
 
 
+def series_description(kind: str, model: dict) -> str:
+    """ "<kind> <pack> <version> | RESEARCH - NOT FOR DIAGNOSTIC USE", at most 64 characters (LO).
+
+    The pack and version tell two result series of the same kind apart (uids.SERIES_NUMBERS gives
+    them the same number); the disclaimer is never cut, the pack name is when it is long."""
+    suffix = f" | {DISCLAIMER}"
+    name = f"{kind} {model.get('pack') or 'unknown'} {model.get('version') or 'unknown'}"
+    return name[: 64 - len(suffix)] + suffix
+
+
+def instance_number(source: Dataset) -> int:
+    """The result object's Instance Number: the source image's, so results sort like their images."""
+    try:
+        number = int(source.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        return 1
+    return number if 0 <= number < 2**31 else 1
+
+
 def box_polygon(box: dict) -> np.ndarray:
     """Closed 5-point (column, row) outline of a JSON box, clockwise from the top left corner."""
     x0, y0, x1, y1 = (float(box[k]) for k in ("x_min", "y_min", "x_max", "y_max"))

@@ -22,7 +22,6 @@ from highdicom.pr import (
     TextJustificationValues,
     TextObject,
 )
-from pydicom.uid import generate_uid
 
 from service.viewer_outputs import (
     DISCLAIMER,
@@ -30,8 +29,11 @@ from service.viewer_outputs import (
     box_polygon,
     disease_text,
     finding_text,
+    instance_number,
     reference_header,
+    series_description,
 )
+from service.viewer_outputs.uids import result_uids
 
 CONTENT_LABEL = "AI_FINDINGS"
 FINDINGS_LAYER = "AI FINDINGS"
@@ -40,22 +42,23 @@ _LINE_HEIGHT = 0.03  # summary line height, fraction of the displayed area
 _CHAR_WIDTH = 0.55  # rough glyph width / height, to size text bounding boxes
 
 
-def build_gsps(
-    source: pydicom.Dataset, result: dict, *, series_number: int = 9902, instance_number: int = 1
-) -> pydicom.Dataset:
-    """A GSPS that overlays the boxes, their labels and the disease summary on the `source` image."""
+def build_gsps(source: pydicom.Dataset, result: dict) -> pydicom.Dataset:
+    """A GSPS that overlays the boxes, their labels and the disease summary on the `source` image.
+
+    Its UIDs derive from the source and the pack (uids.py): the same image and pack give the same GSPS."""
     header = reference_header(source)
     model = result.get("model") or {}
+    uids = result_uids(header, model, "gsps")
     findings, diseases = result.get("findings") or [], result.get("diseases") or []
 
     layers, annotations = _layers(header, findings, diseases)
 
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=[header],
-        series_instance_uid=generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=generate_uid(),
-        instance_number=instance_number,
+        series_instance_uid=uids.series_instance_uid,
+        series_number=uids.series_number,
+        sop_instance_uid=uids.sop_instance_uid,
+        instance_number=instance_number(header),
         manufacturer=MANUFACTURER,
         manufacturer_model_name=str(model.get("pack") or "unknown")[:64],
         software_versions=str(model.get("version") or "unknown")[:64],
@@ -64,7 +67,7 @@ def build_gsps(
         content_description=f"AI findings - {DISCLAIMER}"[:64],
         graphic_layers=layers,
         graphic_annotations=annotations,
-        series_description=DISCLAIMER,
+        series_description=series_description("GSPS", model),
         voi_lut_transformations=_min_max_window(header),
         # A presentation state replaces the image's own polarity handling: a MONOCHROME1 image is
         # shown as intended only through an INVERSE presentation LUT (PS3.3 C.11.6.1).

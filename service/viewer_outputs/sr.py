@@ -38,10 +38,17 @@ from highdicom.sr import (
 )
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
-from service.viewer_outputs import DISCLAIMER, MANUFACTURER, box_polygon, reference_header
+from service.viewer_outputs import (
+    DISCLAIMER,
+    MANUFACTURER,
+    box_polygon,
+    instance_number,
+    reference_header,
+    series_description,
+)
 from service.viewer_outputs.codes import ABSENT, NONE_DETECTED, PRESENT, code_for, coding_scheme_items
+from service.viewer_outputs.uids import device_uid, result_uids, tracking_uid
 
 PROBABILITY = codes.DCM.Probability  # (122157, DCM, "Probability")
 UNITLESS = codes.UCUM.NoUnits  # (1, UCUM, "no units"): a probability is a pure number
@@ -50,22 +57,23 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  #
 COMMENT = Code("121106", "DCM", "Comment")
 
 
-def build_sr(
-    source: pydicom.Dataset, result: dict, *, series_number: int = 9901, instance_number: int = 1
-) -> pydicom.Dataset:
-    """A Comprehensive SR measurement report of `result` that references the `source` image."""
+def build_sr(source: pydicom.Dataset, result: dict) -> pydicom.Dataset:
+    """A Comprehensive SR measurement report of `result` that references the `source` image.
+
+    Its UIDs derive from the source and the pack (uids.py): the same image and pack give the same SR."""
     header = reference_header(source)
     model = result.get("model") or {}
+    uids = result_uids(header, model, "sr")
     pack, version = str(model.get("pack") or "unknown"), str(model.get("version") or "unknown")
     findings, diseases = result.get("findings") or [], result.get("diseases") or []
 
     groups: list = [_finding_group(header, f, i, pack, version, model) for i, f in enumerate(findings, 1)]
     groups += [_disease_group(header, d, pack, version, model) for d in diseases]
     if not groups:
-        groups.append(_nothing_reported_group(header, pack, version))
+        groups.append(_nothing_reported_group(header, pack, version, model))
 
     report = MeasurementReport(
-        observation_context=_observer(pack, version),
+        observation_context=_observer(pack, version, model),
         procedure_reported=PROCEDURE,
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
@@ -76,28 +84,26 @@ def build_sr(
     return ComprehensiveSR(
         evidence=[header],
         content=report[0],
-        series_instance_uid=generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=generate_uid(),
-        instance_number=instance_number,
+        series_instance_uid=uids.series_instance_uid,
+        series_number=uids.series_number,
+        sop_instance_uid=uids.sop_instance_uid,
+        instance_number=instance_number(header),
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,  # a machine's preliminary output, never the definitive report
         is_verified=False,
-        series_description=DISCLAIMER,
+        series_description=series_description("SR", model),
         content_qualification=hd.ContentQualificationValues.RESEARCH,
         coding_schemes=coding_scheme_items(used),
     )
 
 
-def _observer(pack: str, version: str) -> ObservationContext:
-    # One stable device UID per pack version, so reports from the same model can be grouped.
-    device_uid = generate_uid(entropy_srcs=["pcxr-model-pack", pack, version])
+def _observer(pack: str, version: str, model: dict) -> ObservationContext:
     return ObservationContext(
         observer_device_context=ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-                uid=device_uid,
+                uid=device_uid(model),
                 name=pack[:64],
                 manufacturer_name=MANUFACTURER,
                 model_name=pack[:64],
@@ -125,7 +131,9 @@ def _finding_group(
     )
     parameters = [f"detector_sha256={model['detector_sha256']}"] if model.get("detector_sha256") else []
     return PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier=f"{label} #{index}"),
+        tracking_identifier=TrackingIdentifier(
+            uid=tracking_uid(header, model, f"finding {index}"), identifier=f"{label} #{index}"
+        ),
         referenced_region=region,
         finding_type=code_for(label),
         algorithm_id=_algorithm(pack, version, parameters),
@@ -144,7 +152,9 @@ def _disease_group(
     if model.get("classifier_sha256"):
         parameters.append(f"classifier_sha256={model['classifier_sha256']}")
     return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier=f"{label} (image level)"),
+        tracking_identifier=TrackingIdentifier(
+            uid=tracking_uid(header, model, f"disease {label}"), identifier=f"{label} (image level)"
+        ),
         finding_type=concept,
         algorithm_id=_algorithm(pack, version, parameters),
         measurements=[_probability(disease["probability"])],
@@ -153,11 +163,13 @@ def _disease_group(
     )
 
 
-def _nothing_reported_group(header: pydicom.Dataset, pack: str, version: str) -> MeasurementsAndQualitativeEvaluations:
+def _nothing_reported_group(
+    header: pydicom.Dataset, pack: str, version: str, model: dict
+) -> MeasurementsAndQualitativeEvaluations:
     # TID 1500 needs at least one measurement group; "Finding: None" says the model ran on this
     # image and reported nothing, which an empty report could not distinguish from no analysis.
     return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier="No AI findings"),
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid(header, model, "nothing"), identifier="No AI findings"),
         finding_type=NONE_DETECTED,
         algorithm_id=_algorithm(pack, version, []),
         source_images=[SourceImageForMeasurementGroup(header.SOPClassUID, header.SOPInstanceUID)],
