@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -260,26 +261,8 @@ def service_spec(models: Path) -> ServerSpec:
 
 def record_gil(py_spy: str, pid: int, seconds: float, raw_path: Path) -> None:
     """`py-spy record --gil` of every thread of `pid` for `seconds`, as raw collapsed stacks."""
-    subprocess.run(
-        [
-            py_spy,
-            "record",
-            "--gil",
-            "--threads",
-            "-r",
-            str(SAMPLE_RATE),
-            "-d",
-            f"{seconds:g}",
-            "-f",
-            "raw",
-            "-o",
-            str(raw_path),
-            "--pid",
-            str(pid),
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    options = f"record --gil --threads -r {SAMPLE_RATE} -d {seconds:g} -f raw --pid {pid} -o"
+    subprocess.run([py_spy, *shlex.split(options), str(raw_path)], check=True, stdout=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

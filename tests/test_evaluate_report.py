@@ -1,5 +1,5 @@
-"""Evaluation report: bootstrap intervals over images, and the JSON / markdown / PNG writers (synthetic arrays, no
-model)."""
+"""Evaluation report: bootstrap intervals over images, and the JSON / markdown / PNG writers
+(synthetic arrays, no model)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import shlex
 import numpy as np
 import pytest
 
+from training import metrics
 from training.evaluate import (
     BootstrapSpec,
     EvaluationInputs,
@@ -19,25 +20,13 @@ from training.evaluate import (
     score,
     write_outputs,
 )
-from training.metrics import (
-    ImageDetections,
-    auroc,
-    bootstrap_auroc,
-    bootstrap_average_precision,
-    bootstrap_operating_point,
-    class_matches,
-    mean_average_precision,
-    operating_point,
-    percentile_interval,
-    resample_counts,
-)
 
 LOCAL = ["Consolidation", "Pleural effusion"]
 GLOBAL = ["No finding", "Pneumonia", "Bronchiolitis"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _images(rng: np.random.Generator, count: int, num_classes: int = 2) -> list[ImageDetections]:
+def _images(rng: np.random.Generator, count: int, num_classes: int = 2) -> list[metrics.ImageDetections]:
     """Images with 0-2 boxes each, found (jittered) with probability 0.8, plus a stray; continuous scores (no ties)."""
     images = []
     for _ in range(count):
@@ -53,7 +42,7 @@ def _images(rng: np.random.Generator, count: int, num_classes: int = 2) -> list[
         pred_classes = np.concatenate([gt_classes[found], rng.integers(0, num_classes, size=1)])
         scores = np.concatenate([rng.uniform(0.4, 1.0, size=int(found.sum())), rng.uniform(0.0, 0.7, size=1)])
         images.append(
-            ImageDetections(
+            metrics.ImageDetections(
                 pred.astype(np.float32),
                 scores.astype(np.float32),
                 pred_classes.astype(np.int64),
@@ -100,27 +89,30 @@ def _replicate(items: list, counts: np.ndarray) -> list:
 
 def test_resample_counts_draw_n_images_per_resample_deterministically():
     """Each resample draws N images with replacement; the same seed draws the same resamples."""
-    counts = resample_counts(50, 30, np.random.default_rng(7))
+    counts = metrics.resample_counts(50, 30, np.random.default_rng(7))
     assert counts.shape == (30, 50) and (counts.sum(axis=1) == 50).all() and (counts >= 0).all()
-    np.testing.assert_array_equal(counts, resample_counts(50, 30, np.random.default_rng(7)))
-    assert resample_counts(0, 3, np.random.default_rng(7)).shape == (3, 0)
+    np.testing.assert_array_equal(counts, metrics.resample_counts(50, 30, np.random.default_rng(7)))
+    assert metrics.resample_counts(0, 3, np.random.default_rng(7)).shape == (3, 0)
 
 
 def test_bootstrap_ap_equals_ap_of_the_replicated_images():
     """Re-weighting precomputed matches gives exactly the AP of the image list with each image repeated as drawn."""
     images = _images(np.random.default_rng(1), 40)
-    counts = resample_counts(len(images), 20, np.random.default_rng(2))
+    counts = metrics.resample_counts(len(images), 20, np.random.default_rng(2))
     for label in range(2):
-        samples = bootstrap_average_precision(class_matches(images, label, 0.4), counts)
+        samples = metrics.bootstrap_average_precision(metrics.class_matches(images, label, 0.4), counts)
         expected = [
-            mean_average_precision(_replicate(images, row), LOCAL, 0.4)["per_class"][LOCAL[label]] for row in counts
+            metrics.mean_average_precision(_replicate(images, row), LOCAL, 0.4)["per_class"][LOCAL[label]]
+            for row in counts
         ]
         np.testing.assert_allclose(
             samples, [np.nan if value is None else value for value in expected], rtol=0, atol=1e-12
         )
     ones = np.ones((1, len(images)), dtype=np.int64)
-    point = mean_average_precision(images, LOCAL, 0.5)["per_class"][LOCAL[0]]
-    assert bootstrap_average_precision(class_matches(images, 0, 0.5), ones)[0] == pytest.approx(point, abs=1e-12)
+    point = metrics.mean_average_precision(images, LOCAL, 0.5)["per_class"][LOCAL[0]]
+    assert metrics.bootstrap_average_precision(metrics.class_matches(images, 0, 0.5), ones)[0] == pytest.approx(
+        point, abs=1e-12
+    )
 
 
 def test_bootstrap_auroc_and_operating_point_equal_the_replicated_labels():
@@ -128,14 +120,14 @@ def test_bootstrap_auroc_and_operating_point_equal_the_replicated_labels():
     rng = np.random.default_rng(3)
     targets = rng.random(60) < 0.3
     scores = np.round(rng.random(60), 1)  # many ties: they count half
-    counts = resample_counts(60, 25, rng)
-    samples = bootstrap_auroc(targets, scores, counts)
-    points = bootstrap_operating_point(targets, scores, 0.5, counts)
+    counts = metrics.resample_counts(60, 25, rng)
+    samples = metrics.bootstrap_auroc(targets, scores, counts)
+    points = metrics.bootstrap_operating_point(targets, scores, 0.5, counts)
     for b, row in enumerate(counts):
         repeated_targets, repeated_scores = np.repeat(targets, row), np.repeat(scores, row)
-        expected = auroc(repeated_targets, repeated_scores)
+        expected = metrics.auroc(repeated_targets, repeated_scores)
         assert np.isnan(samples[b]) if expected is None else samples[b] == pytest.approx(expected, abs=1e-12)
-        for name, value in operating_point(repeated_targets, repeated_scores, 0.5).items():
+        for name, value in metrics.operating_point(repeated_targets, repeated_scores, 0.5).items():
             assert np.isnan(points[name][b]) if value is None else points[name][b] == pytest.approx(value, abs=1e-12)
 
 
@@ -203,7 +195,7 @@ def test_resamples_without_positives_are_skipped_and_counted():
 def test_percentile_interval_of_known_samples():
     """The 95% interval is the 2.5th and 97.5th percentiles of the defined samples."""
     samples = np.append(np.arange(101, dtype=np.float64), np.nan)
-    assert percentile_interval(samples) == {
+    assert metrics.percentile_interval(samples) == {
         "low": pytest.approx(2.5),
         "high": pytest.approx(97.5),
         "valid_resamples": 101,

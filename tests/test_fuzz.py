@@ -22,6 +22,14 @@ from pydicom.filewriter import write_file_meta_info
 
 from training.synthetic import dicom_bytes, synthesize_instance
 
+# Reproducible runs (derandomized, no example database) that may be slow: every case is an HTTP round trip.
+FUZZ_SETTINGS = {
+    "deadline": None,
+    "database": None,
+    "derandomize": True,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+}
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom.*")
 
 DICOM = {"Content-Type": "application/dicom"}
@@ -372,13 +380,7 @@ def test_fuzzed_uploads_never_get_a_500(client, seeds, tiny_dataset):
     the service is ready and serves a good DICOM."""
     rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    @settings(
-        max_examples=250,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @settings(max_examples=250, **FUZZ_SETTINGS)
     @given(case=mutated_dicoms(seeds), output=st.sampled_from([None, None, "sr", "gsps", "png"]))
     def fuzz(case, output):
         what, data = case
@@ -398,13 +400,7 @@ def test_fuzzed_study_lists_each_failure(client, seeds):
     """A STOW-RS body of mutated parts answers < 500, with every bad part listed as a failure by index."""
     boundary = "fuzzboundary"
 
-    @settings(
-        max_examples=15,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @settings(max_examples=15, **FUZZ_SETTINGS)
     @given(cases=st.lists(mutated_dicoms(seeds), min_size=1, max_size=3), good_first=st.booleans())
     def fuzz(cases, good_first):
         parts = [data for _, data in cases]

@@ -108,6 +108,19 @@ def _xywh(box: np.ndarray) -> list[float]:
     return [x_min, y_min, x_max - x_min, y_max - y_min]
 
 
+def _coco_annotation(annotation_id: int, image_id: int, box: np.ndarray, label: int) -> dict:
+    """One COCO annotation; ids start at 1, because COCOeval treats a match to id 0 as no match."""
+    xywh = _xywh(box)
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": int(label) + 1,
+        "bbox": xywh,
+        "area": xywh[2] * xywh[3],
+        "iscrowd": 0,
+    }
+
+
 def _coco_evaluator(images: list[ImageDetections], num_classes: int, iou_threshold: float):
     """COCOeval run on the same boxes (image ids 1..N in list order, category id = class + 1)."""
     import contextlib
@@ -119,31 +132,9 @@ def _coco_evaluator(images: list[ImageDetections], num_classes: int, iou_thresho
     ground_truth, detections = [], []
     for image_id, image in enumerate(images, start=1):
         for box, label in zip(image.gt_boxes, image.gt_classes):
-            xywh = _xywh(box)
-            # ids start at 1: COCOeval treats a match to id 0 as no match.
-            ground_truth.append(
-                {
-                    "id": len(ground_truth) + 1,
-                    "image_id": image_id,
-                    "category_id": int(label) + 1,
-                    "bbox": xywh,
-                    "area": xywh[2] * xywh[3],
-                    "iscrowd": 0,
-                }
-            )
+            ground_truth.append(_coco_annotation(len(ground_truth) + 1, image_id, box, label))
         for box, score, label in zip(image.pred_boxes, image.pred_scores, image.pred_classes):
-            xywh = _xywh(box)
-            detections.append(
-                {
-                    "id": len(detections) + 1,
-                    "image_id": image_id,
-                    "category_id": int(label) + 1,
-                    "bbox": xywh,
-                    "area": xywh[2] * xywh[3],
-                    "iscrowd": 0,
-                    "score": float(score),
-                }
-            )
+            detections.append(_coco_annotation(len(detections) + 1, image_id, box, label) | {"score": float(score)})
 
     def dataset(annotations: list[dict]) -> COCO:
         # Built directly rather than with COCO.loadRes, which cannot take an empty detection list.

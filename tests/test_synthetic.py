@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import itertools
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -232,24 +233,8 @@ def test_finding_mix_and_disease_rules():
 
 def test_cli_writes_dataset_and_summary(tmp_path: Path, capsys):
     """`python -m training.synthetic` options produce the dataset and a one-line summary."""
-    S.main(
-        [
-            "--out",
-            str(tmp_path),
-            "--n-train",
-            "2",
-            "--n-test",
-            "1",
-            "--seed",
-            "9",
-            "--difficulty",
-            "easy",
-            "--size",
-            "128x112",
-            "--transfer-syntax",
-            "rle",
-        ]
-    )
+    options = shlex.split("--n-train 2 --n-test 1 --seed 9 --difficulty easy --size 128x112 --transfer-syntax rle")
+    S.main(["--out", str(tmp_path), *options])
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("synthetic: wrote 3 images")
     files = sorted(tmp_path.glob("*/*.dicom"))

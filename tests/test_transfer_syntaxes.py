@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shlex
 from functools import cache, lru_cache
 
 import numpy as np
@@ -227,22 +228,8 @@ def test_codecs_refuse_what_they_cannot_carry():
 def test_forced_syntax_dataset_keeps_the_vindr_layout(tmp_path):
     """generate_dataset with a forced lossy syntax names files md5(SOPInstanceUID) and marks them lossy."""
     _needs_encoder("htj2k-lossy")
-    S.main(
-        [
-            "--out",
-            str(tmp_path),
-            "--n-train",
-            "2",
-            "--n-test",
-            "1",
-            "--seed",
-            "4",
-            "--size",
-            "96x80",
-            "--transfer-syntax",
-            "htj2k-lossy",
-        ]
-    )
+    options = shlex.split("--n-train 2 --n-test 1 --seed 4 --size 96x80 --transfer-syntax htj2k-lossy")
+    S.main(["--out", str(tmp_path), *options])
     files = sorted(tmp_path.glob("*/*.dicom"))
     assert len(files) == 3
     for path in files:

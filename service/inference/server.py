@@ -239,12 +239,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", type=Path, default=None, help="model pack folder (default: CXR_MODELS)")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer the parent")
-    parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=DRAIN_TIMEOUT_S,
-        help="longest wait, on SIGTERM, for workers to disconnect and requests to finish",
-    )
+    drain_help = "longest wait, on SIGTERM, for workers to disconnect and requests to finish"
+    parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, help=drain_help)
     return parser
 
 

@@ -20,38 +20,14 @@ class Difficulty:
     spurious_rate: float  # probability of a disease label without a causing finding
 
 
-DIFFICULTIES: dict[str, Difficulty] = {
-    "easy": Difficulty(
-        "easy",
-        contrast=(1.5, 2.2),
-        size=(1.1, 1.4),
-        noise_sigma=0.008,
-        anatomy_variability=0.5,
-        texture=0.6,
-        label_noise=0.05,
-        spurious_rate=0.01,
-    ),
-    "default": Difficulty(
-        "default",
-        contrast=(0.6, 1.1),
-        size=(0.8, 1.15),
-        noise_sigma=0.02,
-        anatomy_variability=1.0,
-        texture=1.0,
-        label_noise=0.12,
-        spurious_rate=0.02,
-    ),
-    "hard": Difficulty(
-        "hard",
-        contrast=(0.4, 0.75),
-        size=(0.65, 1.0),
-        noise_sigma=0.032,
-        anatomy_variability=1.4,
-        texture=1.3,
-        label_noise=0.2,
-        spurious_rate=0.04,
-    ),
-}
+# One preset per row, the fields in Difficulty's order (the table in README.md says the same):
+#   name, contrast, size, noise_sigma, anatomy_variability, texture, label_noise, spurious_rate
+_PRESETS = (
+    Difficulty("easy", (1.5, 2.2), (1.1, 1.4), 0.008, 0.5, 0.6, 0.05, 0.01),
+    Difficulty("default", (0.6, 1.1), (0.8, 1.15), 0.02, 1.0, 1.0, 0.12, 0.02),
+    Difficulty("hard", (0.4, 0.75), (0.65, 1.0), 0.032, 1.4, 1.3, 0.2, 0.04),
+)
+DIFFICULTIES: dict[str, Difficulty] = {preset.name: preset for preset in _PRESETS}
 
 
 def resolve_difficulty(difficulty: str | Difficulty) -> Difficulty:
