@@ -53,6 +53,12 @@ class NotReady(ApiError):
     status_code, code = 503, "not_ready"
 
 
+class InferenceUnavailable(ApiError):
+    """The models run on a remote server (CXR_INFERENCE_URL) that failed, timed out or cannot be reached."""
+
+    status_code, code = 503, "inference_unavailable"
+
+
 class NotAcceptable(ApiError):
     status_code, code = 406, "not_acceptable"
 

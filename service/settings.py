@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PACK = Path(__file__).resolve().parent.parent / "models" / "demo-synthetic"
@@ -26,6 +27,43 @@ class DecodeLimits:
     max_pixel_bytes: int = 256 * 1024 * 1024  # the decoded array: rows x columns x frames x samples x bytes
     max_rows_or_columns: int = 16_384
     min_rows_or_columns: int = 32
+
+
+KSERVE_DEFAULT_PORTS = {"grpc": 8001, "http": 8000}  # Triton's
+
+
+@dataclass(frozen=True)
+class InferenceUrl:
+    """CXR_INFERENCE_URL: the KServe v2 server (Triton) that runs the models."""
+
+    protocol: Literal["grpc", "http"]
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        """host:port, as tritonclient takes it (with no scheme)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.protocol}://{self.address}"
+
+    @classmethod
+    def parse(cls, url: str) -> InferenceUrl:
+        """grpc://host[:port] or http://host[:port]; ValueError with what is wrong otherwise."""
+        parts = urlsplit(url)
+        if parts.scheme not in KSERVE_DEFAULT_PORTS:
+            raise ValueError(f"CXR_INFERENCE_URL {url!r} must start with grpc:// or http://")
+        if not parts.hostname:
+            raise ValueError(f"CXR_INFERENCE_URL {url!r} names no host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ValueError(f"CXR_INFERENCE_URL {url!r} must be just scheme://host:port (no path, query or user)")
+        try:
+            port = parts.port or KSERVE_DEFAULT_PORTS[parts.scheme]
+        except ValueError:
+            raise ValueError(f"CXR_INFERENCE_URL {url!r} has an invalid port") from None
+        return cls(parts.scheme, parts.hostname, port)  # type: ignore[arg-type]
 
 
 class Settings(BaseSettings):
@@ -118,6 +156,20 @@ class Settings(BaseSettings):
         description="Unix socket of a shared inference server (service/inference/server.py) to run the models; "
         "unset: ONNX Runtime in this process. `python -m service --workers N` sets it for its workers",
     )
+    inference_url: str | None = Field(
+        None,
+        description="run the models on a KServe v2 server (Triton) at grpc://host:8001 or http://host:8000 "
+        "instead of ONNX Runtime in this process; decoding, batching and postprocessing stay here",
+    )
+    inference_timeout_s: float = Field(10.0, gt=0, description="longest one call to the CXR_INFERENCE_URL server")
+    inference_retries: int = Field(
+        2, ge=0, le=10, description="retries of a batch whose call to CXR_INFERENCE_URL failed on the connection"
+    )
+    inference_verify_pack: bool = Field(
+        True,
+        description="require the CXR_INFERENCE_URL server's models to name this pack's ONNX files (sha256 in their "
+        "config, as python -m service.triton_repository writes it); false: check tensor names and shapes only",
+    )
     finding_score_floor: float | None = Field(
         None,
         ge=0,
@@ -158,6 +210,25 @@ class Settings(BaseSettings):
     cors_allow_origins: list[str] = Field(
         [], description="browser origins allowed to call the API (CORS); empty: CORS off"
     )
+
+    @field_validator("inference_url")
+    @classmethod
+    def _kserve_url(cls, url: str | None) -> str | None:
+        if not url:
+            return None
+        InferenceUrl.parse(url)  # a wrong URL stops startup with what is wrong, not the first request
+        return url
+
+    @model_validator(mode="after")
+    def _one_inference_place(self) -> Settings:
+        if self.inference_url and self.inference_socket:
+            raise ValueError("CXR_INFERENCE_URL and CXR_INFERENCE_SOCKET are both set; the models run in one place")
+        return self
+
+    @property
+    def inference_endpoint(self) -> InferenceUrl | None:
+        """CXR_INFERENCE_URL, parsed; None when the models run in this process (or the shared server)."""
+        return InferenceUrl.parse(self.inference_url) if self.inference_url else None
 
     @property
     def decode_limits(self) -> DecodeLimits:

@@ -19,6 +19,7 @@ from service.api.request_context import RequestContext, error_response
 from service.api.routers import health, metrics, predict, studies
 from service.errors import ApiError
 from service.inference.client import load_remote_serving_state
+from service.inference.kserve import load_kserve_serving_state
 from service.inference.state import ServingState, load_serving_state
 from service.metrics import ServiceMetrics
 from service.settings import Settings, get_settings
@@ -83,6 +84,15 @@ def document_api_keys(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def serving_state_loader(settings: Settings) -> Callable[[Settings, ServiceMetrics], ServingState]:
+    """Where the models run: on a KServe v2 server, in the shared inference server, or in this process."""
+    if settings.inference_url:
+        return load_kserve_serving_state
+    if settings.inference_socket:
+        return load_remote_serving_state
+    return load_serving_state
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
@@ -108,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def serving_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    """Load the pack (or connect to the shared inference server) at startup; stop the batcher and decoders at exit."""
+    """Load the pack (or connect to where the models run) at startup; stop the batcher, watcher and decoders at exit."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -119,17 +129,14 @@ def serving_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncCon
             )
         app.state.serving = ServingState(metrics=app.state.metrics)
         # Loading and warm-up block for seconds: keep them off the event loop so /healthz answers.
-        # With a shared inference server (python -m service --workers N) the sessions live there instead.
-        load = load_remote_serving_state if settings.inference_socket else load_serving_state
+        # With a shared inference server (python -m service --workers N) the sessions live there instead, and
+        # with CXR_INFERENCE_URL on a KServe v2 server (Triton).
+        load = serving_state_loader(settings)
         state = await run_in_threadpool(load, settings, app.state.metrics)
-        if state.batcher is not None:
-            state.batcher.start()
+        await state.start()
         app.state.serving = state
         yield
-        if state.batcher is not None:
-            await state.batcher.stop()
-        if state.decoder is not None:
-            state.decoder.close()
+        await state.stop()
 
     return lifespan
 

@@ -123,6 +123,28 @@ class RuntimeInfo(BaseModel):
     warnings: list[str]
 
 
+class RemoteModel(BaseModel):
+    name: str
+    versions: list[str] | None = None
+    platform: str | None = None
+    backend: str | None = None
+    sha256: str | None = Field(None, description="sha256 of the ONNX file the server says it runs (its config)")
+
+
+class InferenceInfo(BaseModel):
+    """Where the models run (CXR_INFERENCE_URL, CXR_INFERENCE_SOCKET, or neither)."""
+
+    where: Literal["in-process", "inference-server", "remote"] = Field(
+        description="in-process: ONNX Runtime in this process; inference-server: the shared server of "
+        "`python -m service --workers N`; remote: a KServe v2 server such as Triton"
+    )
+    url: str | None = Field(None, description="the remote server (grpc://host:port or http://host:port)")
+    socket: str | None = Field(None, description="the shared inference server's Unix socket")
+    protocol: Literal["grpc", "http"] | None = None
+    server: dict[str, Any] | None = Field(None, description="the remote server's name and version")
+    models: dict[str, RemoteModel] | None = Field(None, description="model -> what the remote server runs")
+
+
 class ModelsResponse(BaseModel):
     pack: str
     version: str
@@ -135,8 +157,9 @@ class ModelsResponse(BaseModel):
     max_batch_size: int
     precisions: list[str] = Field(description="precision variants the pack ships")
     runtime: RuntimeInfo | None = Field(
-        None, description="ONNX Runtime configuration in effect; null when a shared inference server runs the models"
+        None, description="ONNX Runtime configuration in effect; null when the models run in another process"
     )
+    inference: InferenceInfo = Field(description="where the models run")
 
 
 class InstanceFailure(BaseModel):

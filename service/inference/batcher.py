@@ -4,14 +4,18 @@ Requests put one preprocessed image each on a bounded queue; a single worker tak
 `max_batch_size` of them (waiting at most `max_delay` for the batch to fill), runs both models on
 the stacked batch in a dedicated thread, and hands each request its own slice. One inference at a
 time keeps the GPU's work ordered while the next batch gathers on the event loop.
+
+The infer function may also be a coroutine function (models on a remote server, service/inference/kserve.py):
+it is awaited on the event loop instead, with the same one-batch-at-a-time order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,6 +24,7 @@ import numpy as np
 from service.errors import NotReady, Overloaded
 
 InferFn = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+AsyncInferFn = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, ...]]]
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,11 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, infer: InferFn, max_batch_size: int, max_delay_s: float, max_queue_size: int) -> None:
+    def __init__(
+        self, infer: InferFn | AsyncInferFn, max_batch_size: int, max_delay_s: float, max_queue_size: int
+    ) -> None:
         self._infer = infer
+        self._infer_is_async = inspect.iscoroutinefunction(infer)
         self.max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue_size)
@@ -98,7 +106,11 @@ class Batcher:
             batch = await self._next_batch()
             started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._infer, np.stack([p.image for p in batch]))
+                images = np.stack([p.image for p in batch])
+                if self._infer_is_async:
+                    outputs = await self._infer(images)
+                else:
+                    outputs = await loop.run_in_executor(self._executor, self._infer, images)
             except Exception as exc:  # only this batch's requests fail; the worker keeps serving
                 for pending in batch:
                     if not pending.future.done():

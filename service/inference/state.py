@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -17,19 +18,44 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+class Watcher(Protocol):
+    """Background work beside the batcher, started and stopped with it (remote models' readiness checks)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 @dataclass
 class ServingState:
     pack: ModelPack | None = None
-    models: OnnxModels | None = None
+    models: OnnxModels | None = None  # or a stand-in with the same run(): remote models, the inference server's
     batcher: Batcher | None = None
     decoder: DecodePool | None = None
     metrics: ServiceMetrics | None = None
+    watcher: Watcher | None = None
     not_ready_reason: str = "starting"
     started: float = field(default_factory=time.time)
 
     @property
     def ready(self) -> bool:
         return self.batcher is not None and self.not_ready_reason == ""
+
+    async def start(self) -> None:
+        """Start the batcher's worker and the watcher, on the event loop that serves requests."""
+        if self.batcher is not None:
+            self.batcher.start()
+        if self.watcher is not None:
+            await self.watcher.start()
+
+    async def stop(self) -> None:
+        """Stop them (requests still queued get 503) and the decode pool."""
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.decoder is not None:
+            self.decoder.close()
 
 
 def warm_up(models: OnnxModels, size: int, max_batch_size: int) -> None:

@@ -8,8 +8,11 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.api.dependencies import ReadyStateDep, SettingsDep, StateDep
-from service.api.schemas import ErrorResponse, ModelsResponse
+from service.api.schemas import ErrorResponse, InferenceInfo, ModelsResponse
+from service.inference.client import RemoteModels
+from service.inference.kserve import KServeModels
 from service.inference.modelpack import OnnxModels
+from service.inference.state import ServingState
 
 router = APIRouter()
 
@@ -67,4 +70,13 @@ async def models(state: ReadyStateDep, settings: SettingsDep) -> ModelsResponse:
         max_batch_size=settings.max_batch_size,
         precisions=list(pack.precisions),
         runtime=runtime,
+        inference=inference_info(state),
     )
+
+
+def inference_info(state: ServingState) -> InferenceInfo:
+    if isinstance(state.models, KServeModels):
+        return InferenceInfo(**state.models.description())
+    if isinstance(state.models, RemoteModels):
+        return InferenceInfo(where="inference-server", socket=str(state.models.socket))
+    return InferenceInfo(where="in-process")
