@@ -107,7 +107,7 @@ def ensure_venv(venv_dir: Path = DEFAULT_VENV, log=print) -> TritonInstall:
     wanted = {"requirements": server_requirements(), "pytriton": PYTRITON, "python": sys.version.split()[0]}
     install = TritonInstall(venv_dir)
     venv_dir.parent.mkdir(parents=True, exist_ok=True)
-    with (venv_dir.parent / f".{venv_dir.name}.lock").open("w") as lock:
+    with (venv_dir.parent / f"{venv_dir.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         marker = venv_dir / MARKER
         with contextlib.suppress(OSError, ValueError):
