@@ -7,9 +7,18 @@ import logging
 from pathlib import Path
 
 import uvicorn
+from pydantic import ValidationError
 
 from service.multiworker import run_workers
 from service.settings import Settings
+
+
+def settings_problem(error: dict) -> str:
+    """One pydantic error about the CXR_* environment, as a line a person can act on."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:  # a rule across several variables: the message names them
+        return message
+    return f"CXR_{'_'.join(map(str, error['loc'])).upper()}: {message}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings(**({"models": args.models} if args.models else {}))
+    try:
+        settings = Settings(**({"models": args.models} if args.models else {}))
+    except ValidationError as exc:  # a wrong CXR_* variable: say which and why, not a stack trace
+        parser.error("; ".join(settings_problem(error) for error in exc.errors()))
     if not (settings.models / "manifest.json").is_file():
         parser.error(f"no model pack at {settings.models} (expected manifest.json there)")
     if args.workers > 1:

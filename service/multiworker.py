@@ -61,10 +61,13 @@ def restart_delay(consecutive_failures: int) -> float:
 
 
 def worker_environment(
-    environ: Mapping[str, str], socket_path: Path, models: Path, http_workers: int, cores: int
+    environ: Mapping[str, str], socket_path: Path | None, models: Path, http_workers: int, cores: int
 ) -> dict[str, str]:
-    """The CXR_* variables the HTTP workers need on top of `environ` (uvicorn's workers build Settings from it)."""
-    extra = {"CXR_INFERENCE_SOCKET": str(socket_path), "CXR_MODELS": str(models)}
+    """The CXR_* variables the HTTP workers need on top of `environ` (uvicorn's workers build Settings from it);
+    no socket when the models run on a KServe v2 server (CXR_INFERENCE_URL, already in `environ`)."""
+    extra = {"CXR_MODELS": str(models)}
+    if socket_path is not None:
+        extra["CXR_INFERENCE_SOCKET"] = str(socket_path)
     if "CXR_DECODE_WORKERS" not in environ:  # an explicit setting wins
         extra["CXR_DECODE_WORKERS"] = str(default_decode_workers(http_workers, cores))
     return extra
@@ -180,8 +183,38 @@ def inference_server_command(socket_path: Path, models: Path, log_level: str) ->
     ]
 
 
+def serve_http_workers(args: argparse.Namespace, extra_env: Mapping[str, str]) -> None:
+    """args.workers uvicorn workers of the app, with `extra_env` on top of this environment; until they stop."""
+    os.environ.update(extra_env)  # uvicorn's worker processes are spawned with this environment
+    log.info(
+        "starting %d HTTP workers (%s decode processes each) on %s:%d",
+        args.workers,
+        os.environ.get("CXR_DECODE_WORKERS"),
+        args.host,
+        args.port,
+    )
+    # uvicorn's supervisor takes SIGTERM/SIGINT over: it stops the workers, each draining its requests.
+    uvicorn.run(
+        "service.api.app:create_app",
+        factory=True,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        log_config=worker_log_config(args.log_level),
+        access_log=False,
+    )
+
+
 def run_workers(args: argparse.Namespace, settings: Settings) -> None:
-    """Start the inference server, then args.workers uvicorn workers using it; return once all have stopped."""
+    """Start the inference server, then args.workers uvicorn workers using it; return once all have stopped.
+
+    With CXR_INFERENCE_URL the models run on that KServe v2 server (Triton) instead: no inference server is
+    started, and each worker batches its own requests and sends the batches there.
+    """
+    if settings.inference_url:
+        serve_http_workers(args, worker_environment(os.environ, None, settings.models, args.workers, usable_cores()))
+        return
     private_dir = None
     socket_path = settings.inference_socket
     if socket_path is None:
@@ -211,27 +244,10 @@ def run_workers(args: argparse.Namespace, settings: Settings) -> None:
         else:  # as in single-process mode: serve anyway, unready with the reason, so probes can say why
             log.error("inference server is up but not ready: %s", hello.get("reason"))
         server.supervise()
-        extra = worker_environment(os.environ, socket_path, settings.models, args.workers, usable_cores())
-        os.environ.update(extra)  # uvicorn's worker processes are spawned with this environment
-        log.info(
-            "starting %d HTTP workers (%s decode processes each) on %s:%d",
-            args.workers,
-            os.environ.get("CXR_DECODE_WORKERS"),
-            args.host,
-            args.port,
-        )
         if stop_requested.is_set():
             return
-        # uvicorn's supervisor now takes SIGTERM/SIGINT over: it stops the workers, each draining its requests.
-        uvicorn.run(
-            "service.api.app:create_app",
-            factory=True,
-            workers=args.workers,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            log_config=worker_log_config(args.log_level),
-            access_log=False,
+        serve_http_workers(
+            args, worker_environment(os.environ, socket_path, settings.models, args.workers, usable_cores())
         )
     finally:
         code = server.stop()

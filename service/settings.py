@@ -54,15 +54,15 @@ class InferenceUrl:
         """grpc://host[:port] or http://host[:port]; ValueError with what is wrong otherwise."""
         parts = urlsplit(url)
         if parts.scheme not in KSERVE_DEFAULT_PORTS:
-            raise ValueError(f"CXR_INFERENCE_URL {url!r} must start with grpc:// or http://")
+            raise ValueError(f"{url!r} must start with grpc:// or http://")
         if not parts.hostname:
-            raise ValueError(f"CXR_INFERENCE_URL {url!r} names no host")
+            raise ValueError(f"{url!r} names no host")
         if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-            raise ValueError(f"CXR_INFERENCE_URL {url!r} must be just scheme://host:port (no path, query or user)")
+            raise ValueError(f"{url!r} must be just scheme://host:port (no path, query or user)")
         try:
             port = parts.port or KSERVE_DEFAULT_PORTS[parts.scheme]
         except ValueError:
-            raise ValueError(f"CXR_INFERENCE_URL {url!r} has an invalid port") from None
+            raise ValueError(f"{url!r} has an invalid port") from None
         return cls(parts.scheme, parts.hostname, port)  # type: ignore[arg-type]
 
 

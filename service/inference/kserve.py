@@ -315,29 +315,37 @@ class KServeModels:
         raise AssertionError("unreachable")
 
     async def check(self) -> str:
-        """ "" when both models are ready on the server and are this pack's; otherwise why not."""
+        """The empty string when both models are ready on the server and are this pack's; otherwise why not."""
         try:
             for model in MODELS:
                 if not await self._transport.model_ready(model):
                     return f"the server at {self.url} has no ready {model} model"
             served = {}
             for model in MODELS:
-                metadata = await self._transport.model_metadata(model)
-                problem = metadata_problem(model, metadata, self.input_shape, OUTPUTS[model])
-                if problem is None and self.settings.inference_verify_pack:
-                    config = await self._transport.model_config(model)
+                # The files first (the root cause when anything differs), then the tensors we send and read.
+                config, problem = {}, None
+                if self.settings.inference_verify_pack:
+                    try:
+                        config = await self._transport.model_config(model)
+                    except RemoteError as exc:
+                        if exc.retryable:
+                            raise
+                        return (
+                            f"the server at {self.url} does not show which files its {model} runs ({exc}); for a "
+                            "KServe v2 server without Triton's model config, set CXR_INFERENCE_VERIFY_PACK=false"
+                        )
                     problem = config_problem(model, config, self.pack, self.settings.max_batch_size)
-                    served[model] = {
-                        "name": metadata.get("name", model),
-                        "versions": list(metadata.get("versions") or []),
-                        "backend": config.get("backend") or None,
-                        "sha256": _parameter(config, SHA256_PARAMETER),
-                    }
-                else:
-                    served[model] = {"name": metadata.get("name", model), "versions": metadata.get("versions")}
-                served[model]["platform"] = metadata.get("platform") or None
+                metadata = await self._transport.model_metadata(model)
+                problem = problem or metadata_problem(model, metadata, self.input_shape, OUTPUTS[model])
                 if problem is not None:
                     return f"the server at {self.url} is not serving this pack: {problem}"
+                served[model] = {
+                    "name": metadata.get("name", model),
+                    "versions": list(metadata.get("versions") or []),
+                    "platform": metadata.get("platform") or None,
+                    "backend": config.get("backend") or None,
+                    "sha256": _parameter(config, SHA256_PARAMETER),
+                }
             if not self.server:
                 metadata = await self._transport.server_metadata()
                 self.server = {"name": metadata.get("name"), "version": metadata.get("version")}
