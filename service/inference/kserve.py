@@ -77,6 +77,8 @@ class GrpcTransport:
             ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
             ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
             *GRPC_RECONNECT,
+            # A name resolving to several servers (a headless Kubernetes Service) gets batches spread over all.
+            ("grpc.lb_policy_name", "round_robin"),
         ]
         self._client = grpc_aio.InferenceServerClient(url.address, channel_args=channel_args)
         self._timeout_s = timeout_s
