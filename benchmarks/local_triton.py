@@ -146,6 +146,8 @@ class TritonServer:
         self.extra_args = extra_args
         self.shm_prefix = f"cxr_triton_{uuid.uuid4().hex[:12]}_"
         self.process: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.ready_s: float | None = None  # start -> /v2/health/ready, once wait_ready has seen it
 
     @property
     def grpc_url(self) -> str:
@@ -181,6 +183,7 @@ class TritonServer:
         ]
 
     def start(self) -> TritonServer:
+        self.started_at = time.monotonic()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 self.command(),
@@ -205,6 +208,7 @@ class TritonServer:
             if self.process is None or self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited before it was ready; its log:\n{self.log_tail()}")
             if self.ready():
+                self.ready_s = time.monotonic() - self.started_at
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"tritonserver was not ready within {timeout_s:g} s; its log:\n{self.log_tail()}")

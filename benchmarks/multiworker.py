@@ -8,6 +8,11 @@ uncompressed DICOMs back to back, a new connection per request so that requests 
   single   `python -m service`                      one process, in-process ONNX Runtime (the default)
   shared   `python -m service --workers N`          N HTTP workers + one inference server (one session pair)
   naive    `uvicorn service.api.app:create_app --factory --workers N`   N workers, each loading its own sessions
+  triton   `python -m service` with CXR_INFERENCE_URL   one process; the models on a local Triton (gRPC)
+  triton-workers   `python -m service --workers N` with CXR_INFERENCE_URL   N workers, each batching for Triton
+The Triton setups start the nvidia-pytriton wheel's tritonserver (benchmarks/local_triton.py, Python backend
+running ONNX Runtime on CPU, repository written by `python -m service.triton_repository --backend python`)
+before the service; its processes' memory is sampled with the service's and added tick by tick.
 For each: cold start (process start to /readyz 200, and until every worker answers ready), throughput,
 p50/p99 latency, the median queue and inference times the service reports, resident memory of the whole
 process tree (RSS, and PSS, which counts shared library pages once), GPU memory per tree (nvidia-smi,
@@ -55,7 +60,8 @@ if TYPE_CHECKING:  # the service's inference modules are imported where they are
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SETUPS = ("single", "shared", "naive")
+SETUPS = ("single", "shared", "naive", "triton", "triton-workers")
+TRITON_SETUPS = ("triton", "triton-workers")
 MIB = 1024
 
 
@@ -81,13 +87,15 @@ class SetupResult:
     gpu_mib: float | None = None
     pss_by_role_mib: dict[str, list[float]] = field(default_factory=dict)  # right after the load, per process
     stop_s: float = float("nan")
+    triton_ready_s: float | None = None  # Triton setups: tritonserver start -> /v2/health/ready
+    triton_pss_peak_mib: float | None = None  # Triton setups: Triton's processes alone (included in pss_peak_mib)
 
 
 def setup_command(name: str, workers: int, port: int, models: Path) -> list[str]:
     common = ["--port", str(port), "--log-level", "warning"]
-    if name == "single":
+    if name in ("single", "triton"):
         return [sys.executable, "-m", "service", "--models", str(models), *common]
-    if name == "shared":
+    if name in ("shared", "triton-workers"):
         return [sys.executable, "-m", "service", "--workers", str(workers), "--models", str(models), *common]
     # What users do without the shared server: uvicorn's own workers, each building the app (and its sessions).
     return [
@@ -105,9 +113,13 @@ def setup_command(name: str, workers: int, port: int, models: Path) -> list[str]
     ]
 
 
-def setup_environment(name: str, workers: int, models: Path, providers: str | None, max_batch: int) -> dict[str, str]:
+def setup_environment(
+    name: str, workers: int, models: Path, providers: str | None, max_batch: int, inference_url: str | None = None
+) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_")}
     env |= {"CXR_MODELS": str(models), "CXR_MAX_BATCH_SIZE": str(max_batch)}
+    if inference_url:
+        env["CXR_INFERENCE_URL"] = inference_url
     if providers:
         env["CXR_PROVIDERS"] = providers
     if name == "naive":  # the launcher's split, so that only where the models run differs from "shared"
@@ -194,7 +206,9 @@ def process_role(pid: int, root: int) -> str:
 
     command = cmdline(pid)
     if pid == root:
-        return "main"  # the single process, or the launcher / uvicorn supervisor of N workers
+        return "tritonserver" if "tritonserver" in command else "main"  # or the launcher / supervisor of N workers
+    if "triton_python_backend_stub" in command:
+        return "Triton Python-backend stub"
     if "service.inference.server" in command:
         return "inference server"
     if "multiprocessing.resource_tracker" in command:
@@ -270,38 +284,75 @@ def stop_tree(process: subprocess.Popen, timeout_s: float = 60) -> float:
     return stopped
 
 
+@contextlib.contextmanager
+def local_triton(name: str, args: argparse.Namespace, logs: Path):
+    """For the Triton setups: a local tritonserver hosting the pack (Python backend), ready; else None."""
+    if name not in TRITON_SETUPS:
+        yield None
+        return
+    from benchmarks.local_triton import TritonServer, ensure_venv
+    from service.inference.modelpack import ModelPack
+    from service.inference.triton.repository import ServingOptions, default_preferred_batch_sizes, write_repository
+
+    repository = logs / f"{name}-repository"
+    options = ServingOptions(
+        max_batch_size=args.max_batch, preferred_batch_sizes=default_preferred_batch_sizes(args.max_batch)
+    )
+    write_repository(ModelPack.load(args.models), repository, "python", options)
+    server = TritonServer(ensure_venv(), repository, free_port(), free_port(), free_port(), logs / f"{name}-triton.log")
+    with server.start():
+        server.wait_ready(args.startup_timeout)
+        yield server
+
+
 def run_setup(name: str, args: argparse.Namespace, bodies: list[bytes], logs: Path) -> SetupResult:
+    with local_triton(name, args, logs) as triton:
+        return _run_service(name, args, bodies, logs, triton)
+
+
+def _run_service(name: str, args: argparse.Namespace, bodies: list[bytes], logs: Path, triton) -> SetupResult:
     port = free_port()
     command = setup_command(name, args.workers, port, args.models)
     result = SetupResult(
         name=name, command=" ".join(Path(command[0]).name if i == 0 else part for i, part in enumerate(command))
     )
+    if triton is not None:
+        result.command = f"CXR_INFERENCE_URL={triton.grpc_url} {result.command}"
+        result.triton_ready_s = triton.ready_s
+    roots = [] if triton is None else [triton.process.pid]
     base = f"http://127.0.0.1:{port}"
     log = (logs / f"{name}.log").open("w")
     started = time.monotonic()
     process = subprocess.Popen(
         command,
-        env=setup_environment(name, args.workers, args.models, args.providers, args.max_batch),
+        env=setup_environment(
+            name, args.workers, args.models, args.providers, args.max_batch, triton.grpc_url if triton else None
+        ),
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    roots.insert(0, process.pid)
     try:
         result.first_ready_s, result.all_ready_s = wait_ready(base, process, started, args.startup_timeout)
         result.providers = httpx.get(f"{base}/v1/models", timeout=10).json()["providers"]
-        idle = tree_memory(process.pid)
-        result.rss_idle_mib, result.pss_idle_mib = idle.rss_kib / MIB, idle.pss_kib / MIB
+        idle = [tree_memory(root) for root in roots]
+        result.rss_idle_mib = sum(m.rss_kib for m in idle) / MIB
+        result.pss_idle_mib = sum(m.pss_kib for m in idle) / MIB
         asyncio.run(drive_load(base, bodies, args.concurrency, args.warmup, args.keepalive))  # arenas grown
-        sampler = TreeSampler(process.pid, interval_s=0.5)
-        sampler.start()
+        samplers = [TreeSampler(root, interval_s=0.5).start() for root in roots]
         load = asyncio.run(drive_load(base, bodies, args.concurrency, args.duration, args.keepalive))
-        result.gpu_mib = gpu_memory_mib(process_tree(process.pid))
-        result.pss_by_role_mib = pss_by_role_mib(process.pid)
-        sampler.stop()
-        samples = sampler.samples
-        result.processes = max(sample.processes for sample in samples)
-        result.rss_peak_mib = max(sample.rss_kib for sample in samples) / MIB
-        result.pss_peak_mib = max(sample.pss_kib for sample in samples) / MIB
+        result.gpu_mib = gpu_memory_mib([pid for root in roots for pid in process_tree(root)])
+        for root in roots:
+            for role, values in pss_by_role_mib(root).items():
+                result.pss_by_role_mib.setdefault(role, []).extend(values)
+        series = [sampler.stop() for sampler in samplers]
+        combined = list(zip(*series))  # the trees sampled at the same ticks, added up
+        result.processes = max(sum(s.processes for s in tick) for tick in combined)
+        result.rss_peak_mib = max(sum(s.rss_kib for s in tick) for tick in combined) / MIB
+        result.pss_peak_mib = max(sum(s.pss_kib for s in tick) for tick in combined) / MIB
+        if triton is not None:
+            result.triton_pss_peak_mib = max(s.pss_kib for s in series[1]) / MIB
         result.requests = len(load["latencies"])
         result.errors = {status: count for status, count in load["statuses"].items() if status != "200"}
         result.throughput_per_s = load["statuses"].get("200", 0) / load["elapsed_s"]
@@ -392,7 +443,7 @@ def markdown_report(
 ) -> str:
     by_name = {result.name: result for result in results}
     lines = [
-        "# Several HTTP workers: shared inference server vs one session per worker"
+        "# Several HTTP workers: shared inference server, one session per worker, or Triton"
         f"{' (quick run)' if args.quick else ''}",
         "",
         f"Command: `python -m benchmarks.multiworker {' '.join(sys.argv[1:])}`".rstrip(),
@@ -423,6 +474,14 @@ def markdown_report(
             f"{r.inference_p50_ms:.1f} | {r.rss_idle_mib:.0f} | {r.rss_peak_mib:.0f} | {r.pss_peak_mib:.0f} | "
             f"{gpu} | {errors} |"
         )
+    tritons = [r for r in results if r.triton_ready_s is not None]
+    if tritons:
+        lines += ["", "Triton setups: the columns count the service and Triton together; Triton alone:", ""]
+        lines += [
+            f"- {r.name}: tritonserver ready {r.triton_ready_s:.1f} s after its start (before the service started), "
+            f"PSS peak {r.triton_pss_peak_mib:.0f} MiB"
+            for r in tritons
+        ]
     lines += ["", "PSS by process right after the load (MiB, count × mean):", ""]
     lines += [f"- {r.name}: {roles_text(r.pss_by_role_mib)}" for r in results]
     lines += ["", "Commands (and the provider each reported in /v1/models):", ""]
@@ -477,11 +536,36 @@ def tradeoff_lines(by_name: dict[str, SetupResult], ipc: dict) -> list[str]:
             f"{single.pss_peak_mib:.0f} MiB (each worker repeats the interpreter, FastAPI, pydicom and the "
             "decode pool's forkserver)."
         )
+    lines += triton_tradeoff_lines(by_name)
     lines.append(
         f"- Price per image: one copy of the preprocessed tensor into the socket and out again "
         f"({ipc['image_bytes'] / 2**20:.2f} MiB here), and one more hop: {ipc['hop_p50_ms']:.2f} ms p50, "
         "counted in the `queue` stage the service reports."
     )
+    return lines
+
+
+def triton_tradeoff_lines(by_name: dict[str, SetupResult]) -> list[str]:
+    lines = []
+    single, triton = by_name.get("single"), by_name.get("triton")
+    shared, workers = by_name.get("shared"), by_name.get("triton-workers")
+    if single and triton:
+        lines.append(
+            f"- The remote path (`triton` vs `single`, one HTTP process either way): {triton.throughput_per_s:.1f} vs "
+            f"{single.throughput_per_s:.1f} images/s; p50 {triton.p50_ms:.0f} vs {single.p50_ms:.0f} ms, p99 "
+            f"{triton.p99_ms:.0f} vs {single.p99_ms:.0f} ms; inference stage p50 {triton.inference_p50_ms:.1f} vs "
+            f"{single.inference_p50_ms:.1f} ms (a gRPC round trip to Triton's Python backend, two models at once); "
+            f"memory PSS {triton.pss_peak_mib:.0f} vs {single.pss_peak_mib:.0f} MiB."
+        )
+    if shared and workers:
+        lines.append(
+            f"- N workers + local Triton vs `--workers N` (`triton-workers` vs `shared`): "
+            f"{workers.throughput_per_s:.1f} vs {shared.throughput_per_s:.1f} images/s; p50 {workers.p50_ms:.0f} vs "
+            f"{shared.p50_ms:.0f} ms, p99 {workers.p99_ms:.0f} vs {shared.p99_ms:.0f} ms; PSS peak "
+            f"{workers.pss_peak_mib:.0f} vs {shared.pss_peak_mib:.0f} MiB (Triton {workers.triton_pss_peak_mib:.0f}); "
+            f"{workers.processes} vs {shared.processes} processes; ready {workers.all_ready_s:.1f} s after Triton's "
+            f"{workers.triton_ready_s:.1f} s vs {shared.all_ready_s:.1f} s."
+        )
     return lines
 
 
