@@ -160,8 +160,7 @@ def test_auth_off_by_default(client, tiny_settings):
 
 
 def test_security_headers_on_results_and_errors(client, secured):
-    """A /v1 result and a /v1 error both carry nosniff, DENY, no-referrer, no-store and the strict CSP; no HSTS by
-    default."""
+    """/v1 results and errors carry nosniff, DENY, no-referrer, no-store and the strict CSP; no HSTS by default."""
     for response in (client.get("/v1/models"), secured.get("/v1/models")):
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.headers["x-frame-options"] == "DENY"
@@ -221,8 +220,7 @@ def test_cors_for_configured_origin_before_auth(tiny_settings, key_pair):
 
 
 def test_new_key_helper_prints_key_and_its_digest(capsys):
-    """`python -m service.api.auth new-key` prints a key, its sha256 and a keys-file line, and says the key is not
-    stored."""
+    """`python -m service.api.auth new-key` prints a key, its sha256 and a keys-file line, and says it is not stored."""
     auth.main(["new-key", "--name", "ris"])
     out = capsys.readouterr().out
     assert "stored nowhere" in out

@@ -124,8 +124,7 @@ def vindr_cxr(tmp_path) -> Path:
 
 
 def test_vindr_cxr_training_readers_are_fused(vindr_cxr):
-    """Three readers: overlapping boxes fuse to their mean (support 2), single marks stay (support 1), labels by 2-of-3
-    vote."""
+    """Three readers: overlapping boxes fuse to their mean (support 2), single marks stay (1), labels by 2-of-3 vote."""
     records = read_split(vindr_cxr, "train")
     assert [record.image_id for record in records] == ["x1", "x2"]
     x1, x2 = records
@@ -183,8 +182,7 @@ def test_vindr_cxr_consensus_test_split_is_not_fused(vindr_cxr):
 
 @pytest.fixture
 def kaggle(tmp_path) -> Path:
-    """VinBigData Kaggle: one train.csv, columns shuffled and spelled rad_ID, "No finding" rows with empty
-    coordinates."""
+    """VinBigData Kaggle: one train.csv, columns shuffled, rad_ID spelling, "No finding" rows without coordinates."""
     _touch(tmp_path / "train", "k1.dicom", "k2.dicom")
     _touch(tmp_path / "test", "k9.dicom")
     _write_csv(
@@ -204,8 +202,7 @@ def kaggle(tmp_path) -> Path:
 
 
 def test_kaggle_layout_labels_come_from_the_marked_classes(kaggle):
-    """Kaggle train.csv: boxes fused across raters; image labels are the 2-of-3 vote on the classes each rater
-    marked."""
+    """Kaggle train.csv: boxes fused across raters; image labels are the 2-of-3 vote on the classes raters marked."""
     assert detect_layout(kaggle, "train") == "kaggle"
     assert read_split(kaggle, "train") == [
         Record(

@@ -115,8 +115,7 @@ def test_shard_splits_one_order_into_equal_disjoint_strides():
 
 
 def test_two_gloo_ranks_train_in_step_and_rank_0_writes_the_run(ddp_run):
-    """torchrun with 2 CPU ranks exits 0, both ranks end with bit-identical parameters, and rank 0 wrote every
-    output."""
+    """torchrun with 2 CPU ranks exits 0, both ranks end bit-identical, and rank 0 wrote every output."""
     for name in ("checkpoint.pt", "log.jsonl", "thresholds.json", "loss_curves.png", "run.json"):
         assert (ddp_run / name).exists(), name
     _assert_ranks_in_step(ddp_run)
@@ -137,8 +136,7 @@ def test_ddp_checkpoint_loads_into_single_process_models(ddp_run):
 
 
 def test_resume_under_ddp_continues_from_the_checkpoint(ddp_run, tiny_dataset, tmp_path):
-    """--resume under torchrun: every rank loads the checkpoint, training goes on at epoch 1, and the ranks stay in
-    step."""
+    """--resume under torchrun: every rank loads the checkpoint, training goes on at epoch 1, the ranks stay in step."""
     run = tmp_path / "resumed"
     shutil.copytree(ddp_run, run)
     result = _torchrun(tiny_dataset, run, "--epochs", "2", "--resume")

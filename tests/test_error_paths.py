@@ -1,5 +1,4 @@
-"""The rest of the error table: 405, 429 (queue full), 503 (not ready), 500 (a bug, with request id); PHI stays out of
-logs."""
+"""The rest of the error table: 405, 429 (queue full), 503 (not ready), 500 (a bug, with request id); no PHI in logs."""
 
 from __future__ import annotations
 
@@ -51,8 +50,7 @@ def test_full_queue_raises_overloaded_with_retry_after():
 
 
 def test_missing_pack_is_not_ready_503_and_says_why(tiny_settings, tmp_path):
-    """Without a loadable pack the service stays up: /readyz and /v1/predict answer 503 with the reason and
-    Retry-After."""
+    """Without a loadable pack the service stays up: /readyz and /v1/predict answer 503, the reason, Retry-After."""
     with TestClient(create_app(tiny_settings.model_copy(update={"models": tmp_path / "nowhere"}))) as broken:
         assert broken.get("/healthz").status_code == 200
         ready = broken.get("/readyz")
@@ -63,8 +61,7 @@ def test_missing_pack_is_not_ready_503_and_says_why(tiny_settings, tmp_path):
 
 
 def test_inference_bug_is_500_with_request_id_and_service_recovers(tiny_settings, tiny_dataset):
-    """An exception inside inference fails that request with 500 internal_error and its request id; the next one
-    succeeds."""
+    """An exception in inference fails that request with 500 internal_error and its request id; the next succeeds."""
     data = sorted((tiny_dataset / "test").glob("*.dicom"))[0].read_bytes()
     with TestClient(create_app(tiny_settings), raise_server_exceptions=False) as app_client:
         batcher = app_client.app.state.serving.batcher

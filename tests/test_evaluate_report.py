@@ -1,5 +1,4 @@
-"""Evaluation report: bootstrap intervals over images, and the JSON / markdown / PNG writers
-(synthetic arrays, no model)."""
+"""Evaluation report: bootstrap intervals over images; the JSON, markdown and PNG writers (synthetic arrays)."""
 
 from __future__ import annotations
 
@@ -168,8 +167,7 @@ def test_perfect_classifier_has_degenerate_intervals_at_one():
 
 
 def test_label_with_one_class_only_has_no_interval():
-    """A label with no positive has no AUROC, sensitivity or F1 (None, 0 valid resamples) and is left out of the
-    means."""
+    """A label with no positive has no AUROC, sensitivity or F1 (None, 0 valid resamples) and is not in the means."""
     inputs = _inputs(seed=7)
     inputs.targets[:, 2] = 0
     report = _score(inputs)
@@ -203,8 +201,7 @@ def test_percentile_interval_of_known_samples():
 
 
 def test_report_writer_writes_tables_and_plots(tmp_path):
-    """JSON keeps the established keys, markdown holds the tables with intervals and the command, PNGs are real
-    images."""
+    """JSON keeps the established keys, markdown has the tables with intervals and the command, PNGs are images."""
     inputs = _inputs(seed=9)
     matches = detection_matches(inputs)
     args = get_args_parser().parse_args(

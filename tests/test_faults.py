@@ -91,8 +91,7 @@ def test_metrics_expose_stage_latency_batches_and_errors(client, tiny_dataset):
 
 
 def test_request_time_is_bounded(tiny_settings, tiny_dataset):
-    """A request still waiting when the request time limit passes gets 503 request_timeout with Retry-After, as a
-    metric too."""
+    """A request still waiting at the request time limit gets 503 request_timeout with Retry-After, counted too."""
     slow = tiny_settings.model_copy(update={"max_queue_delay_ms": 3000, "request_timeout_s": 0.5})
     with TestClient(create_app(slow)) as local:
         response = local.post(
@@ -105,8 +104,7 @@ def test_request_time_is_bounded(tiny_settings, tiny_dataset):
 
 
 def test_unusable_preferred_provider_fails_clearly_in_strict_mode(tiny_settings):
-    """Asking for an accelerator provider this machine lacks: CPU fallback by default, unready with the reason when
-    strict."""
+    """An accelerator provider this machine lacks: CPU fallback by default, unready with the reason when strict."""
     wanted = ["MIGraphXExecutionProvider", "CPUExecutionProvider"]  # AMD's provider: absent from this build anywhere
     with TestClient(create_app(tiny_settings.model_copy(update={"providers": wanted}))) as lenient:
         assert lenient.get("/v1/models").json()["providers"] == ["CPUExecutionProvider"]

@@ -461,8 +461,7 @@ def _with_raw_value(data: bytes, group: int, element: int, value: bytes) -> byte
 
 
 def test_rle_segments_longer_than_rows_get_400(client, seeds, tiny_dataset):
-    """RLE data that does not fit Rows x Columns is malformed (400), not a decoder panic that broke the decode pool
-    (500)."""
+    """RLE data that does not fit Rows x Columns is malformed (400), not a decoder panic breaking the pool (500)."""
     data = _with_header(seeds["rle-12-mono1"], "Rows", 200)  # the segments still hold 256 rows
     _error(_post(client, data), 400, "malformed_dicom")
     assert client.get("/readyz").status_code == 200
@@ -470,8 +469,7 @@ def test_rle_segments_longer_than_rows_get_400(client, seeds, tiny_dataset):
 
 
 def test_unknown_vr_in_the_header_gets_400(client, seeds):
-    """An element with an unknown VR (read lazily by pydicom) is malformed (400), not a 500 when the header is
-    summarised."""
+    """An element with an unknown VR (read lazily by pydicom) is malformed (400), not a 500 when it is summarised."""
     data = seeds["explicit-16"]
     at = _find(data, 0x0008, 0x0018)  # SOP Instance UID
     _error(_post(client, data[: at + 4] + b"\x55\x8d" + data[at + 6 :]), 400, "malformed_dicom")
@@ -485,8 +483,7 @@ def test_unreadable_rescale_slope_gets_400(client, seeds, slope):
 
 
 def test_overflowing_rescale_gets_422(client, seeds):
-    """A finite RescaleSlope that overflows float32 on the stored values is unusable (422), not a prediction on an
-    inf/NaN image."""
+    """A finite RescaleSlope that overflows float32 on the stored values is unusable (422), not an inf/NaN image."""
     _error(_post(client, _with_header(seeds["explicit-16"], "RescaleSlope", "1e38")), 422, "unusable_image")
 
 
@@ -517,8 +514,7 @@ def test_rescale_slope_written_as_is_gets_400(client, seeds):
     ],
 )
 def test_dicom_output_without_a_valid_reference_gets_422(client, seeds, output, keyword, value):
-    """An SR or GSPS of an image lacking a valid UID to reference it by (or an unknown charset) is 422; JSON still
-    works."""
+    """An SR or GSPS of an image without a valid UID to reference (or an unknown charset) is 422; JSON still works."""
     ds = pydicom.dcmread(io.BytesIO(seeds["explicit-16"]))
     if value is None:
         delattr(ds, keyword)

@@ -1,4 +1,4 @@
-"""A model pack as an NVIDIA Triton model repository (DESIGN §6, scale-out), without torch.
+"""A model pack as an NVIDIA Triton model repository (scale-out, docs/architecture.md), without torch.
 
     DIR/
       manifest.json                  the pack's manifest, beside the models (Triton skips files at the top)
