@@ -1,4 +1,4 @@
-"""python -m service --host 127.0.0.1 --port 8000 --models models/demo-synthetic [--workers N]"""
+"""python -m service --host 127.0.0.1 --port 8000 --models models/demo-synthetic [--workers N] [--dicom-port D]"""
 
 from __future__ import annotations
 
@@ -36,14 +36,31 @@ def main(argv: list[str] | None = None) -> None:
         help="HTTP worker processes; above 1 they share one inference server (one set of ONNX "
         "sessions) and each gets max(1, cores // N) decode processes unless CXR_DECODE_WORKERS is set",
     )
+    parser.add_argument(
+        "--dicom-port",
+        type=int,
+        default=None,
+        help="also run the DICOM node (C-ECHO, C-STORE SCP) on this port, on --host unless CXR_DICOM_HOST is set "
+        "(default: CXR_DICOM_PORT; unset: no node). The node alone: python -m service.dicom_node serve",
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides: dict = {"models": args.models} if args.models else {}
+    if args.dicom_port is not None:
+        overrides["dicom_port"] = args.dicom_port
     try:
-        settings = Settings(**({"models": args.models} if args.models else {}))
+        settings = Settings(**overrides)
     except ValidationError as exc:  # a wrong CXR_* variable: say which and why, not a stack trace
         parser.error("; ".join(settings_problem(error) for error in exc.errors()))
+    if settings.dicom_port is not None and settings.dicom_host is None:
+        settings = settings.model_copy(update={"dicom_host": args.host})
+    if settings.dicom_port is not None and args.workers > 1:
+        parser.error(
+            "--dicom-port runs the node in the HTTP process, so it needs --workers 1; with several workers run "
+            "the node alone beside them: python -m service.dicom_node serve"
+        )
     if not (settings.models / "manifest.json").is_file():
         parser.error(f"no model pack at {settings.models} (expected manifest.json there)")
     if args.workers > 1:

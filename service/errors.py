@@ -88,3 +88,9 @@ class RequestTimeout(ApiError):
     """The whole request (upload, decoding, queueing, inference) outlasted the configured limit."""
 
     status_code, code = 503, "request_timeout"
+
+
+class NodeDisabled(ApiError):
+    """A DICOM node route was called on a service started without one."""
+
+    status_code, code = 404, "dicom_node_disabled"

@@ -56,3 +56,59 @@ class ServiceMetrics:
 
     def observe_error(self, code: str, status: int) -> None:
         self.errors.labels(code, str(status)).inc()
+
+
+@dataclass
+class NodeMetrics:
+    """The DICOM node's counters (service/dicom_node), in the service's registry so /metrics shows both."""
+
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        self.received = Counter(
+            "cxr_dicom_received",
+            "C-STORE requests answered by the node, by outcome (accepted, duplicate, refused_*)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.jobs = Gauge("cxr_dicom_jobs", "Jobs in the node's database, by state", ["state"], registry=self.registry)
+        self.queued = Gauge(
+            "cxr_dicom_queued",
+            "Jobs not finished yet: waiting for the pipeline or for a delivery",
+            registry=self.registry,
+        )
+        self.queue_age_s = Gauge(
+            "cxr_dicom_queue_age_seconds",
+            "Age of the oldest unfinished job (0 when none)",
+            registry=self.registry,
+        )
+        self.processed = Counter(
+            "cxr_dicom_processed", "Jobs through the pipeline, results rendered", registry=self.registry
+        )
+        self.failed = Counter(
+            "cxr_dicom_failed",
+            "Jobs the pipeline refused (unusable image, outside the intended use), by error code",
+            ["code"],
+            registry=self.registry,
+        )
+        self.delivered = Counter(
+            "cxr_dicom_delivered", "Results delivered, by destination", ["destination"], registry=self.registry
+        )
+        self.delivery_failures = Counter(
+            "cxr_dicom_delivery_failures",
+            "Failed delivery tries (retried later or dead-lettered), by destination",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.dead_lettered = Counter(
+            "cxr_dicom_dead_lettered",
+            "Jobs or deliveries given up after the last try (replayable), by stage",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.time_to_result_s = Histogram(
+            "cxr_dicom_time_to_result_seconds",
+            "From the C-STORE acknowledgement to the last destination's confirmation",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600),
+            registry=self.registry,
+        )

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_PACK = Path(__file__).resolve().parent.parent / "models" / "demo-synthetic"
 
@@ -64,6 +65,50 @@ class InferenceUrl:
         except ValueError:
             raise ValueError(f"{url!r} has an invalid port") from None
         return cls(parts.scheme, parts.hostname, port)  # type: ignore[arg-type]
+
+
+# Result objects a DICOM node destination can receive (service.viewer_outputs renders them).
+ResultKind = Literal["sr", "gsps", "sc"]
+AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # PS3.5 AE VR: 16 characters, no backslash or control
+
+
+class DimseDestination(BaseModel):
+    """A PACS AE that receives the results by C-STORE (the node is the SCU)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["dimse"]
+    ae_title: str = Field(pattern=AE_TITLE_PATTERN, description="called AE title of the PACS")
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    outputs: tuple[ResultKind, ...] = Field(("sr",), min_length=1)
+    name: str | None = Field(None, description="label in logs, metrics and /v1/jobs (default: AE@host:port)")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class StowDestination(BaseModel):
+    """A DICOMweb server that receives the results by STOW-RS (POST {url}/studies, multipart/related)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["stow"]
+    url: str = Field(pattern=r"^https?://", description="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    outputs: tuple[ResultKind, ...] = Field(("sr",), min_length=1)
+    headers: dict[str, str] = Field(
+        {}, description="extra HTTP headers (e.g. Authorization); never logged, never listed by /v1/jobs"
+    )
+    ca_bundle: Path | None = Field(None, description="CA certificates for an https URL (default: the system's)")
+    name: str | None = Field(None, description="label in logs, metrics and /v1/jobs (default: the URL)")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.url
+
+
+Destination = Annotated[DimseDestination | StowDestination, Field(discriminator="kind")]
 
 
 class Settings(BaseSettings):
@@ -229,6 +274,74 @@ class Settings(BaseSettings):
     def inference_endpoint(self) -> InferenceUrl | None:
         """CXR_INFERENCE_URL, parsed; None when the models run in this process (or the shared server)."""
         return InferenceUrl.parse(self.inference_url) if self.inference_url else None
+
+    # DICOM node (service/dicom_node, README "Receive from a PACS"). Off unless a DICOM port is given.
+    dicom_port: int | None = Field(
+        None, ge=0, le=65535, description="port of the DICOM node (C-ECHO, C-STORE SCP); unset: no node"
+    )
+    dicom_host: str | None = Field(None, description="address the DICOM node listens on (default: the API's --host)")
+    dicom_ae_title: str = Field("PCXR-AI", pattern=AE_TITLE_PATTERN, description="the node's own (called) AE title")
+    dicom_allowed_calling_ae: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="calling AE titles allowed to associate, comma-separated (or a JSON list); empty: any. "
+        "Others are rejected at association (calling AE title not recognised)",
+    )
+    dicom_spool_dir: Path = Field(
+        Path("dicom-spool"),
+        description="folder of the node's spool: received instances, rendered results and the job database "
+        "(jobs.sqlite3); holds PHI until delivery, so put it on an encrypted volume the service alone can read",
+    )
+    dicom_spool_max_bytes: int = Field(
+        10 * 1024**3,
+        ge=1024 * 1024,
+        description="most bytes the spool may hold (instances + results); a C-STORE that would exceed it is "
+        "refused with 0xA700 'out of resources'",
+    )
+    dicom_destinations: list[Destination] = Field(
+        [],
+        description='where results go, a JSON list: {"kind": "dimse", "ae_title", "host", "port", "outputs"} and/or '
+        '{"kind": "stow", "url", "outputs"}; outputs among "sr", "gsps", "sc"',
+    )
+    dicom_max_pdu: int = Field(
+        262_144,
+        ge=0,
+        description="largest PDU the node accepts (bytes; 0: unlimited); larger PDUs mean fewer round trips",
+    )
+    dicom_max_associations: int = Field(16, ge=1, description="associations the node serves at once")
+    dicom_tls_cert: Path | None = Field(None, description="PEM certificate of the node; with the key: DICOM over TLS")
+    dicom_tls_key: Path | None = Field(None, description="PEM private key of dicom_tls_cert")
+    dicom_tls_ca: Path | None = Field(
+        None, description="CA certificates that calling nodes' certificates must chain to (mutual TLS); unset: none"
+    )
+    dicom_workers: int = Field(
+        4, ge=1, le=256, description="received instances predicted at once (they share the inference batches)"
+    )
+    dicom_max_attempts: int = Field(
+        8, ge=1, description="tries per job and destination before the job is dead-lettered (replay command)"
+    )
+    dicom_backoff_base_s: float = Field(2.0, gt=0, description="delay before the first retry; doubles per attempt")
+    dicom_backoff_max_s: float = Field(300.0, gt=0, description="longest delay between two retries")
+    dicom_network_timeout_s: float = Field(
+        30.0, gt=0, description="connection and answer timeout of a delivery (C-STORE SCU, STOW-RS)"
+    )
+    dicom_retention_s: float = Field(
+        0.0,
+        ge=0,
+        description="seconds a delivered job's instance and results stay in the spool (0: purged at once); job "
+        "rows (no PHI) stay for dicom_job_history_s",
+    )
+    dicom_job_history_s: float = Field(
+        7 * 86400.0, ge=0, description="seconds finished job rows (hashed ids and states only) stay listed"
+    )
+
+    @field_validator("dicom_allowed_calling_ae", mode="before")
+    @classmethod
+    def _calling_ae_list(cls, value):
+        """Accept `A,B` (what an operator types) as well as a JSON list; blank entries dropped."""
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        return [str(title).strip() for title in value if str(title).strip()]
 
     @property
     def decode_limits(self) -> DecodeLimits:

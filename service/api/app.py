@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.allocator import keep_freed_memory
 from service.api.auth import KeyRing, requires_key
 from service.api.request_context import RequestContext, error_response
-from service.api.routers import health, metrics, predict, studies
+from service.api.routers import health, jobs, metrics, predict, studies
 from service.errors import ApiError
 from service.inference.client import load_remote_serving_state
 from service.inference.kserve import load_kserve_serving_state
@@ -93,6 +93,16 @@ def serving_state_loader(settings: Settings) -> Callable[[Settings, ServiceMetri
     return load_serving_state
 
 
+async def start_dicom_node(settings: Settings, state: ServingState, metrics: ServiceMetrics):
+    """The DICOM node beside the API, on the same serving state (so the same decode pool and batcher)."""
+    from service.dicom_node.node import DicomNode  # pynetdicom only when a node runs
+    from service.metrics import NodeMetrics
+
+    node = DicomNode(settings, state, NodeMetrics(metrics.registry))
+    await node.start(settings.dicom_host or "127.0.0.1")
+    return node
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
@@ -105,11 +115,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServiceMetrics()
     app.state.serving = ServingState(metrics=app.state.metrics)
     app.state.settings = settings
+    app.state.dicom_node = None
     # Built here, not per request, so a wrong digest or a missing keys file stops startup instead of every call.
     keys = KeyRing(settings.api_key_sha256s, settings.api_keys_file) if settings.auth_enabled else None
     if keys is not None:
         document_api_keys(app, settings)
-    for router in (health.router, predict.router, studies.router, metrics.router):
+    for router in (health.router, predict.router, studies.router, jobs.router, metrics.router):
         app.include_router(router)
     add_middleware(app, settings, keys)
     for error, handler in ERROR_HANDLERS.items():
@@ -135,7 +146,11 @@ def serving_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncCon
         state = await run_in_threadpool(load, settings, app.state.metrics)
         await state.start()
         app.state.serving = state
+        node = await start_dicom_node(settings, state, app.state.metrics) if settings.dicom_port is not None else None
+        app.state.dicom_node = node
         yield
+        if node is not None:
+            await node.stop()
         await state.stop()
 
     return lifespan

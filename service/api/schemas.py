@@ -175,3 +175,45 @@ class StudiesResponse(BaseModel):
     request_id: str
     results: list[Prediction]
     failures: list[InstanceFailure]
+
+
+JobState = Literal["queued", "processed", "delivered", "failed", "dead"]
+
+
+class JobDelivery(BaseModel):
+    destination: str = Field(description="the destination's name (CXR_DICOM_DESTINATIONS)")
+    outputs: list[str]
+    state: Literal["pending", "delivered", "dead"]
+    attempts: int
+    error: str | None = Field(description="error code of the last failed try")
+    delivered_at: float | None = Field(description="Unix time")
+    next_attempt_at: float | None = Field(description="Unix time of the next try, while pending")
+
+
+class Job(BaseModel):
+    """One instance received by the DICOM node; hashed ids, states and error codes only (no PHI)."""
+
+    job_id: str = Field(description="random id of the job (names its spool files)")
+    image_id: str = Field(description="hash of the SOP Instance UID (the VinDr image_id scheme)")
+    state: JobState
+    attempts: int = Field(description="tries through the pipeline")
+    error: str | None = Field(description="error code when failed or retried")
+    received_at: float = Field(description="Unix time of the C-STORE acknowledgement")
+    updated_at: float
+    finished_at: float | None
+    spooled: bool = Field(description="whether the instance and results are still in the spool")
+    deliveries: list[JobDelivery]
+
+
+class NodeStatus(BaseModel):
+    ae_title: str
+    port: int
+    spool_bytes_used: int
+    spool_max_bytes: int
+    jobs_by_state: dict[str, int]
+    destinations: list[str]
+
+
+class JobsResponse(BaseModel):
+    node: NodeStatus
+    jobs: list[Job] = Field(description="newest first")

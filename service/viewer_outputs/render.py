@@ -12,6 +12,8 @@ from service.viewer_outputs.png import render_png
 from service.viewer_outputs.sr import build_sr
 
 DICOM_MEDIA_TYPE = "application/dicom"
+# The DICOM objects `render` makes (the DICOM node's destinations may ask for any of them).
+DICOM_OUTPUTS = ("sr", "gsps")
 
 
 def _part10(dataset) -> bytes:

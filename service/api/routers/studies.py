@@ -19,6 +19,7 @@ from service.api.dependencies import ReadyStateDep, SettingsDep
 from service.api.routers.predict import ERRORS
 from service.api.schemas import StudiesResponse
 from service.api.upload import DICOM_MEDIA_TYPES, Part, check_declared_length, media_type, read_multipart
+from service.dicom.status import failure_status
 from service.errors import ApiError, MalformedDicom, UnsupportedMediaType
 from service.inference.predictor import predict_instance, request_time_limit
 from service.inference.state import ServingState
@@ -26,18 +27,6 @@ from service.settings import Settings
 
 router = APIRouter(prefix="/v1")
 
-# PS3.18 / PS3.4 failure reasons for the FailedSOPSequence.
-FAILURE_REASONS = {
-    "not_dicom": 0xC000,
-    "malformed_dicom": 0xC000,  # cannot understand
-    "unsupported_transfer_syntax": 0xC122,  # referenced transfer syntax not supported
-    "unusable_image": 0xA900,
-    "out_of_intended_use": 0xA900,
-    "decode_timeout": 0xA900,  # does not match what we process
-    "overloaded": 0xA700,
-    "not_ready": 0xA700,  # out of resources
-}
-PROCESSING_FAILURE = 0x0110
 
 STOW_BODY = {
     "requestBody": {
@@ -170,7 +159,7 @@ async def _store(parts: list[Part], request: Request, state: ServingState, setti
         if not isinstance(outcome, ApiError)
     ]
     failures = [
-        (uids[i][0], uids[i][1], FAILURE_REASONS.get(outcome.code, PROCESSING_FAILURE))
+        (uids[i][0], uids[i][1], failure_status(outcome.code))
         for i, outcome in enumerate(outcomes)
         if isinstance(outcome, ApiError)
     ]
