@@ -293,7 +293,7 @@ class Settings(BaseSettings):
     )
     dicom_spool_max_bytes: int = Field(
         10 * 1024**3,
-        ge=1024 * 1024,
+        ge=65536,
         description="most bytes the spool may hold (instances + results); a C-STORE that would exceed it is "
         "refused with 0xA700 'out of resources'",
     )

@@ -63,22 +63,28 @@ class NodeProcess:
             str(self.dicom_port),
         ]
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=log, stderr=subprocess.STDOUT)
+            # Its own process group, so that kill() and stop() reach its decode workers too.
+            self.process = subprocess.Popen(
+                command, cwd=REPOSITORY, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         wait_until_ready(self.http_url, timeout_s)  # the node listens before the API answers (app lifespan)
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, as in a power cut of the process."""
-        self.process.send_signal(signal.SIGKILL)
+        """SIGKILL to the service and its workers: no shutdown code runs, as in a power cut."""
+        os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(30)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             self.process.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        # Whatever of its group is left (decode workers, their forkserver) goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def jobs(self, **params) -> dict:
         response = httpx.get(f"{self.http_url}/v1/jobs", params={"limit": 1000, **params}, timeout=30)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 
 from tests.dicom_node_live import destinations, running_node, wait_for
 from tests.live import free_port
@@ -43,7 +44,7 @@ def write_phantoms(folder: Path, count: int, first_seed: int = 1000, transfer_sy
 
 def storescu(port: int, files: list[Path], calling_ae: str = MODALITY, timeout_s: float = 120) -> tuple[int, str]:
     """dcmtk storescu, verbose: (exit status, its output)."""
-    command = ["storescu", "-v", "-aet", calling_ae, "-aec", AE, "127.0.0.1", str(port), *map(str, files)]
+    command = ["storescu", "-v", "--no-halt", "-aet", calling_ae, "-aec", AE, "127.0.0.1", str(port), *map(str, files)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     return done.returncode, done.stdout + done.stderr
 
@@ -146,3 +147,79 @@ def test_results_arrive_once_after_the_destination_comes_back(tmp_path, tiny_pac
     assert len(files) == 6
     uids = {str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in files}
     assert len(uids) == 6
+
+
+def test_sigkill_mid_stream_loses_and_duplicates_nothing(tmp_path, tiny_pack):
+    """A node killed with SIGKILL mid-stream delivers, after a restart, one result per acknowledged image."""
+    images = write_phantoms(tmp_path / "images", 20, first_seed=3000)
+    sent = sources(images)
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        routes = destinations(
+            {"kind": "dimse", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port, "outputs": ["sr"]}
+        )
+        with running_node(tmp_path / "node", tiny_pack, CXR_DICOM_DESTINATIONS=routes) as node:
+            command = ["storescu", "-v", "-aet", MODALITY, "-aec", AE, "127.0.0.1", str(node.dicom_port)]
+            modality = subprocess.Popen(
+                [*command, *map(str, images)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            wait_for(lambda: node.job_rows() >= 5, 60, "5 spooled jobs", interval_s=0.01)
+            node.kill()
+            output = modality.communicate(timeout=60)[0]
+            acknowledged = store_statuses(output).count("Success")
+            assert 0 < acknowledged < 20, output  # killed mid-stream, after some acknowledgements
+            node.start()
+            # The modality sends again what it sent (it cannot know what the node kept): identical
+            # instances already spooled are acknowledged without a second job.
+            status, output = storescu(node.dicom_port, images)
+            assert status == 0 and store_statuses(output) == ["Success"] * 20, output
+            wait_for(lambda: node.jobs()["node"]["jobs_by_state"] == {"delivered": 20}, 120, "20 delivered jobs")
+            assert len(node.jobs()["jobs"]) == 20
+        stored = results_by_modality(pacs)
+    referenced = [referenced_image(tags) for tags in stored["SR"]]
+    assert sorted(referenced) == sorted(sent)  # each image exactly one SR, none lost
+    assert len({tags["SOPInstanceUID"] for tags in stored["SR"]}) == 20
+
+
+def test_refusals_get_their_dimse_status_and_break_nothing(tmp_path, tiny_pack):
+    """Unknown calling AE, an unsupported SOP class, a corrupt instance and a full spool each get their status."""
+    good = write_phantoms(tmp_path / "good", 12, first_seed=4000)
+    ct = tmp_path / "ct.dcm"
+    ds = dcmread(good[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(ct)
+    corrupt = tmp_path / "corrupt.dcm"
+    ds = dcmread(good[1])
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]  # a transfer cut off: half the pixels
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(corrupt)
+    nowhere = free_port()  # a destination that never answers, so results stay spooled
+    routes = destinations({"kind": "dimse", "ae_title": "NOWHERE", "host": "127.0.0.1", "port": nowhere})
+    size = good[2].stat().st_size
+    settings = {
+        "CXR_DICOM_DESTINATIONS": routes,
+        "CXR_DICOM_ALLOWED_CALLING_AE": f"{MODALITY},OTHER-MODALITY",
+        # Room for 4 instances with their SR allowance (64 KiB each), not 5.
+        "CXR_DICOM_SPOOL_MAX_BYTES": str(4 * (size + 65536) + size // 2),
+    }
+    with running_node(tmp_path / "node", tiny_pack, **settings) as node:
+        status, output = storescu(node.dicom_port, good[:1], calling_ae="STRANGER")
+        assert status != 0 and "Calling AE Title Not Recognized" in output, output
+        status, output = storescu(node.dicom_port, [ct, good[2]])
+        assert "No presentation context for: (CT)" in output, output
+        assert store_statuses(output) == ["Success"], output  # the CR/DX image of the same association went in
+        status, output = storescu(node.dicom_port, [corrupt, good[3]])
+        assert store_statuses(output) == ["Error: CannotUnderstand", "Success"], output
+        status, output = storescu(node.dicom_port, good[4:], calling_ae="OTHER-MODALITY")
+        statuses = store_statuses(output)
+        # Two more fit at once; later ones only while processing frees the unused part of the jobs' SR
+        # allowance (so the exact count depends on timing; the accounting below does not).
+        assert statuses[:2] == ["Success", "Success"] and "Refused: OutOfResources" in statuses, output
+        accepted = 2 + statuses.count("Success")
+        # Every acknowledged instance has its job and its spooled file; nothing refused was kept.
+        assert node.job_rows() == accepted == len(node.jobs()["jobs"])
+        assert len(list(node.spool.joinpath("instances").iterdir())) == accepted
+        # The accepted ones go through the pipeline; their deliveries wait for the destination.
+        wait_for(lambda: node.jobs()["node"]["jobs_by_state"] == {"processed": accepted}, 60, "processed jobs")
+        echo = subprocess.run(["echoscu", "-aet", MODALITY, "-aec", AE, "127.0.0.1", str(node.dicom_port)])
+        assert echo.returncode == 0

@@ -68,6 +68,8 @@ class DicomNode:
 
     async def start(self, host: str) -> None:
         self._check_outputs_renderable()
+        # pynetdicom's INFO and DEBUG lines print UIDs and the datasets' summaries: not in this service's log.
+        logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger("pynetdicom").level))
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._scheduler = self._loop.create_task(self._schedule(), name="dicom-node-scheduler")
