@@ -246,3 +246,88 @@ def test_settings_read_the_issue_example(monkeypatch):
     monkeypatch.setenv("CXR_DICOM_DESTINATIONS", '[{"kind": "stow", "url": "http://x", "outputs": ["pdf"]}]')
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_jobs_route_needs_a_node_and_a_key(tiny_settings):
+    """GET /v1/jobs answers 404 dicom_node_disabled without a node, and 401 without a key when auth is on."""
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+
+    plain = TestClient(create_app(tiny_settings))
+    response = plain.get("/v1/jobs")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "dicom_node_disabled"
+    digest = "ab" * 32  # the sha256 of some key; none is sent
+    guarded = TestClient(
+        create_app(tiny_settings.model_copy(update={"auth_enabled": True, "api_key_sha256s": [digest]}))
+    )
+    assert guarded.get("/v1/jobs").status_code == 401
+
+
+def test_replay_command_resets_dead_jobs_in_a_spool(tmp_path, capsys):
+    """`python -m service.dicom_node replay` re-queues dead jobs by id or all at once, and says which it could not."""
+    from service.dicom_node.__main__ import main
+
+    spool = Spool(tmp_path / "spool", 10_000)
+    store = JobStore(spool.database)
+    dead, delivered = _job(destinations=("pacs",)), _job(destinations=("pacs",))
+    for job in (dead, delivered):
+        store.add(job, now=0.0)
+        store.mark_processed(job.id, 1, now=0.0)
+    store.retry_delivery(dead.id, "pacs", "association_rejected", 1.0, 1, now=0.0)
+    store.mark_delivered(delivered.id, "pacs", now=0.0)
+    assert main(["replay", "--spool", str(spool.root), "--job", dead.id, "--job", delivered.id]) == 1
+    out = capsys.readouterr()
+    assert f"replayed {dead.id}" in out.out and f"not replayed {delivered.id}" in out.err
+    assert store.counts() == {"processed": 1, "delivered": 1}
+    assert main(["replay", "--spool", str(spool.root), "--all-dead"]) == 0
+    assert "no dead job" in capsys.readouterr().out
+    assert main(["jobs", "--spool", str(spool.root), "--state", "processed"]) == 0
+    assert dead.id in capsys.readouterr().out
+    store.close()
+
+
+def test_node_speaks_tls_and_checks_client_certificates(tmp_path):
+    """With CXR_DICOM_TLS_* set the node answers C-ECHO over TLS, to a client whose certificate the CA signed."""
+    import shutil
+    import ssl
+    import subprocess
+
+    from pynetdicom import AE
+
+    from service.dicom_node.intake import VERIFICATION
+    from service.dicom_node.scp import start_server
+    from tests.live import free_port
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+
+    def certificate(name: str, signer: str | None = None) -> tuple[str, str]:
+        key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
+        command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}"]
+        command += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+        subprocess.run(command, check=True, capture_output=True)
+        return str(cert), str(key)
+
+    server_cert, server_key = certificate("node")
+    client_cert, client_key = certificate("modality")
+    settings = Settings(
+        dicom_port=free_port(), dicom_tls_cert=server_cert, dicom_tls_key=server_key, dicom_tls_ca=client_cert
+    )
+    server = start_server(settings, "127.0.0.1", lambda data, sop_class, calling_ae: (0, None))
+    try:
+        client = AE(ae_title="MODALITY")
+        client.add_requested_context(VERIFICATION)
+        trusted = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=server_cert)
+        trusted.load_cert_chain(client_cert, client_key)
+        assoc = client.associate("127.0.0.1", settings.dicom_port, ae_title="PCXR-AI", tls_args=(trusted, "127.0.0.1"))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=server_cert)  # no client certificate
+        assoc = client.associate("127.0.0.1", settings.dicom_port, ae_title="PCXR-AI", tls_args=(anonymous, "127.0.0.1"))
+        assert not assoc.is_established
+        assoc = client.associate("127.0.0.1", settings.dicom_port, ae_title="PCXR-AI")  # plain TCP
+        assert not assoc.is_established
+    finally:
+        server.shutdown()
