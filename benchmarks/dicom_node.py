@@ -41,7 +41,7 @@ from pydicom.uid import generate_uid
 
 from benchmarks.inputs import input_set, make_input_set
 from benchmarks.machine import describe_machine, load_average
-from benchmarks.servers import free_port, log_tail, stop_server_process
+from benchmarks.servers import free_port, log_tail, stop_server_process, wait_until_ready
 from service.settings import DEFAULT_PACK
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,17 +95,9 @@ class Service:
             self.process = subprocess.Popen(
                 command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + 300
-        while True:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the service did not start; log:\n{log_tail(self.log)}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        if not wait_until_ready(self.url, self.process, 300):
+            self.stop()
+            raise RuntimeError(f"the service did not start; log:\n{log_tail(self.log)}")
 
     def stop(self) -> None:
         stop_server_process(self.process)
