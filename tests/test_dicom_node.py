@@ -314,20 +314,21 @@ def test_node_speaks_tls_and_checks_client_certificates(tmp_path):
     settings = Settings(
         dicom_port=free_port(), dicom_tls_cert=server_cert, dicom_tls_key=server_key, dicom_tls_ca=client_cert
     )
+    port = settings.dicom_port
     server = start_server(settings, "127.0.0.1", lambda data, sop_class, calling_ae: (0, None))
     try:
         client = AE(ae_title="MODALITY")
         client.add_requested_context(VERIFICATION)
         trusted = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=server_cert)
         trusted.load_cert_chain(client_cert, client_key)
-        assoc = client.associate("127.0.0.1", settings.dicom_port, ae_title="PCXR-AI", tls_args=(trusted, "127.0.0.1"))
+        assoc = client.associate("127.0.0.1", port, ae_title="PCXR-AI", tls_args=(trusted, "127.0.0.1"))
         assert assoc.is_established
         assert assoc.send_c_echo().Status == 0
         assoc.release()
         anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=server_cert)  # no client certificate
-        assoc = client.associate("127.0.0.1", settings.dicom_port, ae_title="PCXR-AI", tls_args=(anonymous, "127.0.0.1"))
+        assoc = client.associate("127.0.0.1", port, ae_title="PCXR-AI", tls_args=(anonymous, "127.0.0.1"))
         assert not assoc.is_established
-        assoc = client.associate("127.0.0.1", settings.dicom_port, ae_title="PCXR-AI")  # plain TCP
+        assoc = client.associate("127.0.0.1", port, ae_title="PCXR-AI")  # plain TCP
         assert not assoc.is_established
     finally:
         server.shutdown()

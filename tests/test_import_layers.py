@@ -18,7 +18,7 @@ from pathlib import Path
 SERVICE = Path(__file__).resolve().parent.parent / "service"
 
 SHARED = {"service.settings", "service.errors", "service.metrics", "service.allocator"}
-LAUNCHERS = {"service.__main__", "service.multiworker", "service.triton_repository"}
+LAUNCHERS = {"service.__main__", "service.multiworker", "service.triton_repository", "service.dicom_node.__main__"}
 # Layer -> the layers its modules may import (besides their own and the shared modules).
 ALLOWED = {
     "shared": set(),

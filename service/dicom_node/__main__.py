@@ -63,15 +63,15 @@ def node_settings(args: argparse.Namespace) -> Settings:
 async def serve(settings: Settings, metrics_port: int | None) -> None:
     from prometheus_client import start_http_server
 
+    from service.api.app import serving_state_loader  # the models run where CXR_* say, as for the API
     from service.dicom_node.node import DicomNode
-    from service.inference.state import load_serving_state
     from service.metrics import NodeMetrics, ServiceMetrics
 
     metrics = ServiceMetrics()
-    state = await asyncio.to_thread(load_serving_state, settings, metrics)
+    state = await asyncio.to_thread(serving_state_loader(settings), settings, metrics)
     if state.batcher is None:
         raise SystemExit(f"model pack not served: {state.not_ready_reason}")
-    state.batcher.start()
+    await state.start()
     host = settings.dicom_host or "127.0.0.1"
     node = DicomNode(settings, state, NodeMetrics(metrics.registry))
     await node.start(host)
@@ -83,8 +83,7 @@ async def serve(settings: Settings, metrics_port: int | None) -> None:
         loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
     await node.stop()
-    await state.batcher.stop()
-    state.decoder.close()
+    await state.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
