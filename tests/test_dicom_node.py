@@ -129,6 +129,15 @@ def test_replay_resends_dead_deliveries_and_requeues_failed_jobs(store):
     assert {row["id"] for row in store.due_jobs(6.0, 10)} == {failed.id, fine.id}
 
 
+def test_a_node_without_destinations_renders_nothing_and_finishes_jobs(store):
+    """A job with no result kinds and no deliveries is delivered as soon as it is processed."""
+    job = NewJob(new_job_id(), "0" * 32, "c", "MODALITY", (), 100, 0, ())
+    store.add(job, now=0.0)
+    assert store.due_jobs(0.0, 1)[0]["outputs"] == ""
+    store.mark_processed(job.id, 0, now=1.0)
+    assert store.counts() == {"delivered": 1}
+
+
 def test_pipeline_retries_dead_letter_after_the_last_attempt(store):
     """A job the pipeline cannot take (overloaded) is retried later, and dead after max attempts."""
     job = _job()

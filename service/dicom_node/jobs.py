@@ -62,6 +62,11 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, state, nex
 UNFINISHED = ("queued", "processed")
 
 
+def kinds(column: str) -> tuple[str, ...]:
+    """A comma-separated outputs column as a tuple ("" -> no kinds: a node without destinations)."""
+    return tuple(kind for kind in column.split(",") if kind)
+
+
 def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
     """Seconds before retry number `attempt` (1-based): exponential, capped, with "equal jitter".
 
@@ -253,7 +258,7 @@ class JobStore:
             (destination, now, limit),
         )
         return [
-            Delivery(row["job_id"], destination, tuple(row["outputs"].split(",")), row["attempts"], row["received_at"])
+            Delivery(row["job_id"], destination, kinds(row["outputs"]), row["attempts"], row["received_at"])
             for row in rows
         ]
 
@@ -424,7 +429,7 @@ class JobStore:
                     "deliveries": [
                         {
                             "destination": d["destination"],
-                            "outputs": d["outputs"].split(","),
+                            "outputs": list(kinds(d["outputs"])),
                             "state": d["state"],
                             "attempts": d["attempts"],
                             "error": d["error"],

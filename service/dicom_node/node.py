@@ -18,7 +18,7 @@ from pathlib import Path
 from service.dicom.status import OUT_OF_RESOURCES, SUCCESS
 from service.dicom_node.destinations import Outgoing, make_sender
 from service.dicom_node.intake import Refusal, check_instance, result_allowance
-from service.dicom_node.jobs import UNFINISHED, Delivery, JobStore, NewJob, backoff_delay
+from service.dicom_node.jobs import UNFINISHED, Delivery, JobStore, NewJob, backoff_delay, kinds
 from service.dicom_node.scp import StoreAnswer, start_server
 from service.dicom_node.spool import Spool, SpoolFull, new_job_id
 from service.errors import ApiError, NotReady
@@ -187,7 +187,7 @@ class DicomNode:
         free = self.settings.dicom_workers - len(self._processing)
         if free > 0:
             for row in await asyncio.to_thread(self.store.due_jobs, now, free, list(self._processing)):
-                task = self._loop.create_task(self._process(row["id"], tuple(row["outputs"].split(","))))
+                task = self._loop.create_task(self._process(row["id"], kinds(row["outputs"])))
                 self._processing[row["id"]] = task
                 task.add_done_callback(lambda _, job_id=row["id"]: self._done(self._processing, job_id))
         for label in await asyncio.to_thread(self.store.destinations_with_due, now):
