@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -272,7 +273,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--log", type=Path, default=Path("tritonserver.log"))
+    parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "cxr-tritonserver.log")
     return parser
 
 
@@ -287,11 +288,14 @@ def main(args: argparse.Namespace) -> int:
     server = TritonServer(
         install, args.repository.resolve(), args.http_port, args.grpc_port, args.metrics_port, args.log.resolve()
     )
-    with server.start():
+    # SIGTERM, and SIGINT even when started in the background (where the shell ignores it), stop the server
+    # through the with block, so that its process group and shared memory go too.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
+    with contextlib.suppress(KeyboardInterrupt), server.start():
         server.wait_ready()
         print(f"Triton ready: {server.grpc_url} (gRPC), {server.http_url} (HTTP); log {args.log}; Ctrl-C stops it")
-        with contextlib.suppress(KeyboardInterrupt):
-            server.process.wait()
+        server.process.wait()
     return 0
 
 
