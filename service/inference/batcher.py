@@ -27,6 +27,15 @@ InferFn = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 AsyncInferFn = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, ...]]]
 
 
+async def cancel_and_wait(task: asyncio.Task | None) -> None:
+    """Cancel a background task (the batcher's worker, a connection watcher) and wait until it has stopped."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 @dataclass(frozen=True)
 class BatchResult:
     outputs: tuple[np.ndarray, ...]  # this request's slice of every model output
@@ -62,10 +71,7 @@ class Batcher:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+        await cancel_and_wait(self._worker)
         while not self._queue.empty():
             self._queue.get_nowait().future.set_exception(NotReady("The service is shutting down."))
         self._executor.shutdown(wait=True)

@@ -11,7 +11,6 @@ verified, the worker reports not ready (/readyz 503 with the reason) and request
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import socket
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import NotReady, Overloaded
-from service.inference.batcher import BatchResult
+from service.inference.batcher import BatchResult, cancel_and_wait
 from service.inference.modelpack import ModelPack, PackError
 from service.inference.protocol import (
     MAX_RESPONSE_PAYLOAD_BYTES,
@@ -139,10 +138,7 @@ class RemoteBatcher:
         self._task = asyncio.get_running_loop().create_task(self._stay_connected(), name="remote-inference")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         self._fail_pending(NotReady("The service is shutting down."))
 
     async def submit(self, image: np.ndarray) -> BatchResult:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import InferenceUnavailable
-from service.inference.batcher import Batcher
+from service.inference.batcher import Batcher, cancel_and_wait
 from service.inference.modelpack import CLASSIFIER_OUTPUTS, DETECTOR_OUTPUTS, INPUT_NAME, MODELS, ModelPack, PackError
 from service.inference.state import ServingState, new_decode_pool
 from service.inference.triton.repository import PACK_PARAMETER, SHA256_PARAMETER
@@ -283,10 +283,7 @@ class KServeModels:
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="kserve-readiness")
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await cancel_and_wait(self._watcher)
         if self._transport is not None:
             await self._transport.close()
 
