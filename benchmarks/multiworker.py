@@ -438,8 +438,62 @@ def ipc_round_trip_ms(size: int, images: int) -> dict[str, float]:
         return asyncio.run(measure(Path(folder) / "inference.sock"))
 
 
+def remote_batch_ms(args: argparse.Namespace, logs: Path, batch_sizes=(1, 4, 16)) -> list[dict]:
+    """Both models on one batch, nothing else: ONNX Runtime in this process (as `single` runs them) vs the same
+    batch sent to a local Triton by the service's own client (service/inference/kserve.py), gRPC and HTTP."""
+    from service.inference.kserve import KServeModels
+    from service.inference.modelpack import ModelPack, OnnxModels
+    from service.settings import InferenceUrl, Settings
+
+    pack = ModelPack.load(args.models)
+    settings = Settings(models=args.models, max_batch_size=max(max(batch_sizes), args.max_batch))
+    local = OnnxModels(pack, settings=settings)
+    repeats = 5 if args.quick else 30
+    size = pack.input_spec.size
+    batches = {n: np.random.default_rng(n).standard_normal((n, 1, size, size)).astype(np.float32) for n in batch_sizes}
+
+    async def measure(urls: dict[str, str]) -> list[dict]:
+        """Calls of the three ways alternate, so that load from elsewhere on the machine hits them alike."""
+        clients = {
+            name: KServeModels(InferenceUrl.parse(url), pack, settings, lambda _: None) for name, url in urls.items()
+        }
+        for client in clients.values():
+            await client.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not all(client.ready for client in clients.values()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            rows = []
+            for n, images in batches.items():
+                times: dict[str, list[float]] = {"in_process": [], **{name: [] for name in clients}}
+                for repeat in range(repeats + 1):  # the first round only warms up (arenas, connections)
+                    started = time.perf_counter()
+                    local.run(images)
+                    ran = {"in_process": time.perf_counter() - started}
+                    for name, client in clients.items():
+                        started = time.perf_counter()
+                        await client.run(images)
+                        ran[name] = time.perf_counter() - started
+                    if repeat:
+                        for name, seconds in ran.items():
+                            times[name].append(seconds * 1e3)
+                rows.append({"batch": n, **{f"{name}_ms": statistics.median(t) for name, t in times.items()}})
+            return rows
+        finally:
+            for client in clients.values():
+                await client.stop()
+
+    with local_triton("triton", args, logs) as triton:
+        return asyncio.run(measure({"grpc": triton.grpc_url, "http": triton.http_url}))
+
+
 def markdown_report(
-    args: argparse.Namespace, machine: dict[str, str], results: list[SetupResult], ipc: dict, input_description: str
+    args: argparse.Namespace,
+    machine: dict[str, str],
+    results: list[SetupResult],
+    ipc: dict,
+    input_description: str,
+    remote: list[dict] | None = None,
 ) -> str:
     by_name = {result.name: result for result in results}
     lines = [
@@ -499,6 +553,21 @@ def markdown_report(
         f"{hop['remote_p50_ms']:.2f} | {hop['hop_p50_ms']:.2f} |"
         for hop in ipc
     ]
+    if remote:
+        lines += [
+            "",
+            "The remote path alone: both models on one batch of random 1 x S x S images, median of repeated calls: "
+            "ONNX Runtime in the benchmark process vs the service's KServe client (service/inference/kserve.py) "
+            "sending it to a local Triton (Python backend running the same ONNX Runtime on the same cores):",
+            "",
+            "| batch | in-process ms | Triton over gRPC ms | Triton over HTTP ms | gRPC extra per batch ms |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {row['batch']} | {row['in_process_ms']:.1f} | {row['grpc_ms']:.1f} | {row['http_ms']:.1f} | "
+            f"{row['grpc_ms'] - row['in_process_ms']:.1f} |"
+            for row in remote
+        ]
     lines += ["", "## What is traded", "", *tradeoff_lines(by_name, ipc[0])]
     return "\n".join(lines) + "\n"
 
@@ -597,8 +666,12 @@ def main(args: argparse.Namespace) -> None:
         ipc_round_trip_ms(size, images=50 if args.quick else 300)
         for size in [pack_size] + [size for size in (512, 1024) if size > pack_size]
     ]
+    remote = None
+    if any(name in TRITON_SETUPS for name in args.setups):
+        with tempfile.TemporaryDirectory(prefix="cxr-remote-") as logs:
+            remote = remote_batch_ms(args, Path(logs))
     report = markdown_report(
-        args, machine, results, ipc, f"{len(bodies)} x {spec.description}, {spec.rows} x {spec.cols}"
+        args, machine, results, ipc, f"{len(bodies)} x {spec.description}, {spec.rows} x {spec.cols}", remote
     )
     machine["Load average at end (1/5/15 min)"] = load_average()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -610,6 +683,7 @@ def main(args: argparse.Namespace) -> None:
                 "settings": {key: str(value) for key, value in vars(args).items()},
                 "setups": [asdict(result) for result in results],
                 "ipc_hop": ipc,
+                "remote_batch_ms": remote,
             },
             indent=2,
         )

@@ -268,6 +268,11 @@ class KServeModels:
         size = self.pack.input_spec.size
         return (1, size, size)
 
+    @property
+    def ready(self) -> bool:
+        """Both models ready on the server and verified as this pack's (as of the watcher's last check)."""
+        return self._reason == ""
+
     def description(self) -> dict:
         """/v1/models' "inference" object."""
         return {
