@@ -130,6 +130,8 @@ class GrpcTransport:
 
 class HttpTransport:
     def __init__(self, url: InferenceUrl, timeout_s: float) -> None:
+        # Imported on use (here and in GrpcTransport): tritonclient.http loads gevent and aiohttp, which a
+        # service running its models in-process, or over gRPC, never needs.
         import tritonclient.http as httpclient
         import tritonclient.http.aio as http_aio
 
