@@ -24,7 +24,6 @@ import numpy as np
 
 from service.errors import NotReady, Overloaded
 from service.inference.batcher import BatchResult, cancel_and_wait
-from service.inference.modelpack import ModelPack, PackError
 from service.inference.protocol import (
     MAX_RESPONSE_PAYLOAD_BYTES,
     PROTOCOL_VERSION,
@@ -34,7 +33,7 @@ from service.inference.protocol import (
     pack_identity,
     read_frame,
 )
-from service.inference.state import ServingState, new_decode_pool
+from service.inference.state import ServingState, new_decode_pool, state_with_verified_pack
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -239,12 +238,8 @@ def load_remote_serving_state(settings: Settings, metrics: ServiceMetrics | None
     The pack is still verified here: labels, thresholds and postprocessing parameters come from it, and the
     server must serve the same files (checked by sha256 on every connect).
     """
-    state = ServingState(metrics=metrics)
-    try:
-        state.pack = ModelPack.load(settings.models)
-    except PackError as exc:
-        state.not_ready_reason = f"model pack rejected: {exc}"
-        log.error("%s", state.not_ready_reason)
+    state = state_with_verified_pack(settings, metrics)
+    if state.pack is None:
         return state
     socket_path = Path(settings.inference_socket)
     state.models = RemoteModels(socket=socket_path)

@@ -27,8 +27,8 @@ import numpy as np
 
 from service.errors import InferenceUnavailable
 from service.inference.batcher import Batcher, cancel_and_wait
-from service.inference.modelpack import CLASSIFIER_OUTPUTS, DETECTOR_OUTPUTS, INPUT_NAME, MODELS, ModelPack, PackError
-from service.inference.state import ServingState, new_decode_pool
+from service.inference.modelpack import CLASSIFIER_OUTPUTS, DETECTOR_OUTPUTS, INPUT_NAME, MODELS, ModelPack
+from service.inference.state import ServingState, new_decode_pool, state_with_verified_pack
 from service.inference.triton.repository import PACK_PARAMETER, SHA256_PARAMETER
 from service.metrics import ServiceMetrics
 from service.settings import InferenceUrl, Settings
@@ -384,12 +384,8 @@ def load_kserve_serving_state(settings: Settings, metrics: ServiceMetrics | None
     The pack is verified here all the same: labels, thresholds and postprocessing come from it, and the remote
     models must be its files.
     """
-    state = ServingState(metrics=metrics)
-    try:
-        state.pack = ModelPack.load(settings.models)
-    except PackError as exc:
-        state.not_ready_reason = f"model pack rejected: {exc}"
-        log.error("%s", state.not_ready_reason)
+    state = state_with_verified_pack(settings, metrics)
+    if state.pack is None:
         return state
     url = settings.inference_endpoint
     state.models = KServeModels(url, state.pack, settings, on_status=partial(setattr, state, "not_ready_reason"))

@@ -101,6 +101,18 @@ def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None
     return state
 
 
+def state_with_verified_pack(settings: Settings, metrics: ServiceMetrics | None = None) -> ServingState:
+    """A serving state holding the verified pack, for models that run elsewhere (the shared inference server, a
+    KServe v2 server); when the pack is rejected, its `pack` is None and the reason is the not-ready reason."""
+    state = ServingState(metrics=metrics)
+    try:
+        state.pack = ModelPack.load(settings.models)
+    except PackError as exc:
+        state.not_ready_reason = f"model pack rejected: {exc}"
+        log.error("%s", state.not_ready_reason)
+    return state
+
+
 def new_decode_pool(settings: Settings, metrics: ServiceMetrics | None = None) -> DecodePool:
     """The decode pool of an HTTP process; the same for local inference and the shared inference server's workers."""
     pool = DecodePool(
