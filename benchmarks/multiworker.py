@@ -410,7 +410,7 @@ def ipc_round_trip_ms(size: int, images: int) -> dict[str, float]:
             socket_path,
             pack_identity(pack),
             RemoteModels(socket=socket_path),
-            lambda reason: ready.set() if reason == "" else None,
+            lambda reason, _detail: ready.set() if reason == "" else None,
             max_batch_size=1,
         )
         remote.start()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -13,6 +14,7 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.errors import Overloaded
 from service.inference.batcher import Batcher
+from tests.live import LiveService
 from training.synthetic import dicom_bytes, synthesize_instance
 
 
@@ -49,15 +51,21 @@ def test_full_queue_raises_overloaded_with_retry_after():
     assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
 
 
-def test_missing_pack_is_not_ready_503_and_says_why(tiny_settings, tmp_path):
-    """Without a loadable pack the service stays up: /readyz and /v1/predict answer 503, the reason, Retry-After."""
-    with TestClient(create_app(tiny_settings.model_copy(update={"models": tmp_path / "nowhere"}))) as broken:
+def test_missing_pack_is_not_ready_503_and_says_why(tiny_settings, tmp_path, caplog):
+    """Without a loadable pack the service stays up: /readyz and /v1/predict answer 503 with a reason code and
+    Retry-After; the path and the detail go to the log only."""
+    missing = tmp_path / "nowhere"
+    with (
+        caplog.at_level(logging.ERROR),
+        TestClient(create_app(tiny_settings.model_copy(update={"models": missing}))) as broken,
+    ):
         assert broken.get("/healthz").status_code == 200
         ready = broken.get("/readyz")
-        assert ready.status_code == 503 and "no manifest.json" in ready.json()["reason"]
+        assert ready.status_code == 503 and ready.json() == {"status": "not ready", "reason": "pack_rejected"}
         response = broken.post("/v1/predict", content=b"x", headers={"Content-Type": "application/dicom"})
         assert response.status_code == 503 and response.headers["Retry-After"] == "5"
-        assert response.json()["error"]["code"] == "not_ready"
+        assert response.json()["error"]["code"] == "not_ready" and str(tmp_path) not in response.text
+    assert f"no manifest.json in {missing}" in caplog.text
 
 
 def test_inference_bug_is_500_with_request_id_and_service_recovers(tiny_settings, tiny_dataset):
@@ -168,3 +176,36 @@ def test_uploads_are_never_written_to_disk(tiny_settings, tiny_dataset, monkeypa
             == 200
         )
     assert written == []
+
+
+# Run in the server process before the service starts: the SR builder fails the way highdicom does on a bad value,
+# with the value in the message.
+RAISE_WITH_PHI = """
+import service.viewer_outputs.render as render
+
+def build_sr(source, result):
+    raise ValueError(f"Value {source.PatientName!r} of PatientName is invalid; PatientID {source.PatientID!r}")
+
+render.build_sr = build_sr
+"""
+
+
+def test_internal_error_logs_type_and_frames_but_no_phi(tiny_pack, tmp_path):
+    """A 500 on an image carrying sentinel PHI logs the exception type and frames under the request id, and none of
+    the PHI the exception message quotes (the server's whole output is checked, uvicorn's included)."""
+    ds, _ = synthesize_instance(seed=23, rows=320, cols=288)
+    ds.PatientName, ds.PatientID = "SENTINEL^PHINAME", "SENTINEL-PHI-ID"
+    with LiveService(tiny_pack, tmp_path / "server.log", prelude=RAISE_WITH_PHI) as server:
+        response = httpx.post(
+            f"{server.base}/v1/predict?format=sr",
+            content=dicom_bytes(ds),
+            headers={"Content-Type": "application/dicom", "X-Request-ID": "phi-trace-1"},
+            timeout=30,
+        )
+        assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+        assert "SENTINEL" not in response.text
+        assert httpx.get(f"{server.base}/readyz", timeout=5).status_code == 200  # still serving
+    output = server.output()
+    assert "SENTINEL" not in output and "PHINAME" not in output, output
+    assert "unhandled exception request_id=phi-trace-1" in output and "builtins.ValueError" in output
+    assert "in build_sr" in output  # where it failed: the frames are there

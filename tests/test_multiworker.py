@@ -108,10 +108,13 @@ def test_hello_problem_names_what_is_wrong():
     """A worker refuses a server that is not ready, speaks another protocol or serves another pack."""
     good = {"protocol": 1, "ready": True, "pack": pack_identity(FAKE_PACK)}
     assert hello_problem(good, pack_identity(FAKE_PACK)) is None
-    assert "not ready: warming" in hello_problem(good | {"ready": False, "reason": "warming"}, pack_identity(FAKE_PACK))
-    assert "protocol" in hello_problem(good | {"protocol": 99}, pack_identity(FAKE_PACK))
+    reason, detail = hello_problem(good | {"ready": False, "reason": "starting"}, pack_identity(FAKE_PACK))
+    assert reason == "inference_server_not_ready" and "not ready: starting" in detail
+    reason, detail = hello_problem(good | {"protocol": 99}, pack_identity(FAKE_PACK))
+    assert reason == "inference_server_mismatch" and "protocol" in detail
     other = good | {"pack": pack_identity(FAKE_PACK) | {"detector_sha256": "e" * 64}}
-    assert "not the one this worker verified" in hello_problem(other, pack_identity(FAKE_PACK))
+    reason, detail = hello_problem(other, pack_identity(FAKE_PACK))
+    assert reason == "inference_server_mismatch" and "not the one this worker verified" in detail
 
 
 def test_server_accepts_only_one_image_of_the_pack_size():
@@ -176,7 +179,9 @@ def test_remote_batcher_gives_local_results_and_errors(socket_path):
         listener = await asyncio.get_running_loop().create_unix_server(server.protocol, path=str(socket_path))
         status: list[str] = []
         models = RemoteModels(socket=socket_path)
-        remote = RemoteBatcher(socket_path, pack_identity(FAKE_PACK), models, status.append, max_batch_size=1)
+        remote = RemoteBatcher(
+            socket_path, pack_identity(FAKE_PACK), models, lambda reason, _: status.append(reason), max_batch_size=1
+        )
         remote.start()
         await until(lambda: status and status[-1] == "")
         assert models.providers == ["FakeProvider"]
@@ -222,18 +227,19 @@ def test_remote_batcher_fails_queued_images_when_the_connection_drops(socket_pat
 
     async def scenario():
         listener = await asyncio.start_unix_server(die_after_one_request, path=str(socket_path))
-        status: list[str] = []
+        status: list[tuple[str, str]] = []
         remote = RemoteBatcher(
-            socket_path, pack_identity(FAKE_PACK), RemoteModels(socket=socket_path), status.append, 1
+            socket_path, pack_identity(FAKE_PACK), RemoteModels(socket=socket_path), lambda *s: status.append(s), 1
         )
         remote.start()
-        await until(lambda: status and status[-1] == "")
+        await until(lambda: status and status[-1][0] == "")
         listener.close()
         started = time.monotonic()
         with pytest.raises(NotReady):
             await remote.submit(np.zeros((1, SIZE, SIZE), np.float32))
         assert time.monotonic() - started < 2
-        await until(lambda: "closed the connection" in status[-1] or "no inference server" in status[-1])
+        await until(lambda: status[-1][0] == "inference_server_unavailable")
+        assert "closed the connection" in status[-1][1] or "no inference server" in status[-1][1]
         await remote.stop()
 
     asyncio.run(scenario())
@@ -331,7 +337,7 @@ def test_two_workers_share_one_inference_server(tiny_pack, tiny_dataset, client,
         assert response.status_code == 503 and response.headers["Retry-After"] == "5", response.text
         assert time.monotonic() - started < 10
         ready = httpx.get(f"{base}/readyz", timeout=5)
-        assert ready.status_code == 503 and "inference server" in ready.json()["reason"]
+        assert ready.status_code == 503 and ready.json()["reason"] == "inference_server_unavailable"
 
         wait_until_ready(base, timeout_s=60)  # restarted by the launcher; the workers reconnect on their own
         assert httpx.post(f"{base}/v1/predict", content=dicom, headers=headers, timeout=30).status_code == 200

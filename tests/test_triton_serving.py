@@ -80,17 +80,18 @@ def test_remote_answers_equal_in_process_serving(triton, tiny_settings, tiny_dat
             )
 
 
-def test_a_server_with_another_pack_keeps_the_service_unready(triton, tiny_settings):
-    """The remote models must be this pack's files: a service verifying another pack stays unready and says why."""
+def test_a_server_with_another_pack_keeps_the_service_unready(triton, tiny_settings, caplog):
+    """The remote models must be this pack's files: a service verifying another pack stays unready with the reason
+    code, and logs what differs."""
     settings = tiny_settings.model_copy(update={"inference_url": triton.grpc_url, "models": DEFAULT_PACK})
     with TestClient(create_app(settings), raise_server_exceptions=False) as other:
         deadline = time.monotonic() + 10
-        while "not serving this pack" not in other.get("/readyz").json().get("reason", ""):
+        while other.get("/readyz").json().get("reason") != "inference_server_mismatch":
             assert time.monotonic() < deadline, other.get("/readyz").json()
             time.sleep(0.1)
         response = other.get("/readyz")
         assert response.status_code == 503 and response.headers["Retry-After"]
-        assert "sha256" in response.json()["reason"]
+    assert "not serving this pack" in caplog.text and "sha256" in caplog.text
 
 
 def group_members(pgid: int) -> list[int]:
@@ -185,7 +186,7 @@ def test_triton_killed_under_load_means_503_then_recovery(triton_repository, tin
             wait_for(lambda: load.statuses[503] >= 3, 30, "503 answers while Triton is down")
             ready = httpx.get(f"{base}/readyz", timeout=5)
             assert ready.status_code == 503 and ready.headers["Retry-After"], ready.text
-            assert first.grpc_url.removeprefix("grpc://") in ready.json()["reason"]
+            assert ready.json()["reason"] == "inference_server_unavailable"
 
             answered = load.statuses[200]
             second = TritonServer(install, triton_repository, *ports, tmp_path / "triton-2.log").start()

@@ -164,6 +164,7 @@ def add_middleware(app: FastAPI, settings: Settings, keys: KeyRing | None) -> No
         keys=keys,
         requires_key=lambda path: requires_key(path, settings),
         security_headers=lambda path: security_headers(path, settings),
+        on_internal_error=lambda: app.state.metrics.observe_error("internal_error", 500),
     )
     if settings.cors_allow_origins:
         # Added last, so outermost: a preflight carries no key and is answered here, before authentication.
@@ -191,19 +192,11 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
     return error_response(exc.status_code, code, str(exc.detail), _request_id(request), getattr(exc, "headers", None))
 
 
-async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    # A 500 is a bug in this service: log the type and stack (no request content) under the request id.
-    log.error("unhandled %s request_id=%s", type(exc).__name__, _request_id(request), exc_info=exc)
-    request.app.state.metrics.observe_error("internal_error", 500)
-    return error_response(
-        500, "internal_error", "An internal error occurred; report the request id.", _request_id(request)
-    )
-
-
 # Every error answer has the same JSON shape (service.api.request_context.error_response).
 ERROR_HANDLERS = {
     ApiError: api_error,
     RequestValidationError: validation_error,
     StarletteHTTPException: http_error,
-    Exception: unexpected_error,
 }
+# Any other exception is a bug: service.api.request_context.RequestContext answers 500 internal_error and logs it
+# without its message.

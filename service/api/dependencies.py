@@ -28,7 +28,7 @@ async def get_state(request: Request) -> ServingState:
 async def get_ready_state(request: Request) -> ServingState:
     state: ServingState = request.app.state.serving
     if not state.ready:
-        raise NotReady(f"The model is not ready: {state.not_ready_reason}", headers={"Retry-After": "5"})
+        raise NotReady(f"The model is not ready ({state.not_ready_reason}).", headers={"Retry-After": "5"})
     return state
 
 

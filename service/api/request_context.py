@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 
@@ -33,6 +34,30 @@ def error_response(status: int, code: str, message: str, request_id: str, header
     )
 
 
+INTERNAL_ERROR_MESSAGE = "An internal error occurred; report the request id."
+
+
+def scrubbed_traceback(exc: BaseException) -> str:
+    """Exception types and stack frames (file, line, function) of `exc` and its causes: no messages, no values.
+
+    pydicom's and highdicom's messages quote element values (a patient's name, a birth date), and a
+    formatted traceback repeats them, so neither may reach the log; where it failed is enough to find the bug.
+    """
+    lines, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        lines.append(f"{type(current).__module__}.{type(current).__qualname__}, raised at:")
+        lines += [
+            f"  {frame.filename}:{frame.lineno} in {frame.name}"
+            for frame in traceback.extract_tb(current.__traceback__)
+        ]
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+        if current is not None:
+            lines.append("while handling (or caused by):")
+    return "\n".join(lines)
+
+
 def request_id_from(headers: Headers) -> str:
     """The caller's X-Request-ID when it is a safe token (it is echoed and logged), else a new one."""
     supplied = headers.get("x-request-id", "")
@@ -52,11 +77,13 @@ class RequestContext:
         keys: KeyRing | None,
         requires_key: Callable[[str], bool],
         security_headers: Callable[[str], dict[str, str]],
+        on_internal_error: Callable[[], None] = lambda: None,
     ) -> None:
         self.app = app
         self.keys = keys
         self.requires_key = requires_key
         self.security_headers = security_headers
+        self.on_internal_error = on_internal_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,12 +95,13 @@ class RequestContext:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         path = scope["path"]
-        status = 500  # what the client gets if the app raises before answering (the server's error handler)
+        status = 500  # what the client gets if the app raises before answering
+        started_response = False
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 response_headers = MutableHeaders(scope=message)
                 for name, value in self.security_headers(path).items():
                     if name not in response_headers:  # a route that sets its own (e.g. a CSP) keeps it
@@ -95,6 +123,15 @@ class RequestContext:
                     await refusal(scope, receive, send_with_headers)
                     return
             await self.app(scope, receive, send_with_headers)
+        except Exception as exc:
+            # A bug in this service. Answered here rather than by an app exception handler: Starlette re-raises
+            # whatever reaches its outermost middleware after the handler ran, and the server then logs the
+            # exception with its message and a full traceback, which may quote DICOM values (PHI).
+            log.error("unhandled exception request_id=%s: %s", request_id, scrubbed_traceback(exc))
+            self.on_internal_error()
+            if not started_response:
+                refusal = error_response(500, "internal_error", INTERNAL_ERROR_MESSAGE, request_id)
+                await refusal(scope, receive, send_with_headers)
         finally:
             # Method, path, status, time and the key's configured name only: never the key, other headers,
             # bodies or DICOM values (PHI).

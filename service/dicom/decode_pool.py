@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -36,6 +37,16 @@ def _load_decoders() -> None:
         with contextlib.suppress(ImportError):  # a missing plugin is reported per image as 415, not here
             importlib.import_module(plugin)
     time.sleep(0.05)  # hold this worker briefly so the pool starts a separate process for the next task
+
+
+def _init_worker(malloc_keep_mb: int) -> None:
+    """Set up a decode worker process: the server's malloc thresholds, and Ctrl-C left to the server.
+
+    A terminal's Ctrl-C signals the whole process group; the server stops its workers itself, and a worker
+    interrupted while it waits for work would only print a KeyboardInterrupt traceback per process.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory(malloc_keep_mb)
 
 
 class DecodeTimeout(ApiError):
@@ -71,7 +82,7 @@ class DecodePool:
         self.replaced_workers = 0
         self._slots = asyncio.Semaphore(workers)
         self._waiting = 0
-        self._executor = self._new_executor()
+        self._executor: Executor | None = self._new_executor()
         self._threads = (
             ThreadPoolExecutor(workers, thread_name_prefix="decode-native")
             if use_processes and native_in_threads
@@ -86,7 +97,7 @@ class DecodePool:
         return ProcessPoolExecutor(
             self.workers,
             mp_context=multiprocessing.get_context("forkserver"),
-            initializer=keep_freed_memory,
+            initializer=_init_worker,
             initargs=(self.malloc_keep_mb,),
         )
 
@@ -174,14 +185,28 @@ class DecodePool:
 
         uvicorn ends a SIGTERM shutdown by re-raising the signal, so no atexit hook runs to send the workers
         their stop message; a worker also holds its own call queue's write end, so it never sees EOF either.
-        Left alone, each worker (and the forkserver it keeps alive) outlives the server as an orphan.
+        Left alone, each worker (and the forkserver it keeps alive) outlives the server as an orphan. For the
+        same reason the pool's queues must be released here: their locks are named semaphores registered
+        with multiprocessing's resource tracker, normally unregistered by an atexit finaliser that a
+        signal-terminated process never runs, and the tracker then warns of "leaked semaphore objects".
         """
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
-        processes = list((getattr(self._executor, "_processes", None) or {}).values())
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return  # closed already
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        # The thread that feeds the workers holds the queues; shutdown(wait=False) forgets it, so keep it to join.
+        manager = getattr(executor, "_executor_manager_thread", None)
+        executor.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + grace_s
         for process in processes:
             process.join(max(deadline - time.monotonic(), 0))
             if process.is_alive():
                 process.kill()
+                process.join(1.0)
+        if manager is not None:
+            # With its workers gone it closes the queues and ends; then the last references to them go with it.
+            manager.join(max(deadline - time.monotonic(), 1.0))
+        # The last references to the queues: their semaphores are unregistered as they are freed, right here.
+        del executor, manager, processes

@@ -17,7 +17,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,30 +56,42 @@ class RemoteModels:
     providers: list[str] = field(default_factory=list)
 
 
-def hello_problem(hello: dict, expected_pack: dict) -> str | None:
-    """Why this worker must not send images to the server that answered `hello`, or None when it may."""
+def hello_problem(hello: dict, expected_pack: dict) -> tuple[str, str] | None:
+    """Why this worker must not send images to the server that answered `hello`, or None when it may.
+
+    (reason code for /readyz, detail for the log).
+    """
     if hello.get("protocol") != PROTOCOL_VERSION:
-        return f"inference server speaks protocol {hello.get('protocol')!r}, this worker {PROTOCOL_VERSION}"
+        return (
+            "inference_server_mismatch",
+            f"inference server speaks protocol {hello.get('protocol')!r}, this worker {PROTOCOL_VERSION}",
+        )
     if not hello.get("ready"):
-        return f"inference server is not ready: {hello.get('reason') or 'no reason given'}"
+        return (
+            "inference_server_not_ready",
+            f"inference server is not ready: {hello.get('reason') or 'no reason given'} (its log says why)",
+        )
     if hello.get("pack") != expected_pack:
         # Boxes are postprocessed here with this pack's labels and thresholds: they must be the served model's.
         served = hello.get("pack") or {}
         return (
+            "inference_server_mismatch",
             f"inference server serves pack {served.get('name')} {served.get('version')} "
             f"(detector {str(served.get('detector_sha256'))[:12]}…), not the one this worker verified "
-            f"({expected_pack['name']} {expected_pack['version']}, detector {expected_pack['detector_sha256'][:12]}…)"
+            f"({expected_pack['name']} {expected_pack['version']}, detector {expected_pack['detector_sha256'][:12]}…)",
         )
     return None
 
 
-def disconnect_reason(error: Exception, socket_path: Path) -> str:
-    """The not-ready reason /readyz reports after a failed connect or a dropped connection."""
+def disconnect_reason(error: Exception, socket_path: Path) -> tuple[str, str]:
+    """The not-ready reason code /readyz reports after a failed connect or a dropped connection, and the detail."""
     if isinstance(error, asyncio.IncompleteReadError):
-        return f"the inference server at {socket_path} closed the connection (stopped or crashed)"
-    if isinstance(error, (FileNotFoundError, ConnectionRefusedError)):
-        return f"no inference server is listening at {socket_path}"
-    return f"the inference server at {socket_path} is unavailable ({type(error).__name__}: {error})"
+        detail = f"the inference server at {socket_path} closed the connection (stopped or crashed)"
+    elif isinstance(error, (FileNotFoundError, ConnectionRefusedError)):
+        detail = f"no inference server is listening at {socket_path}"
+    else:
+        detail = f"the inference server at {socket_path} is unavailable ({type(error).__name__}: {error})"
+    return "inference_server_unavailable", detail
 
 
 def answer_to_result(answer: dict, arrays: list[np.ndarray], round_trip_ms: float) -> BatchResult:
@@ -113,15 +124,16 @@ class RemoteBatcher:
         socket_path: Path,
         expected_pack: dict,
         models: RemoteModels,
-        on_status: Callable[[str], None],
+        on_status: Callable[[str, str], None],
         max_batch_size: int,
     ) -> None:
         self.socket_path = socket_path
         self.max_batch_size = max_batch_size
         self._expected_pack = expected_pack
         self._models = models
-        self._on_status = on_status  # "" when ready, else why not: the serving state's not_ready_reason
-        self._reason = "not connected yet"
+        # ("", "") when ready, else (reason code, detail): the serving state's not_ready_reason and the log line.
+        self._on_status = on_status
+        self._reason = "inference_server_connecting"
         self._writer: asyncio.StreamWriter | None = None
         self._write_lock = asyncio.Lock()
         self._pending: dict[int, tuple[asyncio.Future, float]] = {}
@@ -143,7 +155,7 @@ class RemoteBatcher:
     async def submit(self, image: np.ndarray) -> BatchResult:
         writer = self._writer
         if writer is None:
-            raise NotReady(f"The inference server is not available: {self._reason}", headers={"Retry-After": "5"})
+            raise NotReady(f"The inference server is not available ({self._reason}).", headers={"Retry-After": "5"})
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (future, time.perf_counter())
@@ -166,13 +178,13 @@ class RemoteBatcher:
                 writer.write(buffer)
             await writer.drain()
 
-    def _set_status(self, reason: str) -> None:
+    def _set_status(self, reason: str, detail: str = "") -> None:
         if reason != self._reason:
             (log.info if reason == "" else log.warning)(
-                "%s", reason or f"connected to the inference server at {self.socket_path}; ready"
+                "%s", detail or f"connected to the inference server at {self.socket_path}; ready"
             )
         self._reason = reason
-        self._on_status(reason)
+        self._on_status(reason, detail)
 
     def _fail_pending(self, error: Exception) -> None:
         for future, _ in list(self._pending.values()):
@@ -183,9 +195,9 @@ class RemoteBatcher:
         """Connect, check the server's hello, read answers until the connection drops; then again, forever."""
         while True:
             try:
-                reason = await self._connect_and_read()
+                reason, detail = await self._connect_and_read()
             except (OSError, asyncio.IncompleteReadError, ProtocolError, TimeoutError) as exc:
-                reason = disconnect_reason(exc, self.socket_path)
+                reason, detail = disconnect_reason(exc, self.socket_path)
             self._writer = None
             # In-flight requests fail now (503 with Retry-After) instead of waiting out the request time limit.
             self._fail_pending(
@@ -194,11 +206,12 @@ class RemoteBatcher:
                     headers={"Retry-After": "5"},
                 )
             )
-            self._set_status(reason)
+            self._set_status(reason, detail)
             await asyncio.sleep(RECONNECT_DELAY_S)
 
-    async def _connect_and_read(self) -> str:
-        """Serve answers while connected; returns (or raises) why this connection cannot be used (any more)."""
+    async def _connect_and_read(self) -> tuple[str, str]:
+        """Serve answers while connected; returns (or raises) why this connection cannot be used (any more):
+        (reason code, detail)."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(str(self.socket_path), limit=STREAM_LIMIT), CONNECT_TIMEOUT_S
         )
@@ -243,12 +256,12 @@ def load_remote_serving_state(settings: Settings, metrics: ServiceMetrics | None
         return state
     socket_path = Path(settings.inference_socket)
     state.models = RemoteModels(socket=socket_path)
-    state.not_ready_reason = f"connecting to the inference server at {socket_path}"
+    state.not_ready_reason = "inference_server_connecting"
     state.batcher = RemoteBatcher(
         socket_path,
         pack_identity(state.pack),
         state.models,
-        on_status=partial(setattr, state, "not_ready_reason"),
+        on_status=lambda reason, _detail: setattr(state, "not_ready_reason", reason),
         max_batch_size=settings.max_batch_size,
     )
     state.decoder = new_decode_pool(settings, metrics)

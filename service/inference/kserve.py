@@ -250,7 +250,8 @@ class KServeModels:
     """Stands in for OnnxModels: both models of `pack`, run on the KServe v2 server at `url`.
 
     `run` is the Batcher's (async) infer function; `start`/`stop` run the readiness watcher, which reports
-    through `on_status` ("" when ready, else why not: the serving state's not_ready_reason).
+    through `on_status` ("" when ready, else the reason code of the serving state's not_ready_reason; the detail
+    goes to the log).
     """
 
     url: InferenceUrl
@@ -263,7 +264,7 @@ class KServeModels:
     _transport: Any = None
     _watcher: asyncio.Task | None = None
     _recheck: asyncio.Event = field(default_factory=asyncio.Event)
-    _reason: str = "not connected yet"
+    _reason: str = "inference_server_connecting"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -298,7 +299,7 @@ class KServeModels:
         """images (N, 1, S, S) float32 -> the outputs of OnnxModels.run, from the server (both models at once)."""
         if self._transport is None or self._reason:
             raise InferenceUnavailable(
-                f"Inference at {self.url} is not available: {self._reason}", headers={"Retry-After": RETRY_AFTER_S}
+                f"The inference server is not available ({self._reason}).", headers={"Retry-After": RETRY_AFTER_S}
             )
         images = np.ascontiguousarray(images, dtype=np.float32)
         results = await asyncio.gather(*(self._infer(model, images) for model in MODELS))
@@ -314,18 +315,21 @@ class KServeModels:
                     self._recheck.set()  # the watcher looks at the server now, not at its next interval
                 if not exc.retryable or attempt == attempts:
                     log.warning("inference at %s failed (attempt %d of %d): %s", self.url, attempt, attempts, exc)
+                    # The client learns that it failed; where and why (the server's URL and message) are logged above.
                     raise InferenceUnavailable(
-                        f"Inference at {self.url} failed: {exc}", headers={"Retry-After": RETRY_AFTER_S}
+                        "Inference on the inference server failed; retry shortly.",
+                        headers={"Retry-After": RETRY_AFTER_S},
                     ) from None
                 await asyncio.sleep(RETRY_BACKOFF_S * attempt)
         raise AssertionError("unreachable")
 
-    async def check(self) -> str:
-        """The empty string when both models are ready on the server and are this pack's; otherwise why not."""
+    async def check(self) -> tuple[str, str]:
+        """("", "") when both models are ready on the server and are this pack's; otherwise why not: a reason code
+        of the serving state (NOT_READY_REASONS) and the detail for the log."""
         try:
             for model in MODELS:
                 if not await self._transport.model_ready(model):
-                    return f"the server at {self.url} has no ready {model} model"
+                    return "inference_server_not_ready", f"the server at {self.url} has no ready {model} model"
             served = {}
             for model in MODELS:
                 # The files first (the root cause when anything differs), then the tensors we send and read.
@@ -337,14 +341,15 @@ class KServeModels:
                         if exc.retryable:
                             raise
                         return (
+                            "inference_server_mismatch",
                             f"the server at {self.url} does not show which files its {model} runs ({exc}); for a "
-                            "KServe v2 server without Triton's model config, set CXR_INFERENCE_VERIFY_PACK=false"
+                            "KServe v2 server without Triton's model config, set CXR_INFERENCE_VERIFY_PACK=false",
                         )
                     problem = config_problem(model, config, self.pack, self.settings.max_batch_size)
                 metadata = await self._transport.model_metadata(model)
                 problem = problem or metadata_problem(model, metadata, self.input_shape, OUTPUTS[model])
                 if problem is not None:
-                    return f"the server at {self.url} is not serving this pack: {problem}"
+                    return "inference_server_mismatch", f"the server at {self.url} is not serving this pack: {problem}"
                 served[model] = {
                     "name": metadata.get("name", model),
                     "versions": list(metadata.get("versions") or []),
@@ -357,21 +362,21 @@ class KServeModels:
                 self.server = {"name": metadata.get("name"), "version": metadata.get("version")}
             self.served = served
         except RemoteError as exc:
-            return f"the server at {self.url} is unavailable ({exc})"
-        return ""
+            return "inference_server_unavailable", f"the server at {self.url} is unavailable ({exc})"
+        return "", ""
 
     async def _watch(self) -> None:
         while True:
-            self._set_status(await self.check())
+            self._set_status(*await self.check())
             interval = CHECK_INTERVAL_UNREADY_S if self._reason else CHECK_INTERVAL_READY_S
             self._recheck.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._recheck.wait(), interval)
 
-    def _set_status(self, reason: str) -> None:
+    def _set_status(self, reason: str, detail: str) -> None:
         if reason != self._reason:
             if reason:
-                log.warning("not ready: %s", reason)
+                log.warning("not ready (%s): %s", reason, detail)
             else:
                 log.info("models of pack %s %s ready at %s", self.pack.name, self.pack.version, self.url)
         self._reason = reason
@@ -389,7 +394,7 @@ def load_kserve_serving_state(settings: Settings, metrics: ServiceMetrics | None
         return state
     url = settings.inference_endpoint
     state.models = KServeModels(url, state.pack, settings, on_status=partial(setattr, state, "not_ready_reason"))
-    state.not_ready_reason = f"connecting to the KServe v2 server at {url}"
+    state.not_ready_reason = "inference_server_connecting"
     state.batcher = Batcher(
         state.models.run, settings.max_batch_size, settings.max_queue_delay_ms / 1e3, settings.max_queue_size
     )

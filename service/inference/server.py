@@ -124,7 +124,7 @@ class InferenceServer:
         elif self.state.batcher is None:
             answer = error_answer(
                 request_id,
-                NotReady(f"The model is not ready: {self.state.not_ready_reason}", headers={"Retry-After": "5"}),
+                NotReady(f"The model is not ready ({self.state.not_ready_reason}).", headers={"Retry-After": "5"}),
             )
         else:
             try:

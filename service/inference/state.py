@@ -26,6 +26,21 @@ class Watcher(Protocol):
     async def stop(self) -> None: ...
 
 
+# Why the service is not ready, as /readyz tells anyone who asks: a short code, never a path or exception text
+# (those reach only the log, through ServingState.mark_not_ready).
+NOT_READY_REASONS = {
+    "starting": "the model pack is being loaded and warmed up",
+    "pack_rejected": "the model pack failed verification (missing manifest or file, changed sha256, bad manifest)",
+    "pack_unloadable": "ONNX Runtime could not load or run the model pack",
+    "provider_fallback": "the preferred execution provider is unusable and CXR_STRICT_PROVIDERS is on",
+    # The inference server: --workers N's shared one, or the KServe v2 server of CXR_INFERENCE_URL.
+    "inference_server_connecting": "connecting to the inference server",
+    "inference_server_unavailable": "the inference server is not running or stopped answering",
+    "inference_server_not_ready": "the inference server is up but its models are not ready",
+    "inference_server_mismatch": "the inference server serves another pack or speaks another protocol",
+}
+
+
 @dataclass
 class ServingState:
     pack: ModelPack | None = None
@@ -34,7 +49,7 @@ class ServingState:
     decoder: DecodePool | None = None
     metrics: ServiceMetrics | None = None
     watcher: Watcher | None = None
-    not_ready_reason: str = "starting"
+    not_ready_reason: str = "starting"  # a key of NOT_READY_REASONS, or "" once ready
     started: float = field(default_factory=time.time)
 
     @property
@@ -57,6 +72,13 @@ class ServingState:
         if self.decoder is not None:
             self.decoder.close()
 
+    def mark_not_ready(self, reason: str, detail: str) -> None:
+        """Unready with a reason code for /readyz; the detail (paths, exception text) only goes to the log."""
+        if reason not in NOT_READY_REASONS:
+            raise ValueError(f"unknown not-ready reason {reason!r}")
+        log.error("not ready (%s): %s", reason, detail)
+        self.not_ready_reason = reason
+
 
 def warm_up(models: OnnxModels, size: int, max_batch_size: int) -> None:
     """Run every batch shape once so no request pays for first-run allocation or kernel tuning."""
@@ -71,8 +93,9 @@ def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None
         state.pack = ModelPack.load(settings.models)
         state.models = OnnxModels(state.pack, settings=settings)
         if settings.strict_providers and state.models.runtime.fallback:
-            state.not_ready_reason = f"{state.models.runtime.fallback}, and CXR_STRICT_PROVIDERS is on"
-            log.error("%s", state.not_ready_reason)
+            state.mark_not_ready(
+                "provider_fallback", f"{state.models.runtime.fallback}, and CXR_STRICT_PROVIDERS is on"
+            )
             return state
         started = time.perf_counter()
         warm_up(state.models, state.pack.input_spec.size, settings.max_batch_size)
@@ -86,12 +109,10 @@ def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None
             time.perf_counter() - started,
         )
     except PackError as exc:
-        state.not_ready_reason = f"model pack rejected: {exc}"
-        log.error("%s", state.not_ready_reason)
+        state.mark_not_ready("pack_rejected", f"model pack rejected: {exc}")
         return state
     except Exception as exc:  # an unloadable ONNX file must not crash-loop the process silently
-        state.not_ready_reason = f"model pack could not be loaded: {type(exc).__name__}: {exc}"
-        log.error("%s", state.not_ready_reason)
+        state.mark_not_ready("pack_unloadable", f"model pack could not be loaded: {type(exc).__name__}: {exc}")
         return state
     state.batcher = Batcher(
         state.models.run, settings.max_batch_size, settings.max_queue_delay_ms / 1e3, settings.max_queue_size
@@ -103,13 +124,12 @@ def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None
 
 def state_with_verified_pack(settings: Settings, metrics: ServiceMetrics | None = None) -> ServingState:
     """A serving state holding the verified pack, for models that run elsewhere (the shared inference server, a
-    KServe v2 server); when the pack is rejected, its `pack` is None and the reason is the not-ready reason."""
+    KServe v2 server); when the pack is rejected, its `pack` is None and it is not ready (pack_rejected)."""
     state = ServingState(metrics=metrics)
     try:
         state.pack = ModelPack.load(settings.models)
     except PackError as exc:
-        state.not_ready_reason = f"model pack rejected: {exc}"
-        log.error("%s", state.not_ready_reason)
+        state.mark_not_ready("pack_rejected", f"model pack rejected: {exc}")
     return state
 
 

@@ -12,7 +12,7 @@ from service.api.schemas import ErrorResponse, InferenceInfo, ModelsResponse
 from service.inference.client import RemoteModels
 from service.inference.kserve import KServeModels
 from service.inference.modelpack import OnnxModels
-from service.inference.state import ServingState
+from service.inference.state import NOT_READY_REASONS, ServingState
 
 router = APIRouter()
 
@@ -24,7 +24,15 @@ async def healthz() -> dict:
 
 READINESS = {
     "type": "object",
-    "properties": {"status": {"type": "string"}, "reason": {"type": "string"}},
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "not ready"]},
+        "reason": {
+            "type": "string",
+            "enum": list(NOT_READY_REASONS),
+            "description": "why not (the detail is in the service's log): "
+            + "; ".join(f"{code}: {meaning}" for code, meaning in NOT_READY_REASONS.items()),
+        },
+    },
     "required": ["status"],
 }
 
@@ -35,7 +43,7 @@ READINESS = {
     responses={
         200: {"content": {"application/json": {"schema": READINESS}}},
         503: {
-            "description": "not ready, with the reason (Retry-After)",
+            "description": "not ready, with a reason code (Retry-After)",
             "content": {"application/json": {"schema": READINESS}},
         },
     },
