@@ -14,11 +14,21 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-install-service: $(PY)
-	$(PY) -m pip install -q -e .
+# pip runs once, and again only when pyproject.toml (the dependencies) changes: each install leaves a stamp file
+# in the venv, and make compares its time with pyproject.toml's. Installing everything also installs the service.
+SERVICE_STAMP := $(VENV)/.installed-service
+ALL_STAMP := $(VENV)/.installed-all
 
-install-all: $(PY)
+install-service: $(SERVICE_STAMP)
+install-all: $(ALL_STAMP)
+
+$(SERVICE_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(ALL_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[train,dev]"
+	touch $@ $(SERVICE_STAMP)
 
 serve: install-service
 	$(PY) -m service --host $(HOST) --port $(PORT) --models $(PACK)

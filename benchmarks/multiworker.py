@@ -694,7 +694,11 @@ def main(args: argparse.Namespace) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.multiworker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="5 s of load per setup, 4 input files: a smoke run")
     parser.add_argument("--workers", type=int, default=2, help="HTTP workers in the shared and naive setups")
     parser.add_argument("--concurrency", type=int, default=16)

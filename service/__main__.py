@@ -21,14 +21,35 @@ def settings_problem(error: dict) -> str:
     return f"CXR_{'_'.join(map(str, error['loc'])).upper()}: {message}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m service", description="Serve a model pack over HTTP.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument(
-        "--models", type=Path, default=None, help="model pack folder (default: CXR_MODELS or the demo pack)"
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none to show (the help text says what applies)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve a model pack over HTTP. Every other setting comes from CXR_* environment variables "
+        "(README, Configuration).",
+        formatter_class=DefaultsHelpFormatter,
     )
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="model pack folder (default: $CXR_MODELS when set, else the demo pack models/demo-synthetic)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -43,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
         help="also run the DICOM node (C-ECHO, C-STORE SCP) on this port, on --host unless CXR_DICOM_HOST is set "
         "(default: CXR_DICOM_PORT; unset: no node). The node alone: python -m service.dicom_node serve",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")

@@ -27,6 +27,12 @@ class MalformedDicom(ApiError):
     status_code, code = 400, "malformed_dicom"
 
 
+class InvalidRequest(ApiError):
+    """The request itself is wrong (a form without its `file` field), whatever the DICOM it carries."""
+
+    status_code, code = 422, "invalid_request"
+
+
 class PayloadTooLarge(ApiError):
     status_code, code = 413, "payload_too_large"
 

@@ -39,9 +39,10 @@ def test_unsupported_content_type_gets_415(client):
     )
 
 
-def test_multipart_without_file_field_gets_400(client):
-    """A form with no 'file' field is a malformed request."""
-    _error(client.post("/v1/predict", files={"image": ("x.dcm", b"abc", "application/dicom")}), 400, "malformed_dicom")
+def test_multipart_without_file_field_gets_422_invalid_request(client):
+    """A form with no 'file' field is an invalid request (422 invalid_request), not a malformed DICOM."""
+    _error(client.post("/v1/predict", files={"image": ("x.dcm", b"abc", "application/dicom")}), 422, "invalid_request")
+    _error(client.post("/v1/predict", data={"note": "no file"}, files={"other": ("a", b"")}), 422, "invalid_request")
 
 
 def test_colour_image_gets_422(client):

@@ -55,6 +55,12 @@ def test_health_readiness_and_model_description(client, tiny_pack):
     pack = ModelPack.load(tiny_pack)
     assert models["classifier_labels"] == pack.global_labels and models["detector_labels"] == pack.local_labels
     assert models["providers"] == ["CPUExecutionProvider"]
+    # The per-label operating points of the findings, as the manifest ships them (0 where it has none).
+    shipped = pack.manifest["detector"]["thresholds"]
+    assert models["detector_thresholds"] == {
+        label: pytest.approx(shipped.get(label, 0.0)) for label in pack.local_labels
+    }
+    assert models["thresholds"] == pytest.approx(pack.thresholds)
 
 
 def test_concurrent_requests_are_batched_and_answered_individually(client, tiny_dataset):

@@ -524,7 +524,9 @@ def _hash_argument(text: str) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.deidentify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--src", type=Path, required=True, help="a DICOM file or a folder searched recursively")
     parser.add_argument("--out", type=Path, required=True, help="folder for <image_id>.dicom files")
     parser.add_argument(

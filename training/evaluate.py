@@ -90,7 +90,9 @@ DetectionMatches = dict[str, list[ClassMatches]]  # IoU key ("40", "50") -> one 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--split", default="test", choices=("train", "test"))
     source = parser.add_mutually_exclusive_group(required=True)

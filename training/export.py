@@ -94,7 +94,9 @@ FP16_FLOAT32_TAIL_OPS = ("Exp", "Sigmoid")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run", type=Path, required=True, help="training run folder (holds checkpoint.pt)")
     parser.add_argument("--out", type=Path, required=True, help="model pack folder to write")
     parser.add_argument("--data", type=Path, default=None, help="dataset for the parity check (default: the run's)")

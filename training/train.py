@@ -50,7 +50,9 @@ FALLBACK_FINDING_THRESHOLD = 0.5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, required=True, help="dataset folder in the VinDr-PCXR layout")
     parser.add_argument("--out", type=Path, required=True, help="run folder (created)")
     parser.add_argument("--epochs", type=int, default=20)

@@ -158,12 +158,17 @@ def authenticate(headers: Mapping[str, str], keys: KeyRing) -> str:
     return name
 
 
-def main(argv: list[str] | None = None) -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service.api.auth", description="API key helper for hospital IT.")
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("new-key", help="print a new random key and the sha256 digest to configure")
     make.add_argument("--name", default="client", help="name for the keys-file line (shown in logs; not secret)")
     commands.add_parser("hash", help="read a key on stdin and print its sha256 digest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.command == "hash":
         print(hash_key(sys.stdin.readline().strip()))

@@ -151,8 +151,12 @@ class ModelsResponse(BaseModel):
     intended_use: str
     input_size: int
     detector_labels: list[str]
+    detector_thresholds: dict[str, float] = Field(
+        description="per-label score at which a finding is reported (the pack's operating points, chosen on "
+        "validation data, or CXR_FINDING_SCORE_FLOOR for every label when set)"
+    )
     classifier_labels: list[str]
-    thresholds: dict[str, float]
+    thresholds: dict[str, float] = Field(description="per-disease probability threshold of `positive`")
     providers: list[str] = Field(description="ONNX Runtime execution providers actually in use")
     max_batch_size: int
     precisions: list[str] = Field(description="precision variants the pack ships")

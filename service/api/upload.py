@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from service.errors import MalformedDicom, PayloadTooLarge, UnsupportedMediaType
+from service.errors import InvalidRequest, MalformedDicom, PayloadTooLarge, UnsupportedMediaType
 
 DICOM_MEDIA_TYPES = ("application/dicom", "application/octet-stream")
 
@@ -104,7 +104,7 @@ async def read_single_dicom(stream: AsyncIterator[bytes], content_type: str | No
         parts = await read_multipart(stream, options["boundary"], max_bytes)
         files = [part for part in parts if part.field_name == "file"]
         if len(files) != 1:
-            raise MalformedDicom(f"Expected exactly one form field named 'file', got {len(files)}.")
+            raise InvalidRequest(f"Expected exactly one form field named 'file', got {len(files)}.")
         return bytes(files[0].body)
     raise UnsupportedMediaType(
         f"Content-Type {kind or '(none)'} is not accepted; "

@@ -72,6 +72,9 @@ async def models(state: ReadyStateDep, settings: SettingsDep) -> ModelsResponse:
         intended_use=pack.manifest["intended_use"],
         input_size=pack.input_spec.size,
         detector_labels=pack.local_labels,
+        detector_thresholds=dict(
+            zip(pack.local_labels, map(float, pack.finding_thresholds(settings.finding_score_floor)))
+        ),
         classifier_labels=pack.global_labels,
         thresholds=pack.thresholds,
         providers=state.models.providers,
