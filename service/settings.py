@@ -28,6 +28,10 @@ class DecodeLimits:
     max_pixel_bytes: int = 256 * 1024 * 1024  # the decoded array: rows x columns x frames x samples x bytes
     max_rows_or_columns: int = 16_384
     min_rows_or_columns: int = 32
+    # Room for everything but the pixels (service.dicom.deflate): a deflated dataset inflates to at most this
+    # before its Pixel Data, and this again after it. Real headers take kilobytes; overlays and private
+    # blocks can take a megabyte.
+    max_header_bytes: int = 4 * 1024 * 1024
 
 
 KSERVE_DEFAULT_PORTS = {"grpc": 8001, "http": 8000}  # Triton's
@@ -238,6 +242,12 @@ class Settings(BaseSettings):
     max_pixel_bytes: int = Field(
         DecodeLimits.max_pixel_bytes, ge=1024, description="largest decoded pixel array (bytes)"
     )
+    max_header_bytes: int = Field(
+        DecodeLimits.max_header_bytes,
+        ge=64 * 1024,
+        description="largest inflated header of a deflated dataset: the elements before Pixel Data, and again "
+        "those after it (bytes); with CXR_MAX_PIXEL_BYTES it bounds what a deflated upload may inflate to",
+    )
     image_id_hash: str = Field("md5", description="hashlib algorithm turning SOP Instance UIDs into image ids")
 
     # Access (README "Deploying safely"). Off by default so the local demo needs no key.
@@ -346,7 +356,9 @@ class Settings(BaseSettings):
     @property
     def decode_limits(self) -> DecodeLimits:
         """The size caps every image of this service is decoded under."""
-        return DecodeLimits(max_pixels=self.max_pixels, max_pixel_bytes=self.max_pixel_bytes)
+        return DecodeLimits(
+            max_pixels=self.max_pixels, max_pixel_bytes=self.max_pixel_bytes, max_header_bytes=self.max_header_bytes
+        )
 
 
 @lru_cache

@@ -52,8 +52,7 @@ def test_full_queue_raises_overloaded_with_retry_after():
 
 
 def test_missing_pack_is_not_ready_503_and_says_why(tiny_settings, tmp_path, caplog):
-    """Without a loadable pack the service stays up: /readyz and /v1/predict answer 503 with a reason code and
-    Retry-After; the path and the detail go to the log only."""
+    """Without a loadable pack /readyz and /v1/predict answer 503 with a reason code; the path is only logged."""
     missing = tmp_path / "nowhere"
     with (
         caplog.at_level(logging.ERROR),
@@ -191,8 +190,7 @@ render.build_sr = build_sr
 
 
 def test_internal_error_logs_type_and_frames_but_no_phi(tiny_pack, tmp_path):
-    """A 500 on an image carrying sentinel PHI logs the exception type and frames under the request id, and none of
-    the PHI the exception message quotes (the server's whole output is checked, uvicorn's included)."""
+    """A 500 on an image with sentinel PHI logs type and frames under the request id, not the PHI its message quotes."""
     ds, _ = synthesize_instance(seed=23, rows=320, cols=288)
     ds.PatientName, ds.PatientID = "SENTINEL^PHINAME", "SENTINEL-PHI-ID"
     with LiveService(tiny_pack, tmp_path / "server.log", prelude=RAISE_WITH_PHI) as server:

@@ -31,8 +31,7 @@ def venv(tmp_path) -> Path:
 
 
 def test_serve_installs_once_then_only_when_pyproject_changes(venv):
-    """The first `make serve` installs the service; once installed it only serves; a newer pyproject.toml (make -W)
-    installs again."""
+    """`make serve` installs, then only serves, and installs again once pyproject.toml is newer (make -W)."""
     assert "pip install -q -e ." in _dry_run("serve", venv)
     (venv / ".installed-service").touch()
     commands = _dry_run("serve", venv)
@@ -41,8 +40,7 @@ def test_serve_installs_once_then_only_when_pyproject_changes(venv):
 
 
 def test_full_install_counts_as_a_service_install(venv):
-    """`make test`'s install (service + training + dev extras) marks the service installed too; a service-only
-    install does not skip it."""
+    """`make test`'s full install marks the service installed too; a service-only install does not skip it."""
     (venv / ".installed-service").touch()
     assert 'pip install -q -e ".[train,dev]"' in _dry_run("install-all", venv)
     (venv / ".installed-all").touch()

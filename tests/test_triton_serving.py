@@ -81,8 +81,7 @@ def test_remote_answers_equal_in_process_serving(triton, tiny_settings, tiny_dat
 
 
 def test_a_server_with_another_pack_keeps_the_service_unready(triton, tiny_settings, caplog):
-    """The remote models must be this pack's files: a service verifying another pack stays unready with the reason
-    code, and logs what differs."""
+    """A service verifying another pack than the server's stays unready (inference_server_mismatch), logging why."""
     settings = tiny_settings.model_copy(update={"inference_url": triton.grpc_url, "models": DEFAULT_PACK})
     with TestClient(create_app(settings), raise_server_exceptions=False) as other:
         deadline = time.monotonic() + 10

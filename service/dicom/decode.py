@@ -16,6 +16,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import RE_VALID_UID, UID
 
+from service.dicom.deflate import inflated_body
 from service.errors import MalformedDicom, NotDicom, UnsupportedTransferSyntax, UnusableImage
 from service.settings import DecodeLimits
 
@@ -87,14 +88,19 @@ def has_native_pixel_data(body: bytes) -> bool:
     return peek_transfer_syntax(body) in NATIVE_TRANSFER_SYNTAXES
 
 
-def read_dataset(body: bytes) -> Dataset:
-    """Parse a DICOM Part 10 body (or a bare dataset) into a pydicom Dataset, pixels untouched."""
+def read_dataset(body: bytes, limits: DecodeLimits = DecodeLimits()) -> Dataset:
+    """Parse a DICOM Part 10 body (or a bare dataset) into a pydicom Dataset, pixels untouched.
+
+    A deflated dataset is inflated first, under the caps of `limits` (service.dicom.deflate): pydicom would
+    inflate all of it before reading a single element.
+    """
     if not body:
         raise NotDicom("The request body is empty; send one DICOM Part 10 file.")
     if len(body) >= 132 and body[128:132] != b"DICM" and body[:4] != b"\x08\x00\x05\x00":
         # Neither a Part 10 file (preamble + 'DICM') nor a bare little-endian dataset that starts
         # with group 0008: reject early instead of letting the parser guess.
         raise NotDicom("The body is not DICOM: no 'DICM' marker at byte 128.")
+    body = inflated_body(body, limits)
     try:
         # The 128-byte preamble is ignored by the parser; only 'DICM' and what follows is read.
         ds = pydicom.dcmread(io.BytesIO(body), force=body[128:132] != b"DICM")

@@ -71,7 +71,7 @@ def prepare(
 ) -> PreparedImage:
     """Parse, check, decode and preprocess one DICOM instance."""
     started = time.perf_counter()
-    ds = read_dataset(body)
+    ds = read_dataset(body, limits)
     check_image_header(ds, limits)
     pixels = decode_pixels(ds)
     del ds.PixelData  # decoded; the header alone travels on

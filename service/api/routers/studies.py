@@ -19,11 +19,12 @@ from service.api.dependencies import ReadyStateDep, SettingsDep
 from service.api.routers.predict import ERRORS
 from service.api.schemas import StudiesResponse
 from service.api.upload import DICOM_MEDIA_TYPES, Part, check_declared_length, media_type, read_multipart
+from service.dicom.deflate import inflated_body
 from service.dicom.status import failure_status
 from service.errors import ApiError, MalformedDicom, UnsupportedMediaType
 from service.inference.predictor import predict_instance, request_time_limit
 from service.inference.state import ServingState
-from service.settings import Settings
+from service.settings import DecodeLimits, Settings
 
 router = APIRouter(prefix="/v1")
 
@@ -40,15 +41,17 @@ def _failure(index: int, error: ApiError, sop_instance_uid: str | None) -> dict:
     return {"index": index, "sop_instance_uid": sop_instance_uid, "code": error.code, "message": error.message}
 
 
-def _sop_uids(body: bytes) -> tuple[str | None, str | None]:
+def _sop_uids(body: bytes, limits: DecodeLimits) -> tuple[str | None, str | None]:
     """(SOP Class UID, SOP Instance UID) from the header, for failure reports; None when unreadable."""
     from io import BytesIO
 
     import pydicom
 
     try:
+        # A deflated dataset (perhaps the bomb that failed) is inflated no further than its header.
+        header = inflated_body(body, limits, header_only=True)
         ds = pydicom.dcmread(
-            BytesIO(body), stop_before_pixels=True, force=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
+            BytesIO(header), stop_before_pixels=True, force=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
         )
         return str(ds.get("SOPClassUID", "") or "") or None, str(ds.get("SOPInstanceUID", "") or "") or None
     except Exception:  # unreadable instance: the failure reason already says so
@@ -145,7 +148,8 @@ async def _store(parts: list[Part], request: Request, state: ServingState, setti
     results = [outcome[0] for outcome in outcomes if not isinstance(outcome, ApiError)]
     status = 200 if len(results) == len(parts) else (202 if results else 409)
     uids = [
-        _sop_uids(bytes(part.body)) if isinstance(outcome, ApiError) else None for part, outcome in zip(parts, outcomes)
+        _sop_uids(bytes(part.body), settings.decode_limits) if isinstance(outcome, ApiError) else None
+        for part, outcome in zip(parts, outcomes)
     ]
     accept = (request.headers.get("accept") or "").lower()
     if "application/json" in accept and "application/dicom+json" not in accept:
