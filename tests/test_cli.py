@@ -11,6 +11,8 @@ COMMANDS = [
     "service",
     "service.api.auth",
     "service.inference.server",
+    "service.dicom_node",
+    "service.triton_repository",
     "training.synthetic",
     "training.train",
     "training.evaluate",
@@ -27,8 +29,8 @@ COMMANDS = [
 @pytest.mark.parametrize("module", COMMANDS)
 def test_usage_line_names_the_command_to_type(module):
     """The usage line of every command starts with `python -m <module>`, not a file name such as train.py."""
-    if module == "service":
-        module_path = "service.__main__"
+    if module in ("service", "service.dicom_node"):
+        module_path = f"{module}.__main__"
     elif module == "training.synthetic":
         module_path = "training.synthetic.cli"
     else:

@@ -71,7 +71,7 @@ class Accepted:
 def check_instance(data: bytes, sop_class: str, limits: DecodeLimits, id_algorithm: str) -> Accepted:
     """Refuse (Refusal) an instance the pipeline could never turn into results; describe one it can."""
     try:
-        ds = read_dataset(data)
+        ds = read_dataset(data, limits)
         check_image_header(ds, limits)
         check_referenceable(ds)  # the results are DICOM objects that reference the image
     except ApiError as error:
