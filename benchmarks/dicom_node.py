@@ -120,7 +120,12 @@ class Service:
         raise RuntimeError("results did not arrive in time")
 
     def storescu(self, files: list[Path]) -> subprocess.Popen:
-        command = ["storescu", "-aet", "MODALITY", "-aec", AE, "127.0.0.1", str(self.dicom_port), *map(str, files)]
+        # storescu offers only uncompressed syntaxes by default and cannot transcode: offer JPEG 2000 lossless too.
+        proposal = (
+            ["-xv"] if dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed else []
+        )
+        command = ["storescu", *proposal, "-aet", "MODALITY", "-aec", AE, "127.0.0.1", str(self.dicom_port)]
+        command += map(str, files)
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

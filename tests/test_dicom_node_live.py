@@ -10,6 +10,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -63,6 +64,17 @@ def sources(paths: list[Path]) -> dict[str, str]:
     return found
 
 
+def identifying_values(paths: list[Path]) -> set[str]:
+    """Values of the sent files that identify a patient or an image, which no log may hold."""
+    values = set()
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True)
+        for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName"):
+            if str(ds.get(keyword, "") or "").strip():
+                values.add(str(ds.get(keyword)))
+    return values
+
+
 def referenced_image(tags: dict) -> str:
     """The source image a result object references (SR evidence, GSPS referenced image)."""
     if "CurrentRequestedProcedureEvidenceSequence" in tags:
@@ -99,9 +111,11 @@ def test_twenty_images_from_storescu_reach_orthanc_in_their_studies(tmp_path, ti
             assert not any(uid in str(listing) for uid in (*sent, *sent.values()))
             # Delivered and retention 0: the spool lets go of the instances and results.
             wait_for(lambda: not any(node.spool.joinpath("instances").iterdir()), 30, "the spool to be purged")
-            metrics = __import__("httpx").get(f"{node.http_url}/metrics").text
+            metrics = httpx.get(f"{node.http_url}/metrics").text
             assert 'cxr_dicom_received_total{outcome="accepted"} 20.0' in metrics
             assert "cxr_dicom_queued 0.0" in metrics
+        log = node.log.read_text()
+        assert "job " in log and not [value for value in identifying_values(images) if value in log]
         stored = results_by_modality(pacs)
     assert len(stored["SR"]) == 20 and len(stored["PR"]) == 20
     for kind in ("SR", "PR"):
