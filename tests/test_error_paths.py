@@ -105,14 +105,18 @@ def test_polyglot_preamble_is_ignored(client):
 
 
 def test_logs_hold_hashed_uids_and_no_phi(client, caplog):
-    """Posting a DICOM full of sentinel PHI logs its hashed image_id and none of the PHI or raw UIDs."""
+    """Posting a DICOM full of sentinel PHI (as JSON and as SR) logs its hashed image_id and no PHI or raw UIDs."""
     ds, _ = synthesize_instance(seed=22, rows=320, cols=288)
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = "SENTINEL^NAME", "SENTINEL-ID-9431", "20190417"
     ds.InstitutionName, ds.AccessionNumber = "SENTINEL HOSPITAL", "SENTINELACC"
     with caplog.at_level(logging.DEBUG):
         response = client.post("/v1/predict", content=dicom_bytes(ds), headers={"Content-Type": "application/dicom"})
         client.post("/v1/predict", content=dicom_bytes(ds)[:2000], headers={"Content-Type": "application/dicom"})
-    assert response.status_code == 200
+        # The SR is built with highdicom, whose INFO lines name the source dataset by its SOP Instance UID.
+        report = client.post(
+            "/v1/predict?format=sr", content=dicom_bytes(ds), headers={"Content-Type": "application/dicom"}
+        )
+    assert response.status_code == 200 and report.status_code == 200
     text = caplog.text
     assert response.json()["instance"]["image_id"] in text
     # One access line per request, with its final status and id.

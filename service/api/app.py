@@ -23,6 +23,7 @@ from service.inference.kserve import load_kserve_serving_state
 from service.inference.state import ServingState, load_serving_state
 from service.metrics import ServiceMetrics
 from service.settings import Settings, get_settings
+from service.viewer_outputs import quiet_identifying_loggers
 
 log = logging.getLogger("service")
 
@@ -134,6 +135,7 @@ def serving_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncCon
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Process-wide, so here rather than in create_app: building an app (as tests do) changes nothing.
+        quiet_identifying_loggers()
         if keep_freed_memory(settings.malloc_keep_mb):
             log.info(
                 "malloc keeps up to %d MiB of freed memory for reuse (CXR_MALLOC_KEEP_MB)", settings.malloc_keep_mb

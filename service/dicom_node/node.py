@@ -26,6 +26,7 @@ from service.inference.predictor import predict_instance
 from service.inference.state import ServingState
 from service.metrics import NodeMetrics
 from service.settings import Settings
+from service.viewer_outputs import quiet_identifying_loggers
 from service.viewer_outputs.render import DICOM_OUTPUTS, render
 
 log = logging.getLogger("service.dicom_node")
@@ -70,6 +71,7 @@ class DicomNode:
         self._check_outputs_renderable()
         # pynetdicom's INFO and DEBUG lines print UIDs and the datasets' summaries: not in this service's log.
         logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger("pynetdicom").level))
+        quiet_identifying_loggers()  # also when the node runs alone
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._scheduler = self._loop.create_task(self._schedule(), name="dicom-node-scheduler")

@@ -11,10 +11,23 @@ pixel), so boxes are written unchanged.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
+
+# highdicom logs at INFO which dataset it copies patient and study attributes from, by SOP Instance UID.
+IDENTIFYING_LOGGERS = ("highdicom",)
+
+
+def quiet_identifying_loggers() -> None:
+    """Keep the DICOM libraries' INFO lines, which quote UIDs, out of the service's log (WARNING and above stay)."""
+    for name in IDENTIFYING_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logging.WARNING, logger.level))
+
 
 DISCLAIMER = "RESEARCH - NOT FOR DIAGNOSTIC USE"
 MANUFACTURER = "Pediatric CXR inference service"
