@@ -27,7 +27,7 @@ from service.inference.state import ServingState
 from service.metrics import NodeMetrics
 from service.settings import Settings
 from service.viewer_outputs import quiet_identifying_loggers
-from service.viewer_outputs.render import DICOM_OUTPUTS, render
+from service.viewer_outputs.render import DICOM_OUTPUTS, NEEDS_DISPLAY, render
 
 log = logging.getLogger("service.dicom_node")
 
@@ -212,7 +212,10 @@ class DicomNode:
             body = await asyncio.to_thread(self.spool.read_instance, job_id)
             if not self.state.ready:
                 raise NotReady("the model pack is not loaded")  # retried below, as HTTP clients retry a 503
-            prediction, prepared = await predict_instance(body, self.state, self.settings, f"dicom-{job_id[:12]}")
+            keep_display = any(kind in NEEDS_DISPLAY for kind in outputs)  # a burned-in result is drawn on it
+            prediction, prepared = await predict_instance(
+                body, self.state, self.settings, f"dicom-{job_id[:12]}", keep_display=keep_display
+            )
             del body
             written = await asyncio.to_thread(self._write_results, job_id, outputs, prepared, prediction)
         except asyncio.CancelledError:

@@ -14,6 +14,7 @@ from service.viewer_outputs.sr import build_sr
 DICOM_MEDIA_TYPE = "application/dicom"
 # The DICOM objects `render` makes (the DICOM node's destinations may ask for any of them).
 DICOM_OUTPUTS = ("sr", "gsps")
+NEEDS_DISPLAY = ("png",)  # outputs drawn on the display image: the decode step must keep it
 
 
 def _part10(dataset) -> bytes:
