@@ -7,6 +7,7 @@ parameter, so changing one never reuses stale files.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,19 +18,22 @@ CACHE = ROOT / "benchmarks" / ".bench-inputs"  # git-ignored
 @dataclass(frozen=True)
 class InputSet:
     name: str  # used in file names, tables and plots
-    transfer_syntax: str  # a training.synthetic.CODECS name
+    transfer_syntax: str | None  # a training.synthetic.CODECS name; None: the generator's random default mix
     description: str
     count: int = 16
     rows: int = 1643  # the VinDr-PCXR paper's median size
     cols: int = 1349
-    bits_stored: int = 16
+    bits_stored: int | None = 16  # None: drawn per image
     first_seed: int = 1000
+    photometric: str | None = "MONOCHROME2"  # None: drawn per image
 
     @property
     def folder_name(self) -> str:
+        # MONOCHROME2 is implied (the names of the sets made before the field existed stay valid).
+        photometric = "" if self.photometric == "MONOCHROME2" else f"-{self.photometric or 'mixed-photometric'}"
         return (
-            f"{self.name}-{self.transfer_syntax}-{self.rows}x{self.cols}-{self.bits_stored}bit"
-            f"-seed{self.first_seed}-n{self.count}"
+            f"{self.name}-{self.transfer_syntax or 'mixed'}-{self.rows}x{self.cols}-{self.bits_stored or 'mixed-'}bit"
+            f"{photometric}-seed{self.first_seed}-n{self.count}"
         )
 
 
@@ -63,9 +67,9 @@ def make_input_set(spec: InputSet, cache: Path = CACHE) -> list[Path]:
             difficulty="easy",
             transfer_syntax=spec.transfer_syntax,
             bits_stored=spec.bits_stored,
-            photometric="MONOCHROME2",
+            photometric=spec.photometric,
         )
-        partial = path.with_suffix(".part")
+        partial = path.with_suffix(f".{os.getpid()}.part")  # per process: two generating the same set never collide
         partial.write_bytes(dicom_bytes(ds))
         partial.rename(path)  # a run killed mid-write never leaves a truncated input behind
     return paths

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = ROOT / "benchmarks" / "locustfile.py"
 # The locustfile ends each level itself after warm-up + measuring; --run-time is only a safety bound this much later.
 RUN_TIME_MARGIN_S = 15.0
+# Read by benchmarks/locust_window.py in the locust processes. (Kept here: importing locust in this process
+# would monkey-patch it with gevent.)
+WARMUP_ENV, MEASURE_ENV, FILE_ENV = "BENCH_WARMUP_S", "BENCH_MEASURE_S", "BENCH_WINDOW_FILE"
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,15 @@ class LocustRun:
         return self.stopped_at - self.measured_from
 
 
-def locust_command(host: str, users: int, run_time_s: float, csv_prefix: Path) -> list[str]:
+def locust_command(
+    host: str, users: int, run_time_s: float, csv_prefix: Path, locustfile: Path = LOCUSTFILE, extra: Sequence[str] = ()
+) -> list[str]:
     return [
         sys.executable,
         "-m",
         "locust",
         "-f",
-        str(LOCUSTFILE),
+        str(locustfile),
         "--headless",
         "--host",
         host,
@@ -73,7 +79,23 @@ def locust_command(host: str, users: int, run_time_s: float, csv_prefix: Path) -
         "WARNING",
         "--stop-timeout",
         "0",
+        *extra,
     ]
+
+
+def window_env(warmup_s: float, measure_s: float, window_file: Path) -> dict[str, str]:
+    """The environment telling a locustfile's MeasurementWindow (benchmarks/locust_window.py) its window."""
+    return {WARMUP_ENV: f"{warmup_s:g}", MEASURE_ENV: f"{measure_s:g}", FILE_ENV: str(window_file)}
+
+
+def read_window(window_file: Path, log_name: str) -> dict:
+    """The window a run measured; raises when locust stopped before measuring anything."""
+    if not window_file.is_file():
+        raise RuntimeError(f"locust wrote no results; see {log_name}")
+    window = json.loads(window_file.read_text())
+    if "measured_from" not in window:
+        raise RuntimeError(f"locust stopped before the end of its warm-up; see {log_name}")
+    return window
 
 
 def _number(value: str) -> float:
@@ -110,27 +132,19 @@ def run_level(
     stats_path = Path(f"{csv_prefix}_stats.csv")
     for stale in (window_file, stats_path):  # never read an earlier run's results as this one's
         stale.unlink(missing_ok=True)
-    env = os.environ | {
-        "BENCH_INPUT_DIR": str(input_dir),
-        "BENCH_WARMUP_S": f"{warmup_s:g}",
-        "BENCH_MEASURE_S": f"{run_time_s - warmup_s:g}",
-        "BENCH_WINDOW_FILE": str(window_file),
-    }
+    env = os.environ | {"BENCH_INPUT_DIR": str(input_dir)} | window_env(warmup_s, run_time_s - warmup_s, window_file)
     started = time.perf_counter()
-    with csv_prefix.with_name(csv_prefix.name + "_locust.log").open("w") as log:
+    log_path = csv_prefix.with_name(csv_prefix.name + "_locust.log")
+    with log_path.open("w") as log:
         command = locust_command(host, users, run_time_s + RUN_TIME_MARGIN_S, csv_prefix)
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         # wait4, not wait: it also returns the child's resource usage, i.e. locust's own CPU time.
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     wall_s = time.perf_counter() - started
-    if not stats_path.is_file() or not window_file.is_file():
-        raise RuntimeError(
-            f"locust wrote no results (exit code {process.returncode}); see {csv_prefix.name}_locust.log"
-        )
-    window = json.loads(window_file.read_text())
-    if "measured_from" not in window:
-        raise RuntimeError(f"locust stopped before the end of its warm-up; see {csv_prefix.name}_locust.log")
+    if not stats_path.is_file():
+        raise RuntimeError(f"locust wrote no results (exit code {process.returncode}); see {log_path.name}")
+    window = read_window(window_file, log_path.name)
     return LocustRun(
         stats=parse_locust_stats(stats_path.read_text()),
         measured_from=window["measured_from"],

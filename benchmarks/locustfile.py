@@ -15,42 +15,18 @@ machine). The window's exact start and end are written to BENCH_WINDOW_FILE.
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import time
 from pathlib import Path
 
-import gevent
 from locust import FastHttpUser, constant, events, task
 
+from benchmarks.locust_window import MeasurementWindow
+
 INPUT_DIR = Path(os.environ.get("BENCH_INPUT_DIR", "benchmarks/.bench-inputs"))
-WARMUP_S = float(os.environ.get("BENCH_WARMUP_S", "0"))
-MEASURE_S = float(os.environ.get("BENCH_MEASURE_S", "0"))  # 0: until --run-time ends
-WINDOW_FILE = os.environ.get("BENCH_WINDOW_FILE")
 BODIES = [path.read_bytes() for path in sorted(INPUT_DIR.glob("*.dcm"))]
 HEADERS = {"Content-Type": "application/dicom", "Accept": "application/json"}
-_window: dict[str, float] = {}
+MeasurementWindow.from_environ().install(events)
 _user_numbers = itertools.count()
-
-
-@events.test_start.add_listener
-def schedule_warmup_end(environment, **_kwargs) -> None:
-    _window["started_at"] = time.time()
-
-    def end_warmup() -> None:
-        environment.stats.reset_all()
-        _window["measured_from"] = time.time()
-        if MEASURE_S > 0:
-            gevent.spawn_later(MEASURE_S, environment.runner.quit)
-
-    gevent.spawn_later(WARMUP_S, end_warmup)
-
-
-@events.test_stop.add_listener
-def write_window(environment, **_kwargs) -> None:
-    _window["stopped_at"] = time.time()
-    if WINDOW_FILE:
-        Path(WINDOW_FILE).write_text(json.dumps(_window))
 
 
 class ClinicalApp(FastHttpUser):

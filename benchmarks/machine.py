@@ -64,13 +64,11 @@ def load_average() -> str:
     return " / ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def describe_machine(pack_manifest: dict, providers_in_use: list[str], load_at_start: str) -> dict[str, str]:
-    """One dict of display strings, in the order the summary shows them.
+def describe_host(load_at_start: str) -> dict[str, str]:
+    """CPU, cores, memory, OS, Python, commit and load of this machine, as display strings in the summaries' order.
 
     `load_at_start` is taken before the benchmark's own work (load_average()), which would otherwise show in it.
     """
-    import onnxruntime as ort
-
     usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "CPU": cpu_model(_read("/proc/cpuinfo")),
@@ -78,11 +76,28 @@ def describe_machine(pack_manifest: dict, providers_in_use: list[str], load_at_s
         "Memory": f"{memory_total_gib(_read('/proc/meminfo')):.1f} GiB",
         "OS": f"{os_name(_read('/etc/os-release'))} ({platform.platform()})",
         "Python": f"{platform.python_version()} ({platform.python_implementation()})",
-        "ONNX Runtime": f"{ort.__version__}; providers available: {', '.join(ort.get_available_providers())}; "
-        f"in use: {', '.join(providers_in_use)}",
-        "Model pack": f"{pack_manifest['name']} {pack_manifest['version']} (detector sha256 "
-        f"{pack_manifest['detector']['sha256'][:12]}…, classifier sha256 "
-        f"{pack_manifest['classifier']['sha256'][:12]}…, input {pack_manifest['input']['size']}²)",
         "Git commit": git_commit(),
         "Load average at start (1/5/15 min)": load_at_start,
     }
+
+
+def describe_machine(pack_manifest: dict, providers_in_use: list[str], load_at_start: str) -> dict[str, str]:
+    """describe_host() with ONNX Runtime and the model pack the numbers were measured with, before the commit."""
+    import onnxruntime as ort
+
+    host = list(describe_host(load_at_start).items())
+    models = [
+        (
+            "ONNX Runtime",
+            f"{ort.__version__}; providers available: {', '.join(ort.get_available_providers())}; "
+            f"in use: {', '.join(providers_in_use)}",
+        ),
+        (
+            "Model pack",
+            f"{pack_manifest['name']} {pack_manifest['version']} (detector sha256 "
+            f"{pack_manifest['detector']['sha256'][:12]}…, classifier sha256 "
+            f"{pack_manifest['classifier']['sha256'][:12]}…, input {pack_manifest['input']['size']}²)",
+        ),
+    ]
+    at = [key for key, _ in host].index("Git commit")
+    return dict(host[:at] + models + host[at:])

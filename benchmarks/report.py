@@ -422,7 +422,7 @@ def render_summary(results: Results, plots: Sequence[str] = ()) -> str:
 # --- plots -----------------------------------------------------------------------------------------
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -431,7 +431,7 @@ def _pyplot():
     return plt
 
 
-def _log_axes(axis, x_ticks: Sequence[int], log_y: bool) -> None:
+def log_axes(axis, x_ticks: Sequence[int], log_y: bool) -> None:
     """Log axes labelled with plain numbers (1, 2, 5 × 10^n on y) instead of powers of ten."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -449,7 +449,7 @@ def _log_axes(axis, x_ticks: Sequence[int], log_y: bool) -> None:
 
 
 def plot_throughput(results: Results, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     sets = [spec["name"] for spec in results.input_sets]
     figure, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.5), squeeze=False)
     for axis, name in zip(axes[0], sets, strict=True):
@@ -462,7 +462,7 @@ def plot_throughput(results: Results, path: Path) -> Path:
             axis.axhline(
                 best.images_per_s, linestyle="--", color="grey", label=f"in-process pipeline (batch {best.batch_size})"
             )
-        _log_axes(axis, sorted({lv.users for lv in results.http if lv.input_set == name}), log_y=False)
+        log_axes(axis, sorted({lv.users for lv in results.http if lv.input_set == name}), log_y=False)
         axis.set(xlabel="concurrency (users)", ylabel="successful requests/s", title=f"{name} inputs")
         axis.set_ylim(bottom=0)
         axis.legend(fontsize=8)
@@ -478,7 +478,7 @@ def save_figure(plt, figure, path: Path) -> Path:
 
 
 def plot_latency(results: Results, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     sets = [spec["name"] for spec in results.input_sets]
     percentiles = (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99"))
     figure, axes = plt.subplots(len(sets), 3, figsize=(15, 4 * len(sets)), squeeze=False)
@@ -493,14 +493,14 @@ def plot_latency(results: Results, path: Path) -> Path:
                         marker="o",
                         label=info["title"],
                     )
-            _log_axes(axis, sorted({lv.users for lv in results.http if lv.input_set == name}), log_y=True)
+            log_axes(axis, sorted({lv.users for lv in results.http if lv.input_set == name}), log_y=True)
             axis.set(xlabel="concurrency (users)", ylabel="latency (ms)", title=f"{title}, {name} inputs")
             axis.legend(fontsize=8)
     return save_figure(plt, figure, path)
 
 
 def plot_inprocess(results: Results, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name in ["model-only", *(spec["name"] for spec in results.input_sets)]:
         rates = sorted(
@@ -513,7 +513,7 @@ def plot_inprocess(results: Results, path: Path) -> Path:
                 marker="o",
                 label="models only" if name == "model-only" else f"pipeline, {name}",
             )
-    _log_axes(axis, sorted({r.batch_size for r in results.model_only + results.pipeline}), log_y=True)
+    log_axes(axis, sorted({r.batch_size for r in results.model_only + results.pipeline}), log_y=True)
     axis.set(xlabel="batch size", ylabel="images/s", title="In-process throughput")
     axis.legend(fontsize=8)
     return save_figure(plt, figure, path)

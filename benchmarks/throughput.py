@@ -35,6 +35,7 @@ from benchmarks.inputs import INPUT_SETS, InputSet, input_set, make_input_set, r
 from benchmarks.loadgen import run_level
 from benchmarks.machine import describe_machine, load_average
 from benchmarks.peers.common import load_models, prepare_body
+from benchmarks.progress import Progress
 from benchmarks.report import (
     OURS,
     Footprint,
@@ -78,17 +79,6 @@ FULL = Plan(
     model_s=3,
 )
 QUICK = Plan(levels=(1, 4, 16), run_time_s=6, warmup_s=2, batch_sizes=(1, 4, 16), pipeline_s=2, model_s=1)
-
-
-class Progress:
-    """Timestamped progress lines (elapsed mm:ss since the run started)."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        elapsed = int(time.perf_counter() - self.started)
-        print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {message}", flush=True)
 
 
 def estimated_minutes(plan: Plan, services: int, input_sets: int) -> float:
