@@ -1,0 +1,1 @@
+"""Load-testing a deployment of the service: `python -m benchmarks.loadtest --host URL ...` (see command.py)."""

@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.loadtest.command import entry
+
+sys.exit(entry())
