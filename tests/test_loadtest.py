@@ -59,6 +59,7 @@ def test_option_values_parse_like_locust_time_spans_and_rates():
     assert options.parse_levels("1,2,4") == (1, 2, 4)
     assert options.parse_rates("30/min,2/s,3600/h") == (0.5, 2.0, 1.0)
     assert options.parse_think_time("1-3") == (1.0, 3.0) and options.parse_think_time("2s") == (2.0, 2.0)
+    assert options.parse_warmup("0") == 0 and options.parse_size("1643x1349") == (1643, 1349)
     for parse, bad in (
         (options.parse_duration, "0s"),
         (options.parse_duration, "soon"),
@@ -66,6 +67,7 @@ def test_option_values_parse_like_locust_time_spans_and_rates():
         (options.parse_rate, "30"),
         (options.parse_rate, "30/week"),
         (options.parse_think_time, "3-1"),
+        (options.parse_size, "3x3"),
     ):
         with pytest.raises(ValueError):
             parse(bad)

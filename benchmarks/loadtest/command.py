@@ -28,7 +28,15 @@ import time
 from pathlib import Path
 
 from benchmarks.loadtest import dicoms
-from benchmarks.loadtest.options import parse_duration, parse_levels, parse_rates, parse_slo, parse_think_time
+from benchmarks.loadtest.options import (
+    parse_duration,
+    parse_levels,
+    parse_rates,
+    parse_size,
+    parse_slo,
+    parse_think_time,
+    parse_warmup,
+)
 from benchmarks.loadtest.preflight import CannotRun, check_service, display_url, normalise_host, tls_verify
 from benchmarks.loadtest.runner import DONE_FILE_ENV, ROOT, Generator, Level, LevelResult, run_level, worker_command
 from benchmarks.loadtest.traffic import DEFAULT_MIX, mix_text, parse_mix
@@ -332,40 +340,22 @@ def run_worker(args: argparse.Namespace) -> int:
         progress(f"worker: level {runs} done, waiting for the next one")
 
 
-def size(text: str) -> tuple[int, int]:
-    rows, _, cols = text.lower().partition("x")
-    try:
-        value = int(rows), int(cols)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected ROWSxCOLUMNS such as 1643x1349") from None
-    if min(value) < 64:
-        raise argparse.ArgumentTypeError(f"{text!r}: at least 64 pixels each way")
-    return value
-
-
-def checked(parse):
-    """An argparse type from one of the options.py parsers (their ValueError becomes a usage error)."""
+def argument_type(parse, keep_text: bool = False):
+    """An argparse type from one of the options.py parsers: its ValueError becomes a usage error (exit status 2).
+    `keep_text`: the option keeps the text (it is passed on to locust as typed), the parser only checks it."""
 
     def convert(text: str):
         try:
-            parse(text)
+            value = parse(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-        return text
+        return text if keep_text else value
 
     convert.__name__ = parse.__name__
     return convert
 
 
-def seconds(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def seconds_or_zero(text: str) -> float:
-    return 0.0 if text.strip() in ("0", "0s") else seconds(text)
+seconds = argument_type(parse_duration)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -407,14 +397,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     levels.add_argument(
         "--sweep",
         metavar="N,N,...",
-        type=checked(parse_levels),
+        type=argument_type(parse_levels, keep_text=True),
         default=None,
         help=f"levels of users, run in turn, e.g. 1,2,4,8 (default {DEFAULT_SWEEP})",
     )
     load.add_argument(
         "--arrival-rate",
         metavar="RATE,...",
-        type=checked(parse_rates),
+        type=argument_type(parse_rates, keep_text=True),
         default=None,
         help="open loop instead: levels of request rates, e.g. 30/min,60/min (Poisson arrivals)",
     )
@@ -424,14 +414,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--warmup",
         metavar="TIME",
-        type=seconds_or_zero,
+        type=argument_type(parse_warmup),
         default=10.0,
         help="discarded start of each level (default 10s)",
     )
     load.add_argument(
         "--mix",
         metavar="KIND=W,...",
-        type=checked(parse_mix),
+        type=argument_type(parse_mix, keep_text=True),
         default=DEFAULT_MIX,
         help=f"request kinds and shares: predict, sr, gsps, png, studies (default {DEFAULT_MIX})",
     )
@@ -441,7 +431,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--think-time",
         metavar="S|MIN-MAX",
-        type=checked(parse_think_time),
+        type=argument_type(parse_think_time, keep_text=True),
         default="0",
         help="seconds each user pauses after an answer: 2, or a range 1-3 (default 0)",
     )
@@ -457,7 +447,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--phantom-size",
         metavar="ROWSxCOLS",
-        type=size,
+        type=argument_type(parse_size),
         default=(dicoms.PHANTOMS.rows, dicoms.PHANTOMS.cols),
         help="phantom ROWSxCOLUMNS (default the VinDr-PCXR median, 1643x1349)",
     )

@@ -13,7 +13,7 @@ RATE_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour":
 DURATION = re.compile(r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s?)?")
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, allow_zero: bool = False) -> float:
     """Time spans as locust writes them: 90, 90s, 2m, 1m30s, 1h, and fractions (2.5s) -> seconds.
 
     Not locust.util.timespan: importing locust monkey-patches the importing process with gevent."""
@@ -21,9 +21,26 @@ def parse_duration(text: str) -> float:
     if not found or not any(found.groupdict().values()):
         raise ValueError(f"{text!r}: expected a duration such as 60s, 2m or 1m30s")
     seconds = sum(float(found[unit] or 0) * scale for unit, scale in (("h", 3600), ("m", 60), ("s", 1)))
-    if seconds <= 0:
+    if seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValueError(f"{text!r} is not a positive duration")
     return seconds
+
+
+def parse_warmup(text: str) -> float:
+    """A duration that may be 0 (no warm-up)."""
+    return parse_duration(text, allow_zero=True)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1643x1349' -> (rows, columns), at least 64 each."""
+    rows, _, cols = text.lower().partition("x")
+    try:
+        size = int(rows), int(cols)
+    except ValueError:
+        raise ValueError(f"{text!r}: expected ROWSxCOLUMNS such as 1643x1349") from None
+    if min(size) < 64:
+        raise ValueError(f"{text!r}: at least 64 pixels each way")
+    return size
 
 
 def parse_levels(text: str) -> tuple[int, ...]:
