@@ -126,7 +126,7 @@ def test_failures_are_counted_by_status_and_code_from_locusts_csv():
 
 def test_stow_body_is_read_back_by_the_services_multipart_reader():
     """The `studies` body is the service's own idea of multipart/related: every instance comes back intact."""
-    from service.upload import read_multipart
+    from service.api.upload import read_multipart
 
     instances = [b"\0" * 128 + b"DICM" + os.urandom(2000) for _ in range(3)]
     body = traffic.stow_body(instances)
@@ -538,7 +538,7 @@ def tls_server(tmp_path_factory):
             "-m",
             "uvicorn",
             "--factory",
-            "service.app:create_app",
+            "service.api.app:create_app",
             "--host",
             "127.0.0.1",
             "--port",
