@@ -214,7 +214,7 @@ def generator_notes(report: Report) -> list[str]:
                 f"- {result.level.label}: only {result.workers_flushed} of {result.workers} workers sent "
                 "their last report in time; their last seconds are missing from the counts."
             )
-    return notes
+    return [*notes, ""] if notes else []
 
 
 def summary_header(report: Report) -> list[str]:
@@ -258,7 +258,6 @@ def render_summary(report: Report, plots: Sequence[Path] = ()) -> str:
         *levels_table(report),
         "",
         *generator_notes(report),
-        "",
         "## Per request kind",
         "",
         *kinds_table(report),
