@@ -261,6 +261,23 @@ def test_report_files_from_made_up_results(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["passed"] is False
 
 
+def test_a_sweep_cut_short_is_never_a_pass():
+    """Levels that all met the objective but fewer than planned (Ctrl-C, say) read INCOMPLETE, not PASS."""
+    cut = report.Report(
+        command="c",
+        host="http://h",
+        started_at="t",
+        slo=options.parse_slo("1000", 0.1),
+        levels=[made_up_level(1, 1, 300)],
+        stopped_early="interrupted (Ctrl-C)",
+        planned_levels=3,
+    )
+    assert not cut.passed
+    assert "**INCOMPLETE**: 1 of 3 planned levels ran. Stopped early: interrupted (Ctrl-C)." in report.render_summary(
+        cut
+    )
+
+
 # --- the command against real servers ------------------------------------------------------------------
 
 

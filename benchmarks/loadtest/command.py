@@ -279,6 +279,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         load=load_table(args, levels, inputs_text),
         warnings=service.warnings,
         open_loop=bool(args.arrival_rate),
+        planned_levels=len(levels),
     )
     generator = Generator(
         host=host,
@@ -301,6 +302,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     sampler = TreeSampler(args.server_pid, interval_s=1.0, memory_every=2).start() if args.server_pid else None
     try:
         run_levels(report, generator, levels, args, progress, sampler)
+    except KeyboardInterrupt:
+        report.stopped_early = "interrupted (Ctrl-C)"
+        raise
     finally:
         if sampler is not None:
             sampler.stop()

@@ -62,7 +62,8 @@ class Report:
     service: dict[str, str] = field(default_factory=dict)  # display strings: pack, providers, TLS, auth
     load: dict[str, str] = field(default_factory=dict)  # display strings: mix, inputs, warm-up, generator
     warnings: list[str] = field(default_factory=list)
-    stopped_early: str = ""
+    stopped_early: str = ""  # why fewer levels ran than planned
+    planned_levels: int = 0
     duration_s: float = 0.0
     open_loop: bool = False
 
@@ -220,14 +221,15 @@ def generator_notes(report: Report) -> list[str]:
 def summary_header(report: Report) -> list[str]:
     verdicts = report.verdicts()
     missed = sum(not v.met for v in verdicts)
+    stopped = f" Stopped early: {report.stopped_early}." if report.stopped_early else ""
     if report.passed:
         headline = "**PASS**: " + (
             "the level met the objective." if len(verdicts) == 1 else f"all {len(verdicts)} levels met the objective."
         )
+    elif missed:
+        headline = f"**FAIL**: {missed} of {len(verdicts)} levels missed the objective.{stopped}"
     else:
-        headline = f"**FAIL**: {missed} of {len(verdicts)} levels missed the objective." + (
-            f" Stopped early: {report.stopped_early}" if report.stopped_early else ""
-        )
+        headline = f"**INCOMPLETE**: {len(verdicts)} of {report.planned_levels} planned levels ran.{stopped}"
     return [
         f"# Load test of {report.host}",
         "",
