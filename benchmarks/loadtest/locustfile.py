@@ -21,6 +21,8 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from pathlib import Path
+from typing import ClassVar
 
 import gevent
 from locust import FastHttpUser, between, events, task
@@ -73,7 +75,7 @@ def listen_for_sweep_end(environment, runner=None, **_kwargs) -> None:
 
 def mark_sweep_done(done_file: str | None) -> None:
     if done_file:
-        open(done_file, "w").close()
+        Path(done_file).touch()
 
 
 @events.test_stop.add_listener
@@ -86,7 +88,7 @@ class Traffic:
     """What every user of this process shares, set when a test starts (the master's options are known then)."""
 
     inputs: Inputs | None = None
-    mix: dict[str, float] = {}
+    mix: ClassVar[dict[str, float]] = {}
     instances_per_study = 3
     schedule: ArrivalSchedule | None = None
     process_index, processes = 0, 1
