@@ -45,7 +45,7 @@ from benchmarks.loadtest.traffic import (
 from benchmarks.locust_window import MeasurementWindow, refresh_loop_clock
 
 API_KEY_ENV, CA_BUNDLE_ENV, INSECURE_ENV = "CXR_LOADTEST_API_KEY", "CXR_LOADTEST_CA_BUNDLE", "CXR_LOADTEST_INSECURE"
-LATE_S = 0.1  # an arrival whose request left this much after its time waited for a free user
+LATE_S = 0.1  # an arrival claimed this much after its time had waited for a free user
 SWEEP_DONE = "loadtest:sweep-done"  # master -> workers after the last level: `--worker` commands may exit
 
 WINDOW = MeasurementWindow.from_environ().install(events)
@@ -176,10 +176,12 @@ class ClinicalApp(FastHttpUser):
                 response.failure(problem)
 
     def wait_for_arrival(self) -> None:
+        claimed_at = time.time()
         due = Traffic.schedule.claim()
-        gevent.sleep(max(0.0, due - time.time()))
-        lag = time.time() - due
         WINDOW.count("arrivals")
-        if lag > LATE_S:
+        # Late: it was due before this user was free to take it (every user busy). A wake-up a little after
+        # its time on a busy generator is not counted here; it shows in the largest lag.
+        if claimed_at - due > LATE_S:
             WINDOW.count("late_arrivals")
-        WINDOW.record_max("max_lag_s", lag)
+        gevent.sleep(max(0.0, due - claimed_at))
+        WINDOW.record_max("max_lag_s", time.time() - due)
