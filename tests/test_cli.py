@@ -23,6 +23,7 @@ COMMANDS = [
     "benchmarks.multiworker",
     "benchmarks.profile",
     "benchmarks.soak",
+    "benchmarks.loadtest",
 ]
 
 
@@ -33,6 +34,8 @@ def test_usage_line_names_the_command_to_type(module):
         module_path = f"{module}.__main__"
     elif module == "training.synthetic":
         module_path = "training.synthetic.cli"
+    elif module == "benchmarks.loadtest":
+        module_path = "benchmarks.loadtest.command"
     else:
         module_path = module
     usage = importlib.import_module(module_path).get_args_parser().format_usage()
