@@ -8,6 +8,9 @@ meaning and the code was checked:
   editorial guide, FHIR value sets, OHDSI/OpenSAFELY code lists) and are marked "checked";
 - DCM codes come from the Chest CAD context groups (CID 6102-6106) in pydicom's dictionary.
 
+The SR's structural concepts (titles, containers, the score and probability concepts and their
+units) are defined here too, so that every output that codes something uses the same codes.
+
 Every other label, and any label a future pack is trained on that is not listed here, gets a code
 in the private scheme ``99PCXR`` (declared in each object's Coding Scheme Identification
 Sequence). Listed private codes are fixed (``PCXR<id>`` from the VinDr-PCXR table id,
@@ -100,7 +103,37 @@ _PRIVATE: dict[str, str] = {
 
 PRESENT: Code = codes.SCT.Present  # 52101004, CID 241 "Present-Absent Only"
 ABSENT: Code = codes.SCT.Absent  # 272519000
-NONE_DETECTED: Code = codes.SCT.None_  # 260413007 "None"
+
+# --- The SR's other concepts (one table for every output that codes something) ----------------
+REPORT_TITLE: Code = codes.cid7021.ImagingMeasurementReport  # (126000, DCM): OHIF draws its boxes
+# Title of a report with no localized finding. OHIF 3.x opens a (126000, DCM) report in its measurement
+# viewport, which fails when there is nothing to draw; any other title gets its text viewport, which
+# lists the content. "Chest CAD Report" is what this document is; CID 7021 is an extensible context
+# group, and the extension is declared on the code (sr._extended_title).
+NO_FINDINGS_TITLE = Code("112000", "DCM", "Chest CAD Report")
+PROCEDURE_REPORTED: Code = codes.SCT.ChestImaging  # (413815006, SCT, "Chest imaging")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 10
+COMMENT = Code("121106", "DCM", "Comment")
+# Image-level (classifier) outputs are calibrated probabilities of the disease being present.
+DISEASE_PROBABILITY: Code = codes.DCM.Probability  # (122157, DCM)
+UNITLESS: Code = codes.UCUM.NoUnits  # (1, UCUM, "no units"): a probability is a pure number
+# A box's detector output is a score in [0, 1], not a probability (it is not calibrated): UCUM's
+# annotation unit for a dimensionless score, as LOINC writes assessment scores.
+SCORE_UNIT = Code("{score}", "UCUM", "score")
+_SCORE_SUFFIX = " detection score"
+
+
+def score_code(label: str) -> Code:
+    """The concept of a box's score for `label`: "<finding meaning> detection score" (private scheme).
+
+    One concept per finding, because OHIF labels a drawn box with "<concept meaning>: <value> <unit>"
+    only; a shared concept (DCM 111012 "Certainty of Finding") would lose the finding's name there.
+    The code value is "S" + 12 hex digits of the SHA-1 of the finding's code, so it is stable.
+    """
+    finding = code_for(label)
+    digest = hashlib.sha1(f"{finding.scheme_designator}:{finding.value}".encode()).hexdigest()[:12].upper()
+    meaning = finding.meaning[: 64 - len(_SCORE_SUFFIX)] + _SCORE_SUFFIX
+    return Code("S" + digest, PRIVATE_SCHEME, meaning)
 
 
 def private_code_value(label: str) -> str:

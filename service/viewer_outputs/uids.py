@@ -32,6 +32,7 @@ from pydicom.uid import UID
 
 # Namespace of this service's derived UIDs (a fixed random UUID; changing it changes every UID).
 NAMESPACE = uuid.UUID("6f0c3c52-94a4-4d0e-9f3e-3b0d1c6a7e21")
+NAMESPACE_UID = UID(f"2.25.{NAMESPACE.int}")  # the service as an organisation (e.g. who extended a context group)
 
 SERIES_NUMBERS = {"sr": 9901, "gsps": 9902, "sc": 9903}
 
@@ -74,5 +75,5 @@ def tracking_uid(source: Dataset, model: dict, what: str) -> UID:
 
 
 def device_uid(model: dict) -> UID:
-    """Device Observer UID of a pack version: one per pack, so its reports can be grouped."""
-    return derived_uid("device", *pack_identity(model)[:2])
+    """Device Observer UID of a pack build (name, version, weights), so its reports can be grouped."""
+    return derived_uid("device", *pack_identity(model))
