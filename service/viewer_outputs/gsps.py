@@ -1,17 +1,21 @@
 """JSON result -> DICOM Grayscale Softcopy Presentation State (built with highdicom).
 
 A viewer that loads the GSPS with the image shows it as before (the image's own rescale, window
-and polarity) with two graphic layers on top:
-  AI FINDINGS  one closed POLYLINE per box (PIXEL units) and a "label score" text anchored at
-               the box's top left corner;
-  AI SUMMARY   the disclaimer and one line per disease probability, top left of the display
-               (DISPLAY units, so it stays readable whatever the zoom).
+and polarity) with graphic layers on top, each with a recommended display colour
+(RecommendedDisplayCIELabValue, the colour the PNG and the burned-in image use for that label):
+  AI FINDING <n>  one layer per finding label, in order of first appearance: a closed POLYLINE per
+                  box (PIXEL units) and a "label score" caption anchored to the box's top left
+                  corner (anchor point shown), placed by layout.place_caption: above the box, and
+                  stacked, never overprinted, when boxes coincide;
+  AI SUMMARY      the disclaimer and one line per disease probability, top left of the display
+                  (DISPLAY units, so it stays readable whatever the zoom), in white.
 """
 
 from __future__ import annotations
 
 import highdicom as hd
 import pydicom
+from highdicom.color import CIELabColor
 from highdicom.pr import (
     AnnotationUnitsValues,
     GraphicAnnotation,
@@ -25,7 +29,6 @@ from highdicom.pr import (
 
 from service.viewer_outputs import (
     DISCLAIMER,
-    MANUFACTURER,
     box_polygon,
     disease_text,
     finding_text,
@@ -33,11 +36,14 @@ from service.viewer_outputs import (
     reference_header,
     series_description,
 )
+from service.viewer_outputs.identity import device, stamp
+from service.viewer_outputs.layout import Rect, label_colour, place_caption
 from service.viewer_outputs.uids import result_uids
 
 CONTENT_LABEL = "AI_FINDINGS"
-FINDINGS_LAYER = "AI FINDINGS"
+FINDINGS_LAYER = "AI FINDING {}"  # numbered per label; Graphic Layer is CS, at most 16 characters
 SUMMARY_LAYER = "AI SUMMARY"
+SUMMARY_COLOUR = (255, 255, 255)
 _LINE_HEIGHT = 0.03  # summary line height, fraction of the displayed area
 _CHAR_WIDTH = 0.55  # rough glyph width / height, to size text bounding boxes
 
@@ -52,6 +58,7 @@ def build_gsps(source: pydicom.Dataset, result: dict) -> pydicom.Dataset:
     findings, diseases = result.get("findings") or [], result.get("diseases") or []
 
     layers, annotations = _layers(header, findings, diseases)
+    made_by = device(model)
 
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=[header],
@@ -59,10 +66,10 @@ def build_gsps(source: pydicom.Dataset, result: dict) -> pydicom.Dataset:
         series_number=uids.series_number,
         sop_instance_uid=uids.sop_instance_uid,
         instance_number=instance_number(header),
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=str(model.get("pack") or "unknown")[:64],
-        software_versions=str(model.get("version") or "unknown")[:64],
-        device_serial_number=str(model.get("detector_sha256") or "unknown")[:16],
+        manufacturer=made_by.manufacturer,
+        manufacturer_model_name=made_by.model_name,
+        software_versions=list(made_by.software_versions),
+        device_serial_number=made_by.serial_number,
         content_label=CONTENT_LABEL,
         content_description=f"AI findings - {DISCLAIMER}"[:64],
         graphic_layers=layers,
@@ -83,31 +90,46 @@ def build_gsps(source: pydicom.Dataset, result: dict) -> pydicom.Dataset:
         gsps.BodyPartExamined = header.BodyPartExamined
     else:
         gsps.Laterality = ""
-    return gsps
+    return stamp(gsps, model)
 
 
 def _layers(
     header: pydicom.Dataset, findings: list[dict], diseases: list[dict]
 ) -> tuple[list[GraphicLayer], list[GraphicAnnotation]]:
-    """The findings layer (boxes and captions, when there are findings) and the summary layer (always)."""
+    """One layer per finding label (boxes and captions) and the summary layer (always), each with its colour."""
+    labels = list(dict.fromkeys(str(f["label"]) for f in findings))  # first-appearance order
+    captions = _caption_rects(header, findings)
     layers: list[GraphicLayer] = []
     annotations: list[GraphicAnnotation] = []
-    if findings:
-        layer = GraphicLayer(FINDINGS_LAYER, order=1, description=f"AI findings - {DISCLAIMER}")
+    for order, label in enumerate(labels, 1):
+        layer = GraphicLayer(
+            FINDINGS_LAYER.format(order),
+            order=order,
+            description=f"{label} - AI findings"[:64],
+            display_color=CIELabColor.from_rgb(*label_colour(label)),
+        )
+        mine = [i for i, f in enumerate(findings) if str(f["label"]) == label]
         layers.append(layer)
         annotations.append(
             GraphicAnnotation(
                 referenced_images=[header],
                 graphic_layer=layer,
                 graphic_objects=[
-                    GraphicObject(GraphicTypeValues.POLYLINE, box_polygon(f["box"]), AnnotationUnitsValues.PIXEL)
-                    for f in findings
+                    GraphicObject(
+                        GraphicTypeValues.POLYLINE, box_polygon(findings[i]["box"]), AnnotationUnitsValues.PIXEL
+                    )
+                    for i in mine
                 ],
-                text_objects=[_box_caption(f, header) for f in findings],
+                text_objects=[_box_caption(findings[i], captions[i]) for i in mine],
             )
         )
     # The summary layer always exists: it carries the disclaimer even when nothing was found.
-    summary = GraphicLayer(SUMMARY_LAYER, order=2, description="AI disease probabilities")
+    summary = GraphicLayer(
+        SUMMARY_LAYER,
+        order=len(labels) + 1,
+        description=f"AI disease probabilities - {DISCLAIMER}"[:64],
+        display_color=CIELabColor.from_rgb(*SUMMARY_COLOUR),
+    )
     layers.append(summary)
     lines = [DISCLAIMER] + [disease_text(d) for d in diseases]
     annotations.append(
@@ -142,23 +164,27 @@ def _min_max_window(header: pydicom.Dataset) -> list[hd.pr.SoftcopyVOILUTTransfo
     ]
 
 
-def _box_caption(finding: dict, header: pydicom.Dataset) -> TextObject:
-    """ "label score" anchored at the box's top left; its bounding box sits just above the box
-    (inside it when the box touches the top edge) and is kept within the image."""
-    text = finding_text(finding)
+def _caption_rects(header: pydicom.Dataset, findings: list[dict]) -> list[Rect]:
+    """Each caption's bounding box (image pixels), placed in order so that none overlaps an earlier one."""
     rows, columns = int(header.Rows), int(header.Columns)
-    height = max(8.0, 0.025 * rows)
-    width = min(float(columns), height * _CHAR_WIDTH * len(text))
-    x0 = min(max(0.0, float(finding["box"]["x_min"])), columns - width)
-    y_top = float(finding["box"]["y_min"])
-    y0 = y_top - height if y_top - height >= 0 else min(max(0.0, y_top), rows - height)
-    anchor = (max(0.0, float(finding["box"]["x_min"])), max(0.0, y_top))
+    height = max(8.0, 0.025 * rows)  # the viewer fits the text into this box
+    placed: list[Rect] = []
+    for finding in findings:
+        width = min(float(columns), height * _CHAR_WIDTH * len(finding_text(finding)))
+        anchor = (max(0.0, float(finding["box"]["x_min"])), max(0.0, float(finding["box"]["y_min"])))
+        placed.append(place_caption(anchor, (width, height), (columns, rows), taken=placed))
+    return placed
+
+
+def _box_caption(finding: dict, rect: Rect) -> TextObject:
+    """ "label score" in `rect`, tied to the box's top left corner by a visible anchor line, so a
+    caption moved away from a coinciding box still points at its own box."""
     return TextObject(
-        text,
+        finding_text(finding),
         AnnotationUnitsValues.PIXEL,
-        bounding_box=(x0, y0, x0 + width, y0 + height),
-        anchor_point=anchor,
-        anchor_point_visible=False,
+        bounding_box=rect,
+        anchor_point=(max(0.0, float(finding["box"]["x_min"])), max(0.0, float(finding["box"]["y_min"]))),
+        anchor_point_visible=True,
         text_justification=TextJustificationValues.LEFT,
     )
 

@@ -6,35 +6,27 @@ The PNG has exactly the source image's size, so its pixels line up with the JSON
 
 from __future__ import annotations
 
-import hashlib
 import io
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from service.viewer_outputs import DISCLAIMER, disease_text, finding_text
+from service.viewer_outputs.layout import Rect, label_colour, place_caption
 
-# Saturated colours that stay visible on grey; a label keeps its colour across images.
-PALETTE = (
-    (255, 64, 64),
-    (64, 200, 255),
-    (255, 200, 0),
-    (80, 255, 120),
-    (255, 96, 255),
-    (255, 140, 0),
-    (160, 120, 255),
-    (0, 255, 220),
-)
 HEADER_DISEASES = 3  # the most probable diseases named in the header
-
-
-def label_colour(label: str) -> tuple[int, int, int]:
-    """A stable colour per label (hash of the text, not of Python's randomised hash())."""
-    return PALETTE[int(hashlib.sha1(label.encode("utf-8")).hexdigest(), 16) % len(PALETTE)]
 
 
 def render_png(display: np.ndarray, result: dict) -> bytes:
     """PNG bytes of `display` (float HxW in [0, 1], bright = dense) with `result` drawn on it."""
+    out = io.BytesIO()
+    annotated_image(display, result).save(out, format="PNG", compress_level=3)  # speed over a few % of size
+    return out.getvalue()
+
+
+def annotated_image(display: np.ndarray, result: dict) -> Image.Image:
+    """`display` as an RGB image of the same size with the boxes, captions and the header drawn on it
+    (the pixels of the PNG and of the burned-in DICOM image)."""
     if display.ndim != 2:
         raise ValueError(f"display must be a 2-D greyscale image, not shape {display.shape}")
     rows, columns = display.shape
@@ -56,31 +48,23 @@ def render_png(display: np.ndarray, result: dict) -> bytes:
 
     diseases = sorted(result.get("diseases") or [], key=lambda d: -float(d["probability"]))
     segments = [DISCLAIMER] + [disease_text(d) for d in diseases[:HEADER_DISEASES]]
-    header_bottom = 0
+    header_bottom = 0.0
     for text in _wrap(draw, segments, font, columns):
-        header_bottom = _caption(draw, text, (0, header_bottom), (255, 255, 255), font, image.size, above=False)[3] + 1
-
-    # Captions last, so no box is drawn over one; they never hide under the header lines or
-    # under each other (a caption that would overlap an earlier one moves below it).
-    placed: list[tuple[int, int, int, int]] = []
-    for finding in findings:
-        x0, y0 = _clamp(finding["box"]["x_min"], columns), _clamp(finding["box"]["y_min"], rows)
-        placed.append(
-            _caption(
-                draw,
-                finding_text(finding),
-                (x0, y0),
-                label_colour(str(finding["label"])),
-                font,
-                image.size,
-                floor=header_bottom,
-                avoid=placed,
-            )
+        width, height = _backed_size(draw, text, font)
+        header_bottom = (
+            _draw_backed(draw, text, (0, header_bottom, width, header_bottom + height), (255, 255, 255), font)[3] + 1
         )
 
-    out = io.BytesIO()
-    image.save(out, format="PNG", compress_level=3)  # speed over a few percent of size
-    return out.getvalue()
+    # Captions last, so no box is drawn over one; they never hide under the header lines or
+    # under each other (layout.place_caption stacks captions of coinciding boxes).
+    placed: list[Rect] = []
+    for finding in findings:
+        text = finding_text(finding)
+        anchor = (_clamp(finding["box"]["x_min"], columns), _clamp(finding["box"]["y_min"], rows))
+        rect = place_caption(anchor, _backed_size(draw, text, font), image.size, taken=placed, floor=header_bottom)
+        placed.append(_draw_backed(draw, text, rect, label_colour(str(finding["label"])), font))
+
+    return image
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -104,31 +88,18 @@ def _wrap(draw: ImageDraw.ImageDraw, segments: list[str], font, width: int) -> l
     return lines
 
 
-def _caption(
-    draw: ImageDraw.ImageDraw,
-    text: str,
-    at: tuple[int, int],
-    colour: tuple[int, int, int],
-    font,
-    size: tuple[int, int],
-    *,
-    above: bool = True,
-    floor: int = 0,
-    avoid: list[tuple[int, int, int, int]] = (),
-) -> tuple[int, int, int, int]:
-    """Text on a dark backing, above the point when there is room, else below it, kept inside
-    the image, below `floor` and clear of the `avoid` rectangles. Returns the backing rectangle."""
+_PAD = 2  # text inset in its dark backing
+
+
+def _backed_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    """(width, height) of a caption's dark backing: the text's extent plus the inset on both sides."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    width, height, pad = right - left + 4, bottom - top + 4, 2
-    columns, rows = size
-    x, y = at
-    lifted = y - height - 1  # backing ends one row above the point: the box edge stays visible
-    y = lifted if above and lifted >= floor else max(y, floor)
-    x = max(0, min(x, columns - width - 1))
-    for other in sorted(avoid, key=lambda r: r[1]):
-        if x < other[2] and other[0] < x + width and y < other[3] and other[1] < y + height:
-            y = other[3] + 1
-    y = max(0, min(y, rows - height - 1))
-    draw.rectangle((x, y, x + width, y + height), fill=(0, 0, 0))
-    draw.text((x + pad - left, y + pad - top), text, fill=colour, font=font)
-    return x, y, x + width, y + height
+    return right - left + 2 * _PAD, bottom - top + 2 * _PAD
+
+
+def _draw_backed(draw: ImageDraw.ImageDraw, text: str, rect: Rect, colour: tuple[int, int, int], font) -> Rect:
+    """Text on a dark backing filling `rect`; returns `rect`."""
+    left, top, _, _ = draw.textbbox((0, 0), text, font=font)
+    draw.rectangle(rect, fill=(0, 0, 0))
+    draw.text((rect[0] + _PAD - left, rect[1] + _PAD - top), text, fill=colour, font=font)
+    return rect
