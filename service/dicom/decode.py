@@ -40,7 +40,7 @@ PIXEL_ELEMENT_VRS = {
     "WindowCenter": "DS",
     "WindowWidth": "DS",
 }
-# What a DICOM SR or GSPS needs to reference the image: one valid UID each.
+# What a DICOM result (SR, GSPS, burned-in image) needs to reference the image: one valid UID each.
 REFERENCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
@@ -169,7 +169,7 @@ def check_image_header(ds: Dataset, limits: DecodeLimits) -> None:
 
 
 def check_referenceable(ds: Dataset) -> None:
-    """Refuse (422) an SR or GSPS for an image that lacks a UID they must reference it by.
+    """Refuse (422) a DICOM result (SR, GSPS, burned-in image) for an image that lacks a UID they must reference it by.
 
     The JSON answer needs none of these (a missing SOP Instance UID just gives no image_id), so
     this runs only when a DICOM output is asked for.
@@ -180,21 +180,22 @@ def check_referenceable(ds: Dataset) -> None:
         value = ds.get(keyword)
         if not isinstance(value, str) or len(value) > 64 or not RE_VALID_UID.match(value):
             raise UnusableImage(
-                f"A DICOM SR or GSPS must reference the image by its {keyword}, which is "
+                f"A DICOM result (SR, GSPS or burned-in image) must reference the image by its {keyword}, which is "
                 f"{'missing' if value in (None, '') else 'not one valid UID'}; ask for JSON instead."
             )
     if UID(ds.SOPClassUID).type != "SOP Class":
         raise UnusableImage(
-            "A DICOM SR or GSPS can only reference an image of a standard SOP class; ask for JSON instead."
+            "A DICOM result (SR, GSPS or burned-in image) can only reference an image of a standard SOP class; "
+            "ask for JSON instead."
         )
-    # The SR and GSPS copy the patient and study attributes, in the source's character set.
+    # The DICOM results copy the patient and study attributes, in the source's character set.
     charsets = ds.get("SpecificCharacterSet") or []
     known = {term.value for term in SpecificCharacterSetValues}
     for charset in [charsets] if isinstance(charsets, str) else charsets:
         if charset and charset not in known:
             raise UnusableImage(
                 f"SpecificCharacterSet {charset!r} is not a defined term, so the header cannot be "
-                f"copied into a DICOM SR or GSPS; ask for JSON instead."
+                f"copied into a DICOM result; ask for JSON instead."
             )
 
 

@@ -1,4 +1,4 @@
-"""Serialise one prediction as the representation the client asked for (SR, GSPS or PNG)."""
+"""Serialise one prediction as the representation the client asked for (SR, GSPS, burned-in image or PNG)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from pydicom.filewriter import dcmwrite
 from service.dicom.pipeline import PreparedImage
 from service.viewer_outputs.gsps import build_gsps
 from service.viewer_outputs.png import render_png
+from service.viewer_outputs.sc import build_sc
 from service.viewer_outputs.sr import build_sr
 
 DICOM_MEDIA_TYPE = "application/dicom"
-# The DICOM objects `render` makes (the DICOM node's destinations may ask for any of them).
-DICOM_OUTPUTS = ("sr", "gsps")
-NEEDS_DISPLAY = ("png",)  # outputs drawn on the display image: the decode step must keep it
+# The DICOM objects `render` makes, each referencing the source image (the DICOM node's destinations may
+# ask for any of them), and the outputs drawn on the display image (decode must keep it for them).
+DICOM_OUTPUTS = ("sr", "gsps", "sc")
+NEEDS_DISPLAY = ("png", "sc")
 
 
 def _part10(dataset) -> bytes:
@@ -24,11 +26,15 @@ def _part10(dataset) -> bytes:
 
 
 def render(output: str, prepared: PreparedImage, prediction: dict) -> tuple[bytes, str]:
-    """(body, media type) for output "sr", "gsps" or "png"."""
+    """(body, media type) for output "sr", "gsps", "sc" or "png"."""
     if output == "sr":
         return _part10(build_sr(prepared.header, prediction)), DICOM_MEDIA_TYPE
     if output == "gsps":
         return _part10(build_gsps(prepared.header, prediction)), DICOM_MEDIA_TYPE
+    if output in NEEDS_DISPLAY and prepared.display is None:
+        raise ValueError(f"output {output!r} needs the display image: prepare with keep_display=True")
+    if output == "sc":
+        return _part10(build_sc(prepared.header, prepared.display, prediction)), DICOM_MEDIA_TYPE
     if output == "png":
         return render_png(prepared.display, prediction), "image/png"
     raise ValueError(f"unknown output {output!r}")

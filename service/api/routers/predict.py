@@ -14,11 +14,11 @@ from service.api.upload import check_declared_length, read_single_dicom
 from service.dicom.decode import check_referenceable
 from service.errors import NotAcceptable
 from service.inference.predictor import predict_instance, request_time_limit
-from service.viewer_outputs.render import render
+from service.viewer_outputs.render import DICOM_OUTPUTS, NEEDS_DISPLAY, render
 
 router = APIRouter(prefix="/v1")
 
-OutputFormat = Literal["json", "sr", "gsps", "png"]
+OutputFormat = Literal["json", "sr", "gsps", "sc", "png"]
 
 ERRORS = {
     status: {"model": ErrorResponse, "description": text}
@@ -56,7 +56,8 @@ OUTPUTS = {
             "application/dicom": {
                 "schema": {"type": "string", "format": "binary"},
                 "description": (
-                    "format=sr: Comprehensive SR (TID 1500); format=gsps: Grayscale Softcopy Presentation State"
+                    "format=sr: Comprehensive SR (TID 1500); format=gsps: Grayscale Softcopy Presentation State; "
+                    "format=sc: Secondary Capture with the boxes burned in"
                 ),
             },
             "image/png": {
@@ -87,7 +88,7 @@ def negotiate_format(requested: str | None, accept: str | None) -> OutputFormat:
         if media_range in offered:
             return offered[media_range]  # type: ignore[return-value]
     raise NotAcceptable(
-        f"Cannot produce {accept!r}; ask for application/json, application/dicom (format=sr or gsps) or image/png."
+        f"Cannot produce {accept!r}; ask for application/json, application/dicom (format=sr, gsps or sc) or image/png."
     )
 
 
@@ -102,19 +103,19 @@ async def predict(
     request: Request,
     state: ReadyStateDep,
     settings: SettingsDep,
-    format: OutputFormat | None = Query(None, description="json (default), sr, gsps or png; overrides Accept"),
+    format: OutputFormat | None = Query(None, description="json (default), sr, gsps, sc or png; overrides Accept"),
 ):
     output = negotiate_format(format, request.headers.get("accept"))
     check_declared_length(request.headers.get("content-length"), settings.max_body_bytes)
     async with request_time_limit(settings.request_timeout_s):
         body = await read_single_dicom(request.stream(), request.headers.get("content-type"), settings.max_body_bytes)
         prediction, prepared = await predict_instance(
-            body, state, settings, request.state.request_id, keep_display=output == "png"
+            body, state, settings, request.state.request_id, keep_display=output in NEEDS_DISPLAY
         )
     del body  # nothing uploaded is kept
     if output == "json":
         return JSONResponse(Prediction.model_validate(prediction).model_dump(mode="json"))
-    if output in ("sr", "gsps"):
+    if output in DICOM_OUTPUTS:
         check_referenceable(prepared.header)
     content, media_type = await run_in_threadpool(render, output, prepared, prediction)
     return Response(content, media_type=media_type, headers={"X-Request-ID": request.state.request_id})
