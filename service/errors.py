@@ -90,6 +90,12 @@ class Forbidden(ApiError):
     status_code, code = 403, "forbidden"
 
 
+class StudyMismatch(ApiError):
+    """A STOW-RS instance posted to /v1/studies/{study} belongs to another study (PS3.18 10.5)."""
+
+    status_code, code = 409, "study_instance_uid_mismatch"
+
+
 class RequestTimeout(ApiError):
     """The whole request (upload, decoding, queueing, inference) outlasted the configured limit."""
 

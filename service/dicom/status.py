@@ -10,6 +10,9 @@ PROCESSING_FAILURE = 0x0110
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+# STOW-RS only: an instance posted to /v1/studies/{study} that belongs to another study. An
+# implementation-specific code in the A9xx range, which PS3.18 I.2.2 lets a server define (README "Studies").
+STUDY_INSTANCE_UID_MISMATCH = 0xA901
 CANNOT_UNDERSTAND = 0xC000
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
@@ -24,6 +27,7 @@ FAILURE_STATUSES = {
     "overloaded": OUT_OF_RESOURCES,
     "not_ready": OUT_OF_RESOURCES,
     "spool_full": OUT_OF_RESOURCES,
+    "study_instance_uid_mismatch": STUDY_INSTANCE_UID_MISMATCH,
 }
 
 
