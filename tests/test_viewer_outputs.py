@@ -3,40 +3,34 @@
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import subprocess
+import re
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from highdicom.color import CIELabColor
 from PIL import Image
 from pydicom.uid import ComprehensiveSRStorage
 
 from service.viewer_outputs import DISCLAIMER
-from service.viewer_outputs.codes import PRIVATE_SCHEME, code_for, private_code_value
+from service.viewer_outputs.codes import PRIVATE_SCHEME, code_for, private_code_value, score_code
 from service.viewer_outputs.gsps import FINDINGS_LAYER, SUMMARY_LAYER, build_gsps
+from service.viewer_outputs.layout import label_colour, overlaps, place_caption
 from service.viewer_outputs.png import render_png
 from service.viewer_outputs.sr import build_sr
+from tests.dicom_checks import dciodvfy_errors, uploaded
 from training.labels import VINDR_CXR, VINDR_PCXR
-from training.synthetic import dicom_bytes, synthesize_instance
+from training.synthetic import synthesize_instance
 
 UNKNOWN_LABEL = "Widened mediastinum (a label no table knows)"
 MODEL = {"pack": "demo-synthetic", "version": "0.1.0", "detector_sha256": "ab" * 32, "classifier_sha256": "cd" * 32}
 
 
-def _uploaded(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """The source as the service holds it: parsed from Part 10 bytes, pixel data dropped."""
-    source = pydicom.dcmread(io.BytesIO(dicom_bytes(ds)))
-    del source.PixelData
-    return source
-
-
 @pytest.fixture(scope="module")
 def phantom():
     ds, case = synthesize_instance(seed=5, rows=600, cols=500, findings=["Consolidation", "Cardiomegaly"])
-    return _uploaded(ds), case
+    return uploaded(ds), case
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +78,6 @@ def _roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
     return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
 
 
-def _dciodvfy_errors(ds: pydicom.Dataset, tmp_path) -> list[str]:
-    if shutil.which("dciodvfy") is None:
-        if os.environ.get("CI"):
-            pytest.fail("dciodvfy (Debian package dicom3tools) is required in CI")
-        pytest.skip("dciodvfy not on PATH (apt-get install dicom3tools)")
-    path = tmp_path / "out.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
-
-
 # --- codes -------------------------------------------------------------------------------------
 
 
@@ -128,8 +111,18 @@ def test_unknown_label_gets_a_deterministic_private_code():
 # --- SR ----------------------------------------------------------------------------------------
 
 
-def test_sr_round_trips_with_boxes_codes_and_probabilities(phantom, result):
-    """The SR survives BytesIO; each ROI is the box's closed polygon with its label code and score."""
+def _items(container: pydicom.Dataset, meaning: str) -> list[pydicom.Dataset]:
+    """The children of `container` whose concept name has this meaning."""
+    return [i for i in container.get("ContentSequence", []) if i.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+
+
+def _algorithm_of(item: pydicom.Dataset) -> tuple[str, str]:
+    (name,), (version,) = _items(item, "Algorithm Name"), _items(item, "Algorithm Version")
+    return name.TextValue, version.TextValue
+
+
+def test_sr_round_trips_with_boxes_codes_and_scores(phantom, result):
+    """Each box is a Planar ROI group: its closed polygon, label code, and "<finding> detection score" = JSON score."""
     source, _ = phantom
     written = _roundtrip(build_sr(source, result))
     assert written.SOPClassUID == ComprehensiveSRStorage
@@ -140,22 +133,70 @@ def test_sr_round_trips_with_boxes_codes_and_probabilities(phantom, result):
         assert group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
         np.testing.assert_allclose(group.roi.value, _corners(finding["box"]), atol=1e-3)
         assert group.finding_type == code_for(finding["label"])
-        (probability,) = group.get_measurements()
-        assert probability.name.meaning == "Probability"
-        assert probability.value == pytest.approx(finding["score"], abs=1e-6)
+        (score,) = group.get_measurements()
+        assert score.name == score_code(finding["label"]) and score.name.meaning.endswith(" detection score")
+        assert score.name.meaning.startswith(code_for(finding["label"]).meaning[:40])
+        assert (score.unit.value, score.unit.scheme_designator) == ("{score}", "UCUM")
+        assert score.value == pytest.approx(finding["score"], abs=1e-6)
         assert group.tracking_uid is not None and finding["label"] in group.tracking_identifier
 
 
-def test_sr_reports_diseases_against_their_thresholds(phantom, result):
-    """Each disease is an image-level group with its probability and Present/Absent evaluation."""
+def test_sr_has_no_measurement_group_without_image_coordinates(phantom, result):
+    """Every group under Imaging Measurements has a SCOORD on the source image (OHIF reads each group's first one)."""
     source, _ = phantom
-    sr = hd.sr.srread(io.BytesIO(dicom_bytes(build_sr(source, result))))
-    groups = sr.content.get_image_measurement_groups()
-    assert [g.finding_type for g in groups] == [code_for(d["label"]) for d in result["diseases"]]
-    for group, disease in zip(groups, result["diseases"]):
-        assert group.get_measurements()[0].value == pytest.approx(disease["probability"])
-        (evaluation,) = group.get_qualitative_evaluations()
-        assert evaluation.value.meaning == ("Present" if disease["positive"] else "Absent")
+    written = _roundtrip(build_sr(source, result))
+    (measurements,) = _items(written, "Imaging Measurements")
+    groups = measurements.ContentSequence
+    assert len(groups) == len(result["findings"])
+    for group in groups:
+        (region,) = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
+        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert _algorithm_of(group) == (MODEL["pack"], MODEL["version"])
+
+
+def test_sr_reports_diseases_as_qualitative_evaluations(phantom, result):
+    """Each disease is "<disease> = Present/Absent" with its probability, threshold and algorithm."""
+    source, _ = phantom
+    written = _roundtrip(build_sr(source, result))
+    (evaluations,) = _items(written, "Qualitative Evaluations")
+    codes_ = [i for i in evaluations.ContentSequence if i.ValueType == "CODE"]
+    assert [i.ConceptNameCodeSequence[0].CodeValue for i in codes_] == [
+        code_for(d["label"]).value for d in result["diseases"]
+    ]
+    for item, disease in zip(codes_, result["diseases"]):
+        assert item.ConceptCodeSequence[0].CodeMeaning == ("Present" if disease["positive"] else "Absent")
+        (probability,) = _items(item, "Probability")
+        assert float(probability.MeasuredValueSequence[0].NumericValue) == pytest.approx(disease["probability"])
+        assert _algorithm_of(item) == (MODEL["pack"], MODEL["version"])
+        parameters = [p.TextValue for p in _items(item, "Algorithm Parameters")]
+        assert f"decision threshold={disease['threshold']:.6g}" in parameters
+
+
+def test_sr_image_library_holds_the_source_image(phantom, result):
+    """The Image Library (TID 1600) lists the source image with its modality and size."""
+    source, _ = phantom
+    written = _roundtrip(build_sr(source, result))
+    (library,) = _items(written, "Image Library")
+    (group,) = library.ContentSequence
+    (image,) = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    descriptors = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in image.ContentSequence}
+    assert float(descriptors["Pixel Data Rows"].MeasuredValueSequence[0].NumericValue) == source.Rows
+    assert descriptors["Modality"].ConceptCodeSequence[0].CodeValue == source.Modality
+
+
+def test_sr_header_identifies_the_model_as_ihe_air_asks(phantom, result):
+    """Manufacturer, model name, software versions, serial number, series date/time and UTC offset name the pack."""
+    source, _ = phantom
+    written = _roundtrip(build_sr(source, result))
+    assert written.ManufacturerModelName == MODEL["pack"] and written.SoftwareVersions[0] == MODEL["version"]
+    assert re.fullmatch(r"[0-9A-F]{16}", written.DeviceSerialNumber)
+    assert written.SeriesDate == written.ContentDate and len(written.SeriesTime) >= 6
+    assert re.fullmatch(r"[+-]\d{4}", written.TimezoneOffsetFromUTC)
+    observer = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in written.ContentSequence}
+    assert observer["Device Observer Serial Number"].TextValue == written.DeviceSerialNumber
+    other = build_sr(source, result | {"model": MODEL | {"detector_sha256": "ef" * 32}})
+    assert other.DeviceSerialNumber != written.DeviceSerialNumber  # the serial names the exact weights
 
 
 def test_sr_references_the_source_image_and_says_not_for_diagnosis(phantom, result):
@@ -170,14 +211,14 @@ def test_sr_references_the_source_image_and_says_not_for_diagnosis(phantom, resu
         assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert written.ContentQualification == "RESEARCH" and written.SeriesDescription.endswith(DISCLAIMER)
     assert written.PreliminaryFlag == "PRELIMINARY" and written.VerificationFlag == "UNVERIFIED"
-    comments = [item.TextValue for item in written.ContentSequence[-1].ContentSequence]
-    assert any("NOT FOR DIAGNOSTIC USE" in text for text in comments)
+    (comment,) = _items(_items(written, "Qualitative Evaluations")[0], "Comment")
+    assert comment.TextValue.startswith(DISCLAIMER) and "3 localized finding(s)" in comment.TextValue
     assert PRIVATE_SCHEME in [item.CodingSchemeDesignator for item in written.CodingSchemeIdentificationSequence]
 
 
 def test_sr_passes_dciodvfy(phantom, result, tmp_path):
     """dciodvfy reports no errors for the SR."""
-    assert _dciodvfy_errors(build_sr(phantom[0], result), tmp_path) == []
+    assert dciodvfy_errors(build_sr(phantom[0], result), tmp_path) == []
 
 
 # --- GSPS --------------------------------------------------------------------------------------
@@ -188,17 +229,76 @@ def _annotations(gsps: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
 
 
 def test_gsps_round_trips_with_boxes_and_captions(phantom, result):
-    """GSPS polylines equal the boxes; each box has a "label score" text at its top left corner."""
+    """One layer per label: its polylines equal the boxes, each with a "label score" caption anchored at its corner."""
     source, _ = phantom
     gsps = _roundtrip(build_gsps(source, result))
-    layer = _annotations(gsps)[FINDINGS_LAYER]
-    for graphic, text, finding in zip(layer.GraphicObjectSequence, layer.TextObjectSequence, result["findings"]):
+    layers = _annotations(gsps)
+    for order, finding in enumerate(result["findings"], 1):  # three different labels: three layers
+        layer = layers[FINDINGS_LAYER.format(order)]
+        (graphic,), (text,) = layer.GraphicObjectSequence, layer.TextObjectSequence
         assert graphic.GraphicType == "POLYLINE" and graphic.GraphicAnnotationUnits == "PIXEL"
         np.testing.assert_allclose(np.reshape(graphic.GraphicData, (-1, 2)), _corners(finding["box"]), atol=1e-3)
         assert text.UnformattedTextValue == f"{finding['label']} {finding['score']:.2f}"
         np.testing.assert_allclose(text.AnchorPoint, [finding["box"]["x_min"], finding["box"]["y_min"]], atol=1e-3)
-    summary = [t.UnformattedTextValue for t in _annotations(gsps)[SUMMARY_LAYER].TextObjectSequence]
+        assert text.AnchorPointVisibility == "Y"
+    summary = [t.UnformattedTextValue for t in layers[SUMMARY_LAYER].TextObjectSequence]
     assert summary == [DISCLAIMER, "Pneumonia 0.71 +", "Other diseases 0.10"]
+
+
+def test_gsps_layers_recommend_the_labels_colours(phantom, result):
+    """Each layer carries a recommended CIELab colour: the label's PNG colour for findings, white for the summary."""
+    source, _ = phantom
+    gsps = _roundtrip(build_gsps(source, result))
+    colours = {
+        layer.GraphicLayer: CIELabColor.from_dicom_value(layer.GraphicLayerRecommendedDisplayCIELabValue).to_rgb()
+        for layer in gsps.GraphicLayerSequence
+    }
+    for order, finding in enumerate(result["findings"], 1):
+        np.testing.assert_allclose(colours[FINDINGS_LAYER.format(order)], label_colour(finding["label"]), atol=2)
+    np.testing.assert_allclose(colours[SUMMARY_LAYER], (255, 255, 255), atol=2)
+
+
+def _caption_boxes(gsps: pydicom.Dataset) -> list[tuple[str, list[float], list[float], list[float]]]:
+    return [
+        (
+            t.UnformattedTextValue,
+            [*t.BoundingBoxTopLeftHandCorner, *t.BoundingBoxBottomRightHandCorner],
+            list(t.AnchorPoint),
+        )
+        for a in gsps.GraphicAnnotationSequence
+        if a.GraphicLayer != SUMMARY_LAYER
+        for t in a.TextObjectSequence
+    ]
+
+
+@pytest.mark.parametrize("top", [300.0, 2.0])  # room above the box, and a box touching the top edge
+def test_gsps_captions_of_coinciding_boxes_never_overlap(phantom, top):
+    """Four boxes on one spot get four captions: pairwise disjoint, inside the image, each anchored to the box."""
+    source, _ = phantom
+    box = {"x_min": 420.0, "y_min": top, "x_max": 499.0, "y_max": top + 60}
+    labels = ["Consolidation", "Cardiomegaly", "Consolidation", UNKNOWN_LABEL]
+    findings = [{"label": label, "score": 0.5 + i / 10, "box": box} for i, label in enumerate(labels)]
+    captions = _caption_boxes(_roundtrip(build_gsps(source, {"findings": findings, "diseases": [], "model": MODEL})))
+    assert len(captions) == 4
+    rects = [rect for _, rect, _ in captions]
+    for i, a in enumerate(rects):
+        assert 0 <= a[0] < a[2] <= source.Columns and 0 <= a[1] < a[3] <= source.Rows
+        for b in rects[i + 1 :]:
+            assert not overlaps(a, b), (a, b)
+    assert all(anchor == [box["x_min"], box["y_min"]] for _, _, anchor in captions)
+    if top > 100:  # the first caption sits right above its box, touching it
+        assert min(rect[3] for rect in rects) == pytest.approx(top - 1.0)
+
+
+def test_caption_placement_rule():
+    """place_caption: above the corner if there is room, else inside; inside the image; stacked past taken ones."""
+    assert place_caption((50, 40), (30, 10), (200, 100)) == (50, 29, 80, 39)
+    assert place_caption((50, 5), (30, 10), (200, 100)) == (50, 5, 80, 15)
+    assert place_caption((190, 40), (30, 10), (200, 100))[0] == 200 - 30 - 1
+    first = place_caption((50, 40), (30, 10), (200, 100))
+    second = place_caption((55, 40), (30, 10), (200, 100), taken=[first])
+    assert second[1] == first[3] + 1 and not overlaps(first, second)
+    assert place_caption((50, 40), (30, 10), (200, 100), floor=35)[1] == 40  # below a header: inside the box
 
 
 def test_gsps_references_the_source_image(phantom, result):
@@ -217,7 +317,7 @@ def test_gsps_references_the_source_image(phantom, result):
 def test_gsps_keeps_the_image_display(photometric, shape):
     """The source window is carried over and MONOCHROME1 images stay inverted under the GSPS."""
     ds, _ = synthesize_instance(seed=6, rows=128, cols=112, findings=[], photometric=photometric, windowed=True)
-    gsps = build_gsps(_uploaded(ds), {"findings": [], "diseases": []})
+    gsps = build_gsps(uploaded(ds), {"findings": [], "diseases": []})
     assert gsps.PresentationLUTShape == shape
     voi = gsps.SoftcopyVOILUTSequence[0]
     assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (float(ds.WindowCenter), float(ds.WindowWidth))
@@ -226,7 +326,7 @@ def test_gsps_keeps_the_image_display(photometric, shape):
 def test_gsps_windows_an_unwindowed_image_over_its_pixel_range():
     """Without a window in the image, the GSPS windows the stored range (after rescale) min-max."""
     ds, _ = synthesize_instance(seed=6, rows=128, cols=112, findings=[], windowed=False)
-    gsps = build_gsps(_uploaded(ds), {"findings": [], "diseases": []})
+    gsps = build_gsps(uploaded(ds), {"findings": [], "diseases": []})
     slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
     low, high = sorted(slope * v + intercept for v in (ds.SmallestImagePixelValue, ds.LargestImagePixelValue))
     voi = gsps.SoftcopyVOILUTSequence[0]
@@ -236,7 +336,7 @@ def test_gsps_windows_an_unwindowed_image_over_its_pixel_range():
 
 def test_gsps_passes_dciodvfy(phantom, result, tmp_path):
     """dciodvfy reports no errors for the GSPS."""
-    assert _dciodvfy_errors(build_gsps(phantom[0], result), tmp_path) == []
+    assert dciodvfy_errors(build_gsps(phantom[0], result), tmp_path) == []
 
 
 # --- PNG ---------------------------------------------------------------------------------------
@@ -265,16 +365,35 @@ def test_empty_result_gives_valid_outputs(phantom, empty_result, tmp_path):
     sr_ds = build_sr(source, empty_result)
     sr = hd.sr.ComprehensiveSR.from_dataset(_roundtrip(sr_ds))
     assert sr.content.get_planar_roi_measurement_groups() == []
-    (nothing,) = sr.content.get_image_measurement_groups()
-    assert nothing.finding_type.meaning == "None"
-    assert _dciodvfy_errors(sr_ds, tmp_path) == []
+    assert dciodvfy_errors(sr_ds, tmp_path) == []
 
     gsps = build_gsps(source, empty_result)
     assert list(_annotations(_roundtrip(gsps))) == [SUMMARY_LAYER]
-    assert _dciodvfy_errors(gsps, tmp_path) == []
+    assert dciodvfy_errors(gsps, tmp_path) == []
 
     png = Image.open(io.BytesIO(render_png(case.density, empty_result)))
     assert png.size == (source.Columns, source.Rows)
+
+
+def test_sr_without_findings_says_so_under_an_extended_title(phantom, result, tmp_path):
+    """No boxes: no Imaging Measurements, the title "Chest CAD Report" declared as a CID 7021 extension,
+    the diseases still evaluated, and a comment saying that there are no localized findings."""
+    source, _ = phantom
+    written = _roundtrip(build_sr(source, result | {"findings": []}))
+    (title,) = written.ConceptNameCodeSequence
+    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == ("112000", "DCM", "Chest CAD Report")
+    assert (title.ContextIdentifier, title.ContextGroupExtensionFlag) == ("7021", "Y")
+    assert title.ContextGroupLocalVersion and title.ContextGroupExtensionCreatorUID
+    assert written.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert _items(written, "Imaging Measurements") == [] and len(_items(written, "Image Library")) == 1
+    (evaluations,) = _items(written, "Qualitative Evaluations")
+    assert len([i for i in evaluations.ContentSequence if i.ValueType == "CODE"]) == len(result["diseases"])
+    (comment,) = _items(evaluations, "Comment")
+    assert "No localized findings" in comment.TextValue
+    assert dciodvfy_errors(written, tmp_path) == []
+    with_boxes = _roundtrip(build_sr(source, result))
+    assert with_boxes.ConceptNameCodeSequence[0].CodeValue == "126000"
+    assert "ContextGroupExtensionFlag" not in with_boxes.ConceptNameCodeSequence[0]
 
 
 def test_sparse_header_is_enough_and_left_untouched(phantom, result, tmp_path):
@@ -285,7 +404,7 @@ def test_sparse_header_is_enough_and_left_untouched(phantom, result, tmp_path):
     before = pydicom.Dataset(source)
     sr_ds, gsps = build_sr(source, result), build_gsps(source, result)
     assert source == before and "StudyID" not in source
-    assert _dciodvfy_errors(sr_ds, tmp_path) == [] and _dciodvfy_errors(gsps, tmp_path) == []
+    assert dciodvfy_errors(sr_ds, tmp_path) == [] and dciodvfy_errors(gsps, tmp_path) == []
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,33 @@
+"""Checks shared by the tests of the DICOM outputs: dciodvfy's verdict, and an upload as the service holds it."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from training.synthetic import dicom_bytes
+
+
+def uploaded(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The source as the service holds it: parsed from Part 10 bytes, pixel data dropped."""
+    source = pydicom.dcmread(io.BytesIO(dicom_bytes(ds)))
+    del source.PixelData
+    return source
+
+
+def dciodvfy_errors(ds: pydicom.Dataset, folder: Path) -> list[str]:
+    """dciodvfy's "Error" lines for `ds` (written under `folder`); skips when dciodvfy is missing, except in CI."""
+    if shutil.which("dciodvfy") is None:
+        if os.environ.get("CI"):
+            pytest.fail("dciodvfy (Debian package dicom3tools) is required in CI")
+        pytest.skip("dciodvfy not on PATH (apt-get install dicom3tools)")
+    path = folder / "out.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
