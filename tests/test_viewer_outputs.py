@@ -376,8 +376,7 @@ def test_empty_result_gives_valid_outputs(phantom, empty_result, tmp_path):
 
 
 def test_sr_without_findings_says_so_under_an_extended_title(phantom, result, tmp_path):
-    """No boxes: no Imaging Measurements, the title "Chest CAD Report" declared as a CID 7021 extension,
-    the diseases still evaluated, and a comment saying that there are no localized findings."""
+    """No boxes: no Imaging Measurements, title "Chest CAD Report" (a CID 7021 extension), "No localized findings"."""
     source, _ = phantom
     written = _roundtrip(build_sr(source, result | {"findings": []}))
     (title,) = written.ConceptNameCodeSequence
