@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -98,3 +99,11 @@ def test_sc_over_http_is_the_same_object_each_time(client, tiny_dataset):
     source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     assert a.SOPClassUID == SecondaryCaptureImageStorage and (a.Rows, a.Columns) == (source.Rows, source.Columns)
     assert a.SOPInstanceUID == b.SOPInstanceUID and a.StudyInstanceUID == source.StudyInstanceUID
+
+
+def test_sc_leaves_the_source_untouched(phantom, result):
+    """Building the burned-in image does not modify the caller's dataset."""
+    source, case = phantom
+    before = copy.deepcopy(source)
+    build_sc(source, case.density, result)
+    assert source == before

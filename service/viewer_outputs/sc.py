@@ -16,6 +16,8 @@ DIAGNOSTIC USE | <most probable diseases>"), stored as an RGB Secondary Capture 
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pydicom
 from highdicom.sc import SCImage
@@ -102,7 +104,7 @@ def build_sc(source: pydicom.Dataset, display: np.ndarray, result: dict) -> pydi
     )
     for keyword in PATIENT_AND_STUDY:
         if keyword in header:
-            sc[keyword] = header[keyword]
+            sc.add(copy.deepcopy(header[keyword]))  # a copy: the caller's dataset stays untouched
     _mark_derived(sc, header)
     sc.SeriesDescription = series_description("SC", model)
     return stamp(sc, model)
