@@ -8,13 +8,15 @@ import io
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import SecondaryCaptureImageStorage
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from service.viewer_outputs import DISCLAIMER
 from service.viewer_outputs.layout import label_colour
 from service.viewer_outputs.sc import build_sc
 from service.viewer_outputs.uids import SERIES_NUMBERS
 from tests.dicom_checks import dciodvfy_errors, uploaded
+from tests.dicom_node_live import destinations, running_node, wait_for
+from tests.orthanc import running_orthanc
 from training.synthetic import synthesize_instance
 
 MODEL = {"pack": "demo-synthetic", "version": "0.1.0", "detector_sha256": "ab" * 32, "classifier_sha256": "cd" * 32}
@@ -107,3 +109,33 @@ def test_sc_leaves_the_source_untouched(phantom, result):
     before = copy.deepcopy(source)
     build_sc(source, case.density, result)
     assert source == before
+
+
+@pytest.mark.slow
+def test_dicom_node_delivers_burned_in_images_into_their_studies(tmp_path, tiny_pack):
+    """A DICOM node destination asking for "sc" receives one burned-in image per instance, in the instance's study."""
+    from pynetdicom import AE
+
+    sent = {}
+    for seed in (2001, 2002):
+        ds, _ = synthesize_instance(seed, 256, 256, transfer_syntax="explicit")
+        sent[str(ds.SOPInstanceUID)] = (str(ds.StudyInstanceUID), ds)
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        routes = destinations({"kind": "stow", "url": pacs.dicomweb_url, "outputs": ["sc"]})
+        with running_node(tmp_path / "node", tiny_pack, CXR_DICOM_DESTINATIONS=routes) as node:
+            modality = AE(ae_title="MODALITY")
+            for sop_class in {ds.SOPClassUID for _, ds in sent.values()}:
+                modality.add_requested_context(sop_class, ExplicitVRLittleEndian)
+            association = modality.associate("127.0.0.1", node.dicom_port, ae_title="PCXR-AI")
+            assert association.is_established
+            try:
+                statuses = [association.send_c_store(ds).Status for _, ds in sent.values()]
+            finally:
+                association.release()
+            assert statuses == [0x0000, 0x0000]
+            wait_for(lambda: node.jobs(state="delivered")["node"]["jobs_by_state"] == {"delivered": 2}, 120, "2 jobs")
+        stored = [pacs.tags(instance["ID"]) for instance in pacs.instances()]
+    assert [tags["SOPClassUID"] for tags in stored] == [SecondaryCaptureImageStorage] * 2
+    for tags in stored:
+        source = tags["SourceImageSequence"][0]["ReferencedSOPInstanceUID"]
+        assert tags["StudyInstanceUID"] == sent[source][0] and tags["SeriesNumber"] == str(SERIES_NUMBERS["sc"])
