@@ -21,13 +21,19 @@ def uploaded(ds: pydicom.Dataset) -> pydicom.Dataset:
     return source
 
 
-def dciodvfy_errors(ds: pydicom.Dataset, folder: Path) -> list[str]:
-    """dciodvfy's "Error" lines for `ds` (written under `folder`); skips when dciodvfy is missing, except in CI."""
+def dciodvfy_errors(ds: pydicom.Dataset | bytes, folder: Path) -> list[str]:
+    """dciodvfy's "Error" lines for `ds` or Part 10 bytes (written under `folder`); skips when dciodvfy is missing,
+    except in CI."""
     if shutil.which("dciodvfy") is None:
         if os.environ.get("CI"):
             pytest.fail("dciodvfy (Debian package dicom3tools) is required in CI")
         pytest.skip("dciodvfy not on PATH (apt-get install dicom3tools)")
     path = folder / "out.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+    if isinstance(ds, bytes):
+        path.write_bytes(ds)
+    else:
+        ds.save_as(path, enforce_file_format=True)
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, timeout=60)
+    # It quotes values in the file's own character set: read its output as bytes, one byte per character.
+    output = (run.stdout + run.stderr).decode("latin-1")
+    return [line for line in output.splitlines() if line.startswith("Error")]

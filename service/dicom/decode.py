@@ -16,6 +16,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import RE_VALID_UID, UID
 
+from service.dicom.charsets import fix_pydicom_character_sets, unknown_terms
 from service.dicom.deflate import inflated_body
 from service.errors import MalformedDicom, NotDicom, UnsupportedTransferSyntax, UnusableImage
 from service.settings import DecodeLimits
@@ -101,6 +102,7 @@ def read_dataset(body: bytes, limits: DecodeLimits = DecodeLimits()) -> Dataset:
         # with group 0008: reject early instead of letting the parser guess.
         raise NotDicom("The body is not DICOM: no 'DICM' marker at byte 128.")
     body = inflated_body(body, limits)
+    fix_pydicom_character_sets()  # before any text is decoded
     try:
         # The 128-byte preamble is ignored by the parser; only 'DICM' and what follows is read.
         ds = pydicom.dcmread(io.BytesIO(body), force=body[128:132] != b"DICM")
@@ -174,8 +176,6 @@ def check_referenceable(ds: Dataset) -> None:
     The JSON answer needs none of these (a missing SOP Instance UID just gives no image_id), so
     this runs only when a DICOM output is asked for.
     """
-    from highdicom.enum import SpecificCharacterSetValues  # the builders' own list of defined terms
-
     for keyword in REFERENCE_UIDS:
         value = ds.get(keyword)
         if not isinstance(value, str) or len(value) > 64 or not RE_VALID_UID.match(value):
@@ -188,15 +188,12 @@ def check_referenceable(ds: Dataset) -> None:
             "A DICOM result (SR, GSPS or burned-in image) can only reference an image of a standard SOP class; "
             "ask for JSON instead."
         )
-    # The DICOM results copy the patient and study attributes, in the source's character set.
-    charsets = ds.get("SpecificCharacterSet") or []
-    known = {term.value for term in SpecificCharacterSetValues}
-    for charset in [charsets] if isinstance(charsets, str) else charsets:
-        if charset and charset not in known:
-            raise UnusableImage(
-                f"SpecificCharacterSet {charset!r} is not a defined term, so the header cannot be "
-                f"copied into a DICOM result; ask for JSON instead."
-            )
+    # The DICOM results copy the patient and study attributes: text of an unknown character set would be garbled.
+    if unknown_terms(ds.get("SpecificCharacterSet")):
+        raise UnusableImage(
+            "SpecificCharacterSet holds a value that is not a defined term (PS3.3 C.12.1.1.2), so the patient and "
+            "study attributes cannot be copied into a DICOM result; ask for JSON instead."
+        )
 
 
 def check_decodable(ds: Dataset) -> None:

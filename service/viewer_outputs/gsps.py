@@ -27,6 +27,7 @@ from highdicom.pr import (
     TextObject,
 )
 
+from service.dicom.charsets import output_character_set
 from service.viewer_outputs import (
     DISCLAIMER,
     box_polygon,
@@ -62,6 +63,7 @@ def build_gsps(source: pydicom.Dataset, result: dict) -> pydicom.Dataset:
 
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=[header],
+        specific_character_set=output_character_set(header),
         series_instance_uid=uids.series_instance_uid,
         series_number=uids.series_number,
         sop_instance_uid=uids.sop_instance_uid,

@@ -50,6 +50,7 @@ from highdicom.sr import (
 from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom.sr.codedict import codes
 
+from service.dicom.charsets import output_character_set
 from service.viewer_outputs import (
     DISCLAIMER,
     box_polygon,
@@ -99,6 +100,7 @@ def build_sr(source: pydicom.Dataset, result: dict) -> pydicom.Dataset:
     used += [code_for(str(d["label"])) for d in diseases]
     sr = ComprehensiveSR(
         evidence=[header],
+        specific_character_set=output_character_set(header),
         content=root,
         series_instance_uid=uids.series_instance_uid,
         series_number=uids.series_number,
