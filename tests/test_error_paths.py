@@ -211,3 +211,19 @@ def test_internal_error_logs_type_and_frames_but_no_phi(tiny_pack, tmp_path):
     assert "SENTINEL" not in output and "PHINAME" not in output, output
     assert "unhandled exception request_id=phi-trace-1" in output and "builtins.ValueError" in output
     assert "in build_sr" in output  # where it failed: the frames are there
+
+
+def test_scrubbed_traceback_keeps_a_decode_workers_frames_but_not_its_message():
+    """An exception from a decode worker logs the worker's frames (file, line, function), never its message."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from service.api.request_context import scrubbed_traceback
+
+    with ProcessPoolExecutor(1) as pool:
+        failed = pool.submit(int, "SENTINEL-PHI-VALUE")
+        try:
+            failed.result()
+        except ValueError as exc:
+            logged = scrubbed_traceback(exc)
+    assert "SENTINEL" not in logged and "builtins.ValueError" in logged
+    assert "_RemoteTraceback" in logged and "in _process_worker" in logged  # the worker's own frames

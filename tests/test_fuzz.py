@@ -18,7 +18,9 @@ import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydicom.dataelem import RawDataElement
 from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import BaseTag
 
 from training.synthetic import dicom_bytes, synthesize_instance
 
@@ -444,6 +446,157 @@ def test_declared_huge_image_is_refused_from_the_header(client, seeds):
 
 
 # ---------------------------------------------------------------------------------------------
+# Header fields the SR, GSPS and PNG writers copy or read, with odd content
+# ---------------------------------------------------------------------------------------------
+
+# The attributes highdicom copies into an SR or GSPS (patient, study, series, equipment, de-identification), what
+# the GSPS derives its window and polarity from, and what the JSON, the result UIDs and the intended-use gate read.
+COPIED_FIELDS = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "OtherPatientIDs",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "FrameOfReferenceUID",
+    "StudyDate",
+    "StudyTime",
+    "SeriesDate",
+    "ContentDate",
+    "ContentTime",
+    "AcquisitionDateTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDescription",
+    "SeriesNumber",
+    "InstanceNumber",
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "Laterality",
+    "ImageLaterality",
+    "Manufacturer",
+    "InstitutionName",
+    "SpecificCharacterSet",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "WindowCenter",
+    "WindowWidth",
+    "WindowCenterWidthExplanation",
+    "VOILUTFunction",
+    "PresentationLUTShape",
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+)
+ODD_VALUES = (
+    b"",
+    b" ",
+    b"\x00\x00",
+    b"\\",
+    b"a\\b\\c",
+    b"2019-99-99",
+    b"20191340",
+    b"99999999",
+    b"1900",
+    b"25:61:99",
+    b"1a",
+    b"-1",
+    b"1e309",
+    b"NaN",
+    b"1.2..3",
+    b"0.01.2",
+    b"1." + b"9" * 70,
+    b"=^=^=",
+    b"^^^^^^",
+    b"a=b=c=d=e",
+    b"\x1b$B;3ED\x1b(B",  # an ISO 2022 escape sequence with no character set declaring it
+    b"\x1b$)A\xd5",  # a truncated one
+    "Jérôme".encode("latin-1"),  # non-ASCII bytes under the default repertoire
+    "山田".encode(),
+    b"\xff\xfe\xfd",
+    b"ISO_IR 192\\GBK",
+    b"ISO 2022 IR 87",  # a multi-byte code extension as the only value
+    b"INVERSE",
+    b"SIGMOID",
+    b"\r\n\t\x0c",
+)
+ODD_VRS = ("UN", "OB", "LO", "SH", "UT", "DS", "IS", "US", "SS", "FD", "DA", "TM", "PN", "UI", "CS", "SQ")
+
+
+def _with_raw_element(data: bytes, keyword: str, vr: str, value: bytes) -> bytes:
+    """The file with one element replaced by these bytes under this VR, written as they are."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    tag = BaseTag(pydicom.datadict.tag_for_keyword(keyword))
+    ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+@st.composite
+def header_fields(draw):
+    """One copied attribute rewritten as raw bytes: odd content, over-long, multi-valued, or under another VR."""
+    keyword = draw(st.sampled_from(COPIED_FIELDS))
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    vr = draw(st.one_of(st.just(pydicom.datadict.dictionary_VR(tag).split(" or ")[0]), st.sampled_from(ODD_VRS)))
+    value = draw(
+        st.one_of(
+            st.sampled_from(ODD_VALUES),
+            st.binary(max_size=80),
+            st.text(max_size=40).map(lambda text: text.encode("utf-8")),
+            st.integers(65, 2000).map(lambda n: b"W" * n),  # over-long for every text VR
+            st.lists(st.sampled_from(ODD_VALUES), min_size=2, max_size=5).map(b"\\".join),
+        )
+    )
+
+    return (
+        f"{keyword} as {vr} = {value[:40]!r}{'...' if len(value) > 40 else ''}",
+        lambda data: _with_raw_element(data, keyword, vr, value),
+    )
+
+
+def test_fuzzed_header_fields_never_get_a_500(client, seeds):
+    """Copied header attributes with odd content (dates, names, UIDs, charsets, windows; wrong VRs; over-long) get a
+    4xx JSON error or the JSON, SR, GSPS or PNG asked for."""
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(
+        seed=st.sampled_from(["explicit-16", "explicit-8-mono1", "rle-12-mono1"]),
+        mutations=st.lists(header_fields(), min_size=1, max_size=3),
+        output=st.sampled_from([None, "sr", "gsps", "png"]),
+    )
+    def fuzz(seed, mutations, output):
+        data, done = seeds[seed], [seed]
+        for what, mutate in mutations:
+            try:
+                data = mutate(data)
+            except Exception:  # pydicom cannot write this combination back (e.g. a charset that is a number)
+                continue
+            done.append(what)
+        _check_answer(_post(client, data, output), f"{' / '.join(done)} (format={output})", output)
+
+    fuzz()
+
+
+# ---------------------------------------------------------------------------------------------
 # Regressions: the minimal inputs behind the 500s the fuzzer found
 # ---------------------------------------------------------------------------------------------
 
@@ -530,3 +683,39 @@ def test_overflowing_window_gets_422(client, seeds):
     """Window values beyond float32 (a NaN image once applied) are unusable (422), not a prediction on NaN pixels."""
     data = _with_header(_with_header(seeds["explicit-16"], "WindowCenter", "1e39"), "WindowWidth", "1e39")
     _error(_post(client, data), 422, "unusable_image")
+
+
+@pytest.mark.parametrize(
+    "keyword, vr, value",
+    [
+        ("PatientName", "OB", b" "),  # under another VR: bytes where highdicom wants a name
+        ("PatientName", "PN", b"A^B\\C^D"),  # two names where the attribute holds one
+        ("PatientSex", "CS", b"X "),  # not one of the enumerated values M, F, O
+        ("WindowCenter", "DS", b"\x00\x00"),  # an empty window: highdicom cannot copy it
+        ("StudyDate", "DA", b"2019-99-99"),
+        ("AccessionNumber", "SH", b"W" * 200),  # over-long
+    ],
+)
+@pytest.mark.parametrize("output", ["sr", "gsps"])
+def test_odd_copied_attribute_is_left_out_of_sr_and_gsps(client, seeds, keyword, vr, value, output):
+    """A copied attribute under another VR, with several values, a value outside its enumerated ones, empty or invalid
+    is left out of (or empty in) the SR and GSPS, which are written (200), not a 500."""
+    response = _post(client, _with_raw_element(seeds["explicit-16"], keyword, vr, value), output)
+    assert response.status_code == 200, response.text
+    written = pydicom.dcmread(io.BytesIO(response.content))
+    assert written.get(keyword) in (None, "")
+
+
+def test_reference_uid_under_another_vr_gets_422_for_sr(client, seeds):
+    """A Study Instance UID written as LO cannot be referenced by an SR (422); the JSON answer still works."""
+    data = _with_raw_element(seeds["explicit-16"], "StudyInstanceUID", "LO", b"20191340")
+    _error(_post(client, data, "sr"), 422, "unusable_image")
+    assert _post(client, data).status_code == 200
+
+
+def test_compressed_image_with_two_other_patient_names_is_predicted(client, seeds):
+    """Several names in one PN (VM 1-n, e.g. Other Patient Names) come back from a decode worker process (they were not
+    picklable: a 500 for every compressed image carrying them)."""
+    data = _with_raw_element(seeds["rle-12-mono1"], "OtherPatientNames", "PN", b"Doe^Jane\\Roe^Jane")
+    assert client.app.state.serving.decoder.route(data) == "process"
+    assert _post(client, data).status_code == 200

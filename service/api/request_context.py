@@ -35,6 +35,7 @@ def error_response(status: int, code: str, message: str, request_id: str, header
 
 
 INTERNAL_ERROR_MESSAGE = "An internal error occurred; report the request id."
+_FRAME_LINE = re.compile(r'^ *File "([^"\n]+)", line (\d+), in ([\w.<>]+)$', re.MULTILINE)
 
 
 def scrubbed_traceback(exc: BaseException) -> str:
@@ -52,6 +53,11 @@ def scrubbed_traceback(exc: BaseException) -> str:
             f"  {frame.filename}:{frame.lineno} in {frame.name}"
             for frame in traceback.extract_tb(current.__traceback__)
         ]
+        # An exception from a decode worker process carries the worker's traceback as text (a
+        # _RemoteTraceback): its frame lines, never the message lines, say where it failed there.
+        remote = getattr(current, "tb", None)
+        if isinstance(remote, str):
+            lines += [f"  {match[1]}:{match[2]} in {match[3]}" for match in _FRAME_LINE.finditer(remote)]
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
         if current is not None:
             lines.append("while handling (or caused by):")

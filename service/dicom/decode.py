@@ -11,8 +11,10 @@ import math
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import RE_VALID_UID, UID
 
@@ -110,7 +112,7 @@ def read_dataset(body: bytes, limits: DecodeLimits = DecodeLimits()) -> Dataset:
         # value would otherwise surface later, wherever the header happens to be read (the summary,
         # the gate, the SR). Converting every element here, nested sequences included, makes
         # every parse failure a parse error.
-        ds.walk(lambda dataset, element: None)
+        ds.walk(_picklable_names)
         if getattr(ds, "file_meta", None) is not None:
             ds.file_meta.walk(lambda dataset, element: None)
     except InvalidDicomError as exc:
@@ -120,6 +122,17 @@ def read_dataset(body: bytes, limits: DecodeLimits = DecodeLimits()) -> Dataset:
     if "PixelData" not in ds:
         raise UnusableImage("The DICOM instance has no Pixel Data.")
     return ds
+
+
+def _picklable_names(dataset: Dataset, element: DataElement) -> None:
+    """Re-wrap several person names (a PN with VM > 1) so that the header can be pickled.
+
+    pydicom's PN reader wraps them in a MultiValue whose constructor is a function local to the reader, which
+    pickle cannot serialise: the header of a compressed image (decoded in a worker process) could then not come
+    back, and two Other Patient Names were a 500. Assigned as a list, pydicom wraps them with a picklable one.
+    """
+    if element.VR == "PN" and isinstance(element.value, MultiValue):
+        element.value = list(element.value)
 
 
 def check_image_header(ds: Dataset, limits: DecodeLimits) -> None:
@@ -177,11 +190,14 @@ def check_referenceable(ds: Dataset) -> None:
     this runs only when a DICOM output is asked for.
     """
     for keyword in REFERENCE_UIDS:
-        value = ds.get(keyword)
+        element = ds.data_element(keyword)
+        # Written under another VR than UI (a PACS bug), it is not a UID the outputs can carry either.
+        value = element.value if element is not None and element.VR == "UI" else None
         if not isinstance(value, str) or len(value) > 64 or not RE_VALID_UID.match(value):
+            missing = element is None or element.value in (None, "")
             raise UnusableImage(
                 f"A DICOM result (SR, GSPS or burned-in image) must reference the image by its {keyword}, which is "
-                f"{'missing' if value in (None, '') else 'not one valid UID'}; ask for JSON instead."
+                f"{'missing' if missing else 'not one valid UID'}; ask for JSON instead."
             )
     if UID(ds.SOPClassUID).type != "SOP Class":
         raise UnusableImage(

@@ -16,6 +16,7 @@ from service.dicom.preprocess import (
     PixelParams,
     apply_modality_lut,
     display_image,
+    modality_range,
     model_input,
 )
 from service.errors import UnusableImage
@@ -38,6 +39,8 @@ class PreparedImage:
     header: Dataset  # the source dataset without its pixel data (for the gate, SR and GSPS references)
     timing_ms: dict[str, float] = field(default_factory=dict)
     display: np.ndarray | None = None  # [0, 1] image at original size, kept only when asked (PNG output)
+    # The modality values scaled to [0, 1] when the image has no VOI LUT or window of its own (the GSPS shows it so).
+    display_range: tuple[float, float] | None = None
 
 
 def image_id(sop_instance_uid: str, algorithm: str = "md5") -> str:
@@ -86,6 +89,9 @@ def prepare(
         )
     if not np.isfinite(extremes).all():
         raise UnusableImage("RescaleSlope and RescaleIntercept take the pixel values out of the representable range.")
+    display_range = None
+    if params.voi_lut is None and params.window_center is None:
+        display_range = modality_range(pixels, params, extremes)
     with np.errstate(over="ignore", invalid="ignore"):
         display = display_image(pixels, params)
     if not np.isfinite(display).all():
@@ -100,4 +106,5 @@ def prepare(
         header=ds,
         timing_ms={"decode": (decoded - started) * 1e3, "preprocess": (done - decoded) * 1e3},
         display=display if keep_display else None,
+        display_range=display_range,
     )

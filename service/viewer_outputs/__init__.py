@@ -15,7 +15,11 @@ import logging
 
 import numpy as np
 from pydicom import config
+from pydicom.datadict import dictionary_VM, dictionary_VR
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.valuerep import validate_value
 
 # highdicom logs at INFO which dataset it copies patient and study attributes from, by SOP Instance UID.
@@ -47,11 +51,37 @@ _TYPE2_DEFAULTS = {
 }
 
 
-def _valid(element) -> bool:
-    """Whether an element's value is readable and valid for its VR (pydicom's strict validation)."""
+# Enumerated values (PS3.3) that highdicom enforces on what it copies; anything else is left out like an invalid value.
+_ENUMERATED = {"PatientSex": {"M", "F", "O", ""}}
+
+
+def _standard_vrs(tag: BaseTag) -> list[str]:
+    """The VRs PS3.6 allows for a public attribute ("US or SS" -> both); none for private or unknown tags."""
+    if tag.is_private:
+        return []
     try:
-        validate_value(element.VR, element.value, config.RAISE)
-    except (ValueError, TypeError, KeyError):
+        return dictionary_VR(tag).split(" or ")
+    except KeyError:
+        return []
+
+
+def _valid(element: DataElement) -> bool:
+    """Whether an element has its standard VR and multiplicity, and every value is valid for the VR (pydicom's strict
+    validation)."""
+    if element.VR not in _standard_vrs(element.tag):
+        return False
+    if element.VR == "SQ":
+        return True  # items are not copied; their contents are not ours to judge
+    if element.keyword in _ENUMERATED and str(element.value or "") not in _ENUMERATED[element.keyword]:
+        return False
+    values = element.value if isinstance(element.value, (list, MultiValue)) else [element.value]
+    if len(values) > 1 and dictionary_VM(element.tag) == "1":
+        return False  # several values where the attribute holds one (a name with a backslash)
+    try:
+        for value in values:
+            # Numbers in decimal and integer strings are validated as the strings they were read from.
+            validate_value(element.VR, str(value) if element.VR in ("DS", "IS") else value, config.RAISE)
+    except (ValueError, TypeError, KeyError, OverflowError):
         return False
     return True
 
@@ -60,16 +90,21 @@ def reference_header(source: Dataset) -> Dataset:
     """The uploaded image's header without pixel data, with empty Type 2 attributes filled in.
 
     highdicom copies patient/study attributes and builds references from this; it is a new
-    dataset, so the caller's `source` is never modified and no pixel data is deep-copied.
+    dataset, so the caller's `source` is never modified and no pixel data is deep-copied. Only
+    valid standard attributes are carried: one under another VR than PS3.6 gives it (a name as
+    OB), or with a value its VR does not allow (a 2019-99-99 date, an over-long ID, a UID with
+    letters), would fail highdicom's checks or make the output invalid. A PACS may send any of
+    these; the output then lacks that attribute, or has it empty when the module requires it.
     """
     header = Dataset()
     for element in source:
-        if element.tag.group != 0x7FE0:  # Pixel Data and its float/double variants
+        # Pixel Data and its float/double variants stay behind, and so does anything invalid.
+        if element.tag.group != 0x7FE0 and _valid(element):
             header.add(element)
     for keyword, value in _TYPE2_DEFAULTS.items():
-        if keyword not in header or not _valid(header[keyword]):
-            # Missing or unreadable (a PACS may send "2019-99-99" as a DA): the reference carries
-            # an empty value, which Type 2 allows, rather than failing the whole output.
+        if keyword not in header:
+            # Missing or invalid (left out above): the reference carries an empty value, which
+            # Type 2 allows, rather than failing the whole output.
             setattr(header, keyword, value)
     if "SamplesPerPixel" not in header:
         header.SamplesPerPixel = 1  # the decoder only accepts single-sample greyscale images

@@ -14,6 +14,7 @@ and polarity) with graphic layers on top, each with a recommended display colour
 from __future__ import annotations
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from highdicom.color import CIELabColor
 from highdicom.pr import (
@@ -28,6 +29,7 @@ from highdicom.pr import (
 )
 
 from service.dicom.charsets import output_character_set
+from service.dicom.preprocess import PixelParams
 from service.viewer_outputs import (
     DISCLAIMER,
     box_polygon,
@@ -49,8 +51,13 @@ _LINE_HEIGHT = 0.03  # summary line height, fraction of the displayed area
 _CHAR_WIDTH = 0.55  # rough glyph width / height, to size text bounding boxes
 
 
-def build_gsps(source: pydicom.Dataset, result: dict) -> pydicom.Dataset:
+def build_gsps(
+    source: pydicom.Dataset, result: dict, value_range: tuple[float, float] | None = None
+) -> pydicom.Dataset:
     """A GSPS that overlays the boxes, their labels and the disease summary on the `source` image.
+
+    `value_range`: the range of the image's modality values the service scaled to when the image has no VOI
+    of its own (PreparedImage.display_range).
 
     Its UIDs derive from the source and the pack (uids.py): the same image and pack give the same GSPS."""
     header = reference_header(source)
@@ -60,6 +67,7 @@ def build_gsps(source: pydicom.Dataset, result: dict) -> pydicom.Dataset:
 
     layers, annotations = _layers(header, findings, diseases)
     made_by = device(model)
+    voi, shape = _voi_and_polarity(header, value_range)
 
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=[header],
@@ -77,14 +85,8 @@ def build_gsps(source: pydicom.Dataset, result: dict) -> pydicom.Dataset:
         graphic_layers=layers,
         graphic_annotations=annotations,
         series_description=series_description("GSPS", model),
-        voi_lut_transformations=_min_max_window(header),
-        # A presentation state replaces the image's own polarity handling: a MONOCHROME1 image is
-        # shown as intended only through an INVERSE presentation LUT (PS3.3 C.11.6.1).
-        presentation_lut_transformation=hd.PresentationLUTTransformation(
-            presentation_lut_shape=hd.PresentationLUTShapeValues.INVERSE
-            if str(header.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
-            else hd.PresentationLUTShapeValues.IDENTITY
-        ),
+        voi_lut_transformations=voi,
+        presentation_lut_transformation=hd.PresentationLUTTransformation(presentation_lut_shape=shape),
     )
     # Laterality (General Series, Type 2C) is needed only for a paired body part: say which part
     # the image shows when the source does, otherwise leave it empty ("unknown", PS3.3 C.7.3.1).
@@ -140,30 +142,57 @@ def _layers(
     return layers, annotations
 
 
-def _min_max_window(header: pydicom.Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
-    """A window over the stored pixel range when the image has no VOI of its own.
+def _voi_and_polarity(
+    header: pydicom.Dataset, value_range: tuple[float, float] | None
+) -> tuple[list[hd.pr.SoftcopyVOILUTTransformation], hd.PresentationLUTShapeValues]:
+    """The VOI and the presentation LUT shape the service displayed the image with (service.dicom.preprocess),
+    so that a viewer shows what the model saw.
 
-    Without a Softcopy VOI LUT a presentation state displays modality values through an identity
-    VOI (PS3.4 N.2), so a 12- or 16-bit image without a window would look almost flat; readers
-    show such images min-max, as the service's preprocessing does. None: keep the image's own
-    window or VOI LUT (highdicom copies it), or nothing to derive one from.
+    A presentation state replaces the image's own VOI and polarity handling (PS3.4 N.2), so both are always
+    given: the VOI LUT Sequence, else the window with its VOI LUT Function, else a window over the range of the
+    non-padding modality values (`value_range`; a 12- or 16-bit image through an identity VOI would look
+    almost flat); and INVERSE exactly when the service inverted the image (a MONOCHROME1 image, or a
+    Presentation LUT Shape saying so). Never copied from the image: highdicom would copy whatever the header
+    holds, an unusable window included.
     """
-    if "WindowCenter" in header or "VOILUTSequence" in header:
-        return None
-    if "SmallestImagePixelValue" not in header or "LargestImagePixelValue" not in header:
-        return None
-    slope = float(header.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(header.get("RescaleIntercept", 0.0) or 0.0)
-    ends = [slope * float(header[k].value) + intercept for k in ("SmallestImagePixelValue", "LargestImagePixelValue")]
-    low, high = min(ends), max(ends)
-    # PS3.3 C.11.2.1.2.1: this center/width maps `low` to the darkest and `high` to the brightest.
-    return [
-        hd.pr.SoftcopyVOILUTTransformation(
-            window_center=(low + high) / 2 + 0.5,
-            window_width=high - low + 1,
-            window_explanation="MIN-MAX (no window in image)",
+    params = PixelParams.from_dataset(header)
+    shape = hd.PresentationLUTShapeValues.INVERSE if params.inverted else hd.PresentationLUTShapeValues.IDENTITY
+    if params.voi_lut is not None:
+        lut = params.voi_lut
+        # As 16-bit entries scaled from the table's own range (VoiLut.output_max), which a viewer then maps to
+        # its full display range exactly as the service does.
+        data = np.rint(lut.data.astype(np.float64) * 65535.0 / lut.output_max).astype(np.uint16)
+        voi = hd.pr.SoftcopyVOILUTTransformation(voi_luts=[hd.VOILUT(lut.first_mapped, data, "VOI LUT of the image")])
+        return [voi], shape
+    if params.window_center is not None and params.window_width is not None:
+        voi = hd.pr.SoftcopyVOILUTTransformation(
+            window_center=params.window_center,
+            window_width=params.window_width,
+            window_explanation="WINDOW OF THE IMAGE",
+            # LINEAR is the default when absent; left out so that viewers that mishandle the attribute (OHIF 3.13,
+            # README) show the usual case unaffected.
+            voi_lut_function=None if params.voi_function == "LINEAR" else params.voi_function,
         )
-    ]
+        return [voi], shape
+    low, high = value_range if value_range is not None else _stored_range(header, params)
+    # PS3.3 C.11.2.1.2.1: this center/width maps `low` to the darkest and `high` to the brightest.
+    voi = hd.pr.SoftcopyVOILUTTransformation(
+        window_center=(low + high) / 2 + 0.5,
+        window_width=max(high - low, 0.0) + 1,
+        window_explanation="MIN-MAX (no window in image)",
+    )
+    return [voi], shape
+
+
+def _stored_range(header: pydicom.Dataset, params: PixelParams) -> tuple[float, float]:
+    """Modality values of the Smallest/Largest Image Pixel Value, else of every value BitsStored allows (used
+    only when the image's own range is not known: a GSPS built without a prepared image)."""
+    ends = [header.get("SmallestImagePixelValue"), header.get("LargestImagePixelValue")]
+    if not all(isinstance(end, int) for end in ends):
+        bits, signed = int(header.get("BitsStored") or 16), int(header.get("PixelRepresentation") or 0) == 1
+        ends = [-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1]
+    values = [params.rescale_slope * float(end) + params.rescale_intercept for end in ends]
+    return min(values), max(values)
 
 
 def _caption_rects(header: pydicom.Dataset, findings: list[dict]) -> list[Rect]:

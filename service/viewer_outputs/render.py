@@ -30,7 +30,7 @@ def render(output: str, prepared: PreparedImage, prediction: dict) -> tuple[byte
     if output == "sr":
         return _part10(build_sr(prepared.header, prediction)), DICOM_MEDIA_TYPE
     if output == "gsps":
-        return _part10(build_gsps(prepared.header, prediction)), DICOM_MEDIA_TYPE
+        return _part10(build_gsps(prepared.header, prediction, prepared.display_range)), DICOM_MEDIA_TYPE
     if output in NEEDS_DISPLAY and prepared.display is None:
         raise ValueError(f"output {output!r} needs the display image: prepare with keep_display=True")
     if output == "sc":
