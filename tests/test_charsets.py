@@ -91,17 +91,18 @@ def _phantom(terms: list[str], name: str) -> bytes:
 
 @pytest.mark.parametrize("case, terms, name", CASES, ids=[case for case, _, _ in CASES])
 def test_term_gives_every_output_with_names_intact(client, tmp_path, case, terms, name):
-    """A phantom with names in this character set gets JSON, PNG, SR and GSPS; SR/GSPS keep the names, pass dciodvfy."""
+    """A phantom with names in this character set gets JSON, PNG, SR, GSPS and SC; the DICOM ones keep the names and
+    pass dciodvfy."""
     fix_pydicom_character_sets()
     body = _phantom(terms, name)
     source = pydicom.dcmread(io.BytesIO(body))
     assert str(source.PatientName) == name, "the phantom itself must hold the name (pydicom could not encode it)"
-    for output in ("json", "png", "sr", "gsps"):
+    for output in ("json", "png", "sr", "gsps", "sc"):
         response = client.post(
             "/v1/predict", content=body, params={"format": output}, headers={"Content-Type": "application/dicom"}
         )
         assert response.status_code == 200, f"{case} format={output}: {response.status_code} {response.text}"
-        if output in ("sr", "gsps"):
+        if output in ("sr", "gsps", "sc"):
             written = pydicom.dcmread(io.BytesIO(response.content))
             for keyword in ("PatientName", "ReferringPhysicianName", "PatientID"):
                 assert str(written[keyword].value) == str(source[keyword].value), (case, output, keyword)

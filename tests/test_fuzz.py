@@ -339,9 +339,9 @@ def mutated_dicoms(draw, seeds: dict[str, bytes]):
 
 
 def _check_answer(response, what: str, output: str | None = None) -> None:
-    """< 500; a 4xx carries the JSON error shape; a 200 is a prediction (or the SR, GSPS or PNG asked for)."""
+    """< 500; a 4xx carries the JSON error shape; a 200 is a prediction (or the SR, GSPS, SC or PNG asked for)."""
     assert response.status_code < 500, f"{what}: {response.status_code} {response.text}"
-    if response.status_code == 200 and output in ("sr", "gsps"):
+    if response.status_code == 200 and output in ("sr", "gsps", "sc"):
         assert response.headers["content-type"] == "application/dicom" and response.content[128:132] == b"DICM", what
         return
     if response.status_code == 200 and output == "png":
@@ -569,7 +569,7 @@ def header_fields(draw):
 
 def test_fuzzed_header_fields_never_get_a_500(client, seeds):
     """Copied header attributes with odd content (dates, names, UIDs, charsets, windows; wrong VRs; over-long) get a
-    4xx JSON error or the JSON, SR, GSPS or PNG asked for."""
+    4xx JSON error or the JSON, SR, GSPS, SC or PNG asked for."""
 
     @settings(
         max_examples=150,
@@ -581,7 +581,7 @@ def test_fuzzed_header_fields_never_get_a_500(client, seeds):
     @given(
         seed=st.sampled_from(["explicit-16", "explicit-8-mono1", "rle-12-mono1"]),
         mutations=st.lists(header_fields(), min_size=1, max_size=3),
-        output=st.sampled_from([None, "sr", "gsps", "png"]),
+        output=st.sampled_from([None, "sr", "gsps", "sc", "png"]),
     )
     def fuzz(seed, mutations, output):
         data, done = seeds[seed], [seed]
@@ -696,10 +696,10 @@ def test_overflowing_window_gets_422(client, seeds):
         ("AccessionNumber", "SH", b"W" * 200),  # over-long
     ],
 )
-@pytest.mark.parametrize("output", ["sr", "gsps"])
-def test_odd_copied_attribute_is_left_out_of_sr_and_gsps(client, seeds, keyword, vr, value, output):
+@pytest.mark.parametrize("output", ["sr", "gsps", "sc"])
+def test_odd_copied_attribute_is_left_out_of_dicom_results(client, seeds, keyword, vr, value, output):
     """A copied attribute under another VR, with several values, a value outside its enumerated ones, empty or invalid
-    is left out of (or empty in) the SR and GSPS, which are written (200), not a 500."""
+    is left out of (or empty in) the SR, GSPS and burned-in image, which are written (200), not a 500."""
     response = _post(client, _with_raw_element(seeds["explicit-16"], keyword, vr, value), output)
     assert response.status_code == 200, response.text
     written = pydicom.dcmread(io.BytesIO(response.content))

@@ -24,6 +24,7 @@ from highdicom.sc import SCImage
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
+from service.dicom.charsets import output_character_set
 from service.viewer_outputs import instance_number, reference_header, series_description
 from service.viewer_outputs.identity import device, stamp
 from service.viewer_outputs.png import annotated_image
@@ -82,6 +83,12 @@ def build_sc(source: pydicom.Dataset, display: np.ndarray, result: dict) -> pydi
     """An RGB Secondary Capture of `display` (the source's display image, float in [0, 1]) with `result`
     burned in, in the source's study; same source and pack, same UIDs (uids.py)."""
     header = reference_header(source)
+    # pydicom holds the header's text decoded; the SC writes it in UTF-8 unless it is all ASCII
+    # (service.dicom.charsets). The source's own term stays behind: highdicom copies it and rejects several
+    # defined terms (the empty first value of "\\ISO 2022 IR 87" among them).
+    charset = output_character_set(header)
+    if "SpecificCharacterSet" in header:
+        del header.SpecificCharacterSet  # a new dataset: the caller's stays untouched
     model = result.get("model") or {}
     uids = result_uids(header, model, "sc")
     pixels = np.asarray(annotated_image(display, result))
@@ -105,6 +112,8 @@ def build_sc(source: pydicom.Dataset, display: np.ndarray, result: dict) -> pydi
     for keyword in PATIENT_AND_STUDY:
         if keyword in header:
             sc.add(copy.deepcopy(header[keyword]))  # a copy: the caller's dataset stays untouched
+    if charset is not None:
+        sc.SpecificCharacterSet = charset
     _mark_derived(sc, header)
     sc.SeriesDescription = series_description("SC", model)
     return stamp(sc, model)
