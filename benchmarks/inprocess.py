@@ -53,23 +53,29 @@ def timed_batches(run_batch: Callable[[], int], seconds: float, min_batches: int
     return images, time.perf_counter() - started
 
 
-def model_batch(models: OnnxModels, batch: np.ndarray) -> Callable[[], int]:
-    """One call = both models on the ready-made batch."""
+def model_batch(models: OnnxModels, batches: Sequence[np.ndarray]) -> Callable[[], int]:
+    """One call = both models on the ready-made batch (one array per input of the pack)."""
 
     def run() -> int:
-        models.run(batch)
-        return len(batch)
+        models.run(*batches)
+        return len(batches[0])
 
     return run
 
 
+def stacked(images: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+    """Prepared images' inputs (one tuple per image) -> one batch per input of the pack."""
+    return [np.stack(position) for position in zip(*images)]
+
+
 def model_only_rates(
-    models: OnnxModels, tensors: Sequence[np.ndarray], batch_sizes: Sequence[int], seconds: float
+    models: OnnxModels, inputs: Sequence[Sequence[np.ndarray]], batch_sizes: Sequence[int], seconds: float
 ) -> list[BatchRate]:
+    """Images per second of both models alone at each batch size; `inputs` holds each image's prepared inputs."""
     rates = []
     for batch_size in batch_sizes:
-        batch = np.stack([tensors[i % len(tensors)] for i in range(batch_size)])
-        images, elapsed = timed_batches(model_batch(models, batch), seconds, min_batches=3)
+        batches = stacked([inputs[i % len(inputs)] for i in range(batch_size)])
+        images, elapsed = timed_batches(model_batch(models, batches), seconds, min_batches=3)
         rates.append(BatchRate("model-only", batch_size, images / elapsed, images, elapsed))
     return rates
 
@@ -117,7 +123,7 @@ class DecodeStream:
         self, pool: DecodeExecutors, bodies: Sequence[bytes], pack: ModelPack, settings: Settings, window: int
     ) -> None:
         self._pool, self._bodies = pool, itertools.cycle(bodies)
-        self._arguments = (pack.input_spec, settings.decode_limits, settings.image_id_hash)
+        self._arguments = (pack.input_specs, settings.decode_limits, settings.image_id_hash)
         self._pending: deque[Future] = deque(self._submit() for _ in range(window))
 
     def _submit(self) -> Future:
@@ -145,7 +151,7 @@ def pipeline_batch(
     def run() -> int:
         prepared = stream.take(batch_size)
         started = time.perf_counter()
-        outputs = models.run(np.stack([image.input for image in prepared]))
+        outputs = models.run(*stacked([image.inputs for image in prepared]))
         timing = {"inference": (time.perf_counter() - started) * 1e3}
         for index, image in enumerate(prepared):
             prediction_json(image, tuple(output[index] for output in outputs), pack, settings, "bench", timing)

@@ -449,8 +449,14 @@ def remote_batch_ms(args: argparse.Namespace, logs: Path, batch_sizes=(1, 4, 16)
     settings = Settings(models=args.models, max_batch_size=max(max(batch_sizes), args.max_batch))
     local = OnnxModels(pack, settings=settings)
     repeats = 5 if args.quick else 30
-    size = pack.input_spec.size
-    batches = {n: np.random.default_rng(n).standard_normal((n, 1, size, size)).astype(np.float32) for n in batch_sizes}
+    # One batch per distinct model input size of the pack, as the service's batcher hands them over.
+    batches = {
+        n: [
+            np.random.default_rng(n).standard_normal((n, 1, spec.size, spec.size)).astype(np.float32)
+            for spec in pack.input_specs
+        ]
+        for n in batch_sizes
+    }
 
     async def measure(urls: dict[str, str]) -> list[dict]:
         """Calls of the three ways alternate, so that load from elsewhere on the machine hits them alike."""
@@ -468,11 +474,11 @@ def remote_batch_ms(args: argparse.Namespace, logs: Path, batch_sizes=(1, 4, 16)
                 times: dict[str, list[float]] = {"in_process": [], **{name: [] for name in clients}}
                 for repeat in range(repeats + 1):  # the first round only warms up (arenas, connections)
                     started = time.perf_counter()
-                    local.run(images)
+                    local.run(*images)
                     ran = {"in_process": time.perf_counter() - started}
                     for name, client in clients.items():
                         started = time.perf_counter()
-                        await client.run(images)
+                        await client.run(*images)
                         ran[name] = time.perf_counter() - started
                     if repeat:
                         for name, seconds in ran.items():

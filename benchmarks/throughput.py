@@ -165,7 +165,7 @@ def measure_inprocess(
     """Fill results.model_only and results.pipeline; returns the providers the sessions run on."""
     pack, models = load_models(settings)
     bodies = {spec.name: read_bodies(make_input_set(spec)) for spec in sets}
-    tensors = [prepare_body(body, pack, settings).input for body in bodies[sets[0].name][:4]]
+    tensors = [prepare_body(body, pack, settings).inputs for body in bodies[sets[0].name][:4]]
     results.model_only = model_only_rates(models, tensors, plan.batch_sizes, plan.model_s)
     for rate in results.model_only:
         progress(f"  models only batch {rate.batch_size:>2}: {rate.images_per_s:7.2f} images/s")

@@ -247,7 +247,7 @@ def test_prediction_json_matches_the_services_schema():
 
     pack = ModelPack.load(ROOT / "models" / "demo-synthetic")
     ds, _ = synthesize_instance(seed=3, rows=320, cols=256, difficulty="easy")
-    prepared = prepare(dicom_bytes(ds), pack.input_spec)
+    prepared = prepare(dicom_bytes(ds), pack.input_specs)
     locations, classes = 6, len(pack.local_labels)
     boxes = np.tile(np.array([[10, 10, 60, 80]], dtype=np.float32), (locations, 1))
     scores = np.full((locations, classes), 0.99, dtype=np.float32)

@@ -10,12 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from tests.live import free_port
-from training.distributed import shard
+from training.dataset import shard_sampler
 from training.engine import steps_per_epoch
 from training.models import Classifier, Detector
 
@@ -96,20 +95,31 @@ def ddp_run(tiny_dataset, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("ddp-run")
     # One rare finding (one boxed image of 40, or none) makes most batches free of positive locations,
     # the case where DDP would wait forever for the detector heads' gradients.
-    result = _torchrun(tiny_dataset, run, "--epochs", "1", "--local-labels", "Cardiomegaly")
+    cache = tmp_path_factory.mktemp("ddp-cache")
+    result = _torchrun(
+        tiny_dataset, run, "--epochs", "1", "--local-labels", "Cardiomegaly", "--cache", str(cache), "--no-augment"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("epoch 0:") == 1, result.stdout  # rank 0 alone reports
-    assert result.stderr.count("preprocess train:   0%") == 1, result.stderr  # and alone draws progress bars
+    # Rank 0 builds 17 training + 6 validation images, rank 1 the other 17; only rank 0 draws progress bars.
+    assert "cache (0 of 23 cached)" in result.stderr and "cache (0 of 17 cached)" not in result.stderr
+    # Each rank built its own share of the cache: every training and validation image is there, once.
+    assert len(list(cache.glob("*/*.npz"))) == 40
     return run
 
 
-def test_shard_splits_one_order_into_equal_disjoint_strides():
-    """Each rank gets ceil(N/W) indices, strided from the shared order and padded from its start."""
-    order = np.array([7, 3, 9, 0, 4, 8, 1])
-    parts = [shard(order, rank, 3) for rank in range(3)]
-    assert [p.tolist() for p in parts] == [[7, 0, 1], [3, 4, 7], [9, 8, 3]]
-    assert set(np.concatenate(parts)) == set(order)
-    assert shard(order, 0, 1) is order
+def test_ranks_take_disjoint_equal_shards_of_one_shuffled_order():
+    """Each rank's sampler yields ceil(N/W) indices of the epoch's shared permutation, disjoint except for the
+    padding, together covering every image; the next epoch reshuffles."""
+    dataset = list(range(7))
+    samplers = [shard_sampler(dataset, rank, 3, shuffle=True, seed=5) for rank in range(3)]
+    parts = [list(sampler) for sampler in samplers]
+    assert [len(part) for part in parts] == [3, 3, 3]
+    assert set().union(*parts) == set(dataset)
+    assert sum(len(part) for part in parts) - len(set().union(*parts)) == 2  # the padding repeats two indices
+    for sampler in samplers:
+        sampler.set_epoch(1)
+    assert [list(sampler) for sampler in samplers] != parts
     assert steps_per_epoch(34, 4, world_size=2) == 5 and steps_per_epoch(34, 4) == 9
     assert steps_per_epoch(34, 4, world_size=2, max_steps=2) == 2
 
@@ -132,7 +142,8 @@ def test_ddp_checkpoint_loads_into_single_process_models(ddp_run):
     classifier = Classifier(len(checkpoint["global_labels"]), args["classifier_backbone"])
     detector.load_state_dict(checkpoint["detector"])
     classifier.load_state_dict(checkpoint["classifier"])
-    assert checkpoint["input_size"] == 64 and checkpoint["epoch"] == 0
+    assert checkpoint["inputs"]["detector"]["size"] == checkpoint["inputs"]["classifier"]["size"] == 64
+    assert checkpoint["epoch"] == 0
 
 
 def test_resume_under_ddp_continues_from_the_checkpoint(ddp_run, tiny_dataset, tmp_path):

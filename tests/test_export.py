@@ -11,13 +11,15 @@ import pytest
 from service.inference.modelpack import ModelPack, PackError
 from service.inference.postprocess import Detections
 from tests.reference import at_operating_points
-from training.data import Box, Record, load_tensors, read_split
+from training.data import Box, Record, read_split
+from training.dataset import stacked_inputs
 from training.evaluate import predict_records, torch_infer_from_run
 from training.export import (
     FP16_TOLERANCES,
     FP32_TOLERANCES,
     Tolerances,
     check_parity,
+    checkpoint_inputs,
     copy_evaluation,
     export_float16,
     export_onnx,
@@ -25,6 +27,7 @@ from training.export import (
     label_selection,
     load_run,
     missed_top_detections,
+    model_images,
 )
 
 
@@ -32,16 +35,10 @@ from training.export import (
 def exported(tiny_run, tiny_dataset, tmp_path_factory):
     checkpoint, detector, classifier = load_run(tiny_run)
     folder = tmp_path_factory.mktemp("onnx")
-    size = checkpoint["input_size"]
-    export_onnx(detector, size, ("boxes", "scores"), folder / "detector.onnx", {"model": "detector"})
-    export_onnx(classifier, size, ("probabilities",), folder / "classifier.onnx", {"model": "classifier"})
-    from service.dicom.pipeline import InputSpec
-    from service.dicom.preprocess import Normalization
-
-    spec = InputSpec(size, Normalization(*checkpoint["normalization"]))
-    images = load_tensors(
-        read_split(tiny_dataset, "test")[:5], spec, checkpoint["local_labels"], checkpoint["global_labels"]
-    ).images
+    inputs = checkpoint_inputs(checkpoint)
+    export_onnx(detector, inputs.detector.size, ("boxes", "scores"), folder / "detector.onnx", {"model": "detector"})
+    export_onnx(classifier, inputs.classifier.size, ("probabilities",), folder / "classifier.onnx", {})
+    images = model_images(inputs, stacked_inputs(read_split(tiny_dataset, "test")[:5], inputs.specs))
     return detector, classifier, folder, images
 
 
@@ -50,7 +47,12 @@ def test_onnx_matches_pytorch_on_real_images(exported, batch):
     """Boxes, scores and probabilities agree within the export tolerances at batch sizes 1 and 5."""
     detector, classifier, folder, images = exported
     worst = check_parity(
-        detector, classifier, folder / "detector.onnx", folder / "classifier.onnx", images[:batch], Tolerances()
+        detector,
+        classifier,
+        folder / "detector.onnx",
+        folder / "classifier.onnx",
+        tuple(part[:batch] for part in images),
+        Tolerances(),
     )
     assert worst["box_pixels"] <= Tolerances().box_pixels and worst["probability"] <= Tolerances().probability
 
@@ -82,15 +84,12 @@ def test_graphs_have_dynamic_batch_fixed_size_and_metadata(tiny_pack):
             graph = onnx.load(str(pack.model_file(model, precision)))
             tensor_type = graph.graph.input[0].type.tensor_type
             dims = tensor_type.shape.dim
-            assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [
-                1,
-                pack.input_spec.size,
-                pack.input_spec.size,
-            ]
+            size = pack.model_inputs.spec(model).size
+            assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, size, size]
             assert tensor_type.elem_type == onnx.TensorProto.FLOAT
             assert all(output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for output in graph.graph.output)
             metadata = {p.key: p.value for p in graph.metadata_props}
-            assert metadata["input_size"] == str(pack.input_spec.size) and metadata["precision"] == precision
+            assert metadata["input_size"] == str(size) and metadata["precision"] == precision
             expected = pack.local_labels if model == "detector" else pack.global_labels
             assert json.loads(metadata["labels"]) == expected
 
@@ -284,10 +283,10 @@ def test_tampered_pack_is_rejected(tiny_pack, tmp_path):
 def test_evaluation_in_pytorch_equals_service_json(client, tiny_run, tiny_dataset, tiny_pack):
     """For a test DICOM, the evaluation code (PyTorch) and the service (ONNX, from the DICOM bytes) give the
     same boxes and probabilities."""
-    infer, spec, local_labels, _global_labels, _, params = torch_infer_from_run(tiny_run)
+    infer, inputs, local_labels, _global_labels, _, params = torch_infer_from_run(tiny_run)
     reporting = ModelPack.load(tiny_pack).finding_thresholds()
     records = read_split(tiny_dataset, "test")[:3]
-    evaluation = predict_records(records, spec, infer, params, batch_size=3, threads=1)
+    evaluation = predict_records(records, inputs, infer, params, batch_size=3, threads=1)
     for index, record in enumerate(records):
         served = client.post(
             "/v1/predict", content=record.path.read_bytes(), headers={"Content-Type": "application/dicom"}

@@ -108,3 +108,37 @@ def test_batcher_awaits_an_async_infer_function():
     assert calls == [4]
     assert [float(result.outputs[0]) for result in results] == [0.0, 4.0, 8.0, 12.0]
     assert [result.outputs[1].tolist() for result in results] == [[v, v] for v in (0.0, 1.0, 2.0, 3.0)]
+
+
+def test_remote_models_send_each_model_its_own_input_size():
+    """With a detector and a classifier of different input sizes, each remote model gets the batch of its own size
+    (and expects that shape in the server's metadata)."""
+    from pathlib import Path
+
+    from service.inference.kserve import KServeModels
+
+    normalization = {"mean": 0.5, "std": 0.25}
+    pack = ModelPack(
+        path=Path("unused"),
+        manifest={
+            "name": "two-sizes",
+            "version": "1",
+            "detector": {"sha256": "d" * 64, "labels": ["a"], "input": {"size": 8, "normalization": normalization}},
+            "classifier": {"sha256": "c" * 64, "labels": ["b"], "input": {"size": 6, "normalization": normalization}},
+        },
+    )
+    sent = {}
+
+    class RecordingTransport:
+        async def infer(self, model, inputs, outputs):
+            sent[model] = inputs["images"].shape
+            return [np.zeros((len(inputs["images"]), 1), np.float32) for _ in outputs]
+
+    models = KServeModels(InferenceUrl.parse("grpc://triton:8001"), pack, Settings(), on_status=lambda reason: None)
+    models._transport, models._reason = RecordingTransport(), ""
+    detector_batch, classifier_batch = np.zeros((2, 1, 8, 8), np.float32), np.zeros((2, 1, 6, 6), np.float32)
+    outputs = asyncio.run(models.run(detector_batch, classifier_batch))
+    assert sent == {"detector": (2, 1, 8, 8), "classifier": (2, 1, 6, 6)} and len(outputs) == 3
+    assert models.input_shape("detector") == (1, 8, 8) and models.input_shape("classifier") == (1, 6, 6)
+    with pytest.raises(ValueError, match="takes 2 input batch"):
+        asyncio.run(models.run(detector_batch))

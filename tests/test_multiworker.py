@@ -22,6 +22,7 @@ from service.inference.client import RemoteBatcher, RemoteModels, hello_problem
 from service.inference.modelpack import ModelPack
 from service.inference.protocol import (
     PREFIX,
+    PROTOCOL_VERSION,
     ProtocolError,
     decode_body,
     encode_frame,
@@ -106,7 +107,7 @@ def test_protocol_refuses_malformed_frames(frame, problem):
 
 def test_hello_problem_names_what_is_wrong():
     """A worker refuses a server that is not ready, speaks another protocol or serves another pack."""
-    good = {"protocol": 1, "ready": True, "pack": pack_identity(FAKE_PACK)}
+    good = {"protocol": PROTOCOL_VERSION, "ready": True, "pack": pack_identity(FAKE_PACK)}
     assert hello_problem(good, pack_identity(FAKE_PACK)) is None
     reason, detail = hello_problem(good | {"ready": False, "reason": "starting"}, pack_identity(FAKE_PACK))
     assert reason == "inference_server_not_ready" and "not ready: starting" in detail
@@ -118,11 +119,15 @@ def test_hello_problem_names_what_is_wrong():
 
 
 def test_server_accepts_only_one_image_of_the_pack_size():
-    """The inference server runs nothing but one float32 1 x S x S image per request."""
-    assert input_problem([np.zeros((1, SIZE, SIZE), np.float32)], SIZE) is None
-    assert "float32 (1, 8, 8)" in input_problem([np.zeros((1, SIZE, SIZE), np.float64)], SIZE)
-    assert "float32 (1, 8, 8)" in input_problem([np.zeros((2, SIZE, SIZE), np.float32)], SIZE)
-    assert "one array" in input_problem([], SIZE)
+    """The inference server runs nothing but one float32 1 x S x S image per input size of the pack per request."""
+    assert input_problem([np.zeros((1, SIZE, SIZE), np.float32)], [SIZE]) is None
+    assert "float32 (1, 8, 8)" in input_problem([np.zeros((1, SIZE, SIZE), np.float64)], [SIZE])
+    assert "float32 (1, 8, 8)" in input_problem([np.zeros((2, SIZE, SIZE), np.float32)], [SIZE])
+    assert "1 array(s), got 0" in input_problem([], [SIZE])
+    two = [np.zeros((1, SIZE, SIZE), np.float32), np.zeros((1, 6, 6), np.float32)]
+    assert input_problem(two, [SIZE, 6]) is None
+    assert "float32 (1, 6, 6)" in input_problem(two[:1] * 2, [SIZE, 6])
+    assert "2 array(s), got 1" in input_problem(two[:1], [SIZE, 6])
 
 
 def test_decode_workers_split_the_cores_between_http_workers():
@@ -212,6 +217,64 @@ def test_remote_batcher_gives_local_results_and_errors(socket_path):
     asyncio.run(scenario())
 
 
+TWO_SIZE_PACK = ModelPack(
+    path=Path("unused"),
+    manifest={
+        "name": "two-sizes",
+        "version": "1",
+        "detector": {
+            "sha256": "d" * 64,
+            "labels": ["a"],
+            "input": {"size": SIZE, "normalization": {"mean": 0.5, "std": 0.25}},
+        },
+        "classifier": {
+            "sha256": "c" * 64,
+            "labels": ["b"],
+            "input": {"size": 6, "normalization": {"mean": 0.5, "std": 0.25}},
+        },
+    },
+)
+
+
+def test_remote_batcher_sends_each_input_size_of_a_pack(socket_path):
+    """A pack whose detector and classifier take different sizes: each image travels as one array per size, the
+    server batches each size separately and the models get the right one (batch outputs identify both inputs)."""
+
+    def two_input_outputs(detector_images: np.ndarray, classifier_images: np.ndarray) -> tuple[np.ndarray, ...]:
+        assert detector_images.shape[1:] == (1, SIZE, SIZE) and classifier_images.shape[1:] == (1, 6, 6)
+        return detector_images.sum(axis=(1, 2, 3))[:, None], classifier_images.sum(axis=(1, 2, 3))[:, None]
+
+    async def scenario():
+        batcher = Batcher(two_input_outputs, max_batch_size=4, max_delay_s=0.05, max_queue_size=8)
+        state = ServingState(pack=TWO_SIZE_PACK, models=RemoteModels(socket=socket_path), batcher=batcher)
+        state.not_ready_reason = ""
+        server = InferenceServer(state, Settings(max_batch_size=4))
+        assert server.sizes == [SIZE, 6]
+        batcher.start()
+        listener = await asyncio.get_running_loop().create_unix_server(server.protocol, path=str(socket_path))
+        status: list[str] = []
+        remote = RemoteBatcher(
+            socket_path, pack_identity(TWO_SIZE_PACK), RemoteModels(socket=socket_path), status.append, 4
+        )
+        remote.start()
+        await until(lambda: status and status[-1] == "")
+        images = [
+            (np.full((1, SIZE, SIZE), value, np.float32), np.full((1, 6, 6), -value, np.float32)) for value in (1, 2, 3)
+        ]
+        results = await asyncio.gather(*(remote.submit(pair) for pair in images))
+        for (detector_image, classifier_image), result in zip(images, results):
+            assert (
+                result.outputs[0].item() == detector_image.sum() and result.outputs[1].item() == classifier_image.sum()
+            )
+        assert max(result.batch_size for result in results) > 1  # batched together, each size stacked on its own
+        await remote.stop()
+        listener.close()
+        server.close_connections()
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
 def test_remote_batcher_fails_queued_images_when_the_connection_drops(socket_path):
     """A server that dies mid-request (connection closed, no answer) fails the waiting image at once with NotReady."""
 
@@ -219,7 +282,13 @@ def test_remote_batcher_fails_queued_images_when_the_connection_drops(socket_pat
         await read_frame(reader, 1 << 20)  # hello
         writer.writelines(
             encode_frame(
-                {"op": "hello", "protocol": 1, "ready": True, "providers": [], "pack": pack_identity(FAKE_PACK)}
+                {
+                    "op": "hello",
+                    "protocol": PROTOCOL_VERSION,
+                    "ready": True,
+                    "providers": [],
+                    "pack": pack_identity(FAKE_PACK),
+                }
             )
         )
         await read_frame(reader, 1 << 20)  # the image, never answered

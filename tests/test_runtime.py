@@ -15,7 +15,8 @@ from service.inference import runtime
 from service.inference.modelpack import ModelPack, OnnxModels
 from service.inference.runtime import CPU, CUDA, MIB, TENSORRT, Machine
 from service.settings import Settings
-from training.data import load_tensors, read_split
+from training.data import read_split
+from training.dataset import stacked_inputs
 from training.export import FP16_TOLERANCES, compare_outputs
 
 ALL = (TENSORRT, CUDA, CPU)
@@ -27,10 +28,9 @@ CPU_BUILD = Machine(available=(CPU,), nvidia_driver=True, tensorrt=True)
 
 @pytest.fixture(scope="module")
 def real_images(tiny_pack, tiny_dataset) -> np.ndarray:
-    pack = ModelPack.load(tiny_pack)
-    return load_tensors(
-        read_split(tiny_dataset, "test")[:4], pack.input_spec, pack.local_labels, pack.global_labels
-    ).images
+    """Four test DICOMs prepared as the service prepares them (the tiny pack's models share one input)."""
+    (images,) = stacked_inputs(read_split(tiny_dataset, "test")[:4], ModelPack.load(tiny_pack).input_specs)
+    return images
 
 
 def test_cuda_options_default_to_exhaustive_search_and_no_tf32():
@@ -222,7 +222,7 @@ def test_io_bound_run_equals_plain_run(tiny_pack, real_images):
     """The IO-binding path used on GPUs (one input OrtValue for both models, outputs bound to host memory) gives
     exactly what plain run() gives; exercised here with the value on the CPU device."""
     models = OnnxModels(ModelPack.load(tiny_pack), settings=Settings(providers=[CPU], intra_op_threads=1))
-    for plain, bound in zip(models.run(real_images), models.run_bound(real_images, "cpu", 0)):
+    for plain, bound in zip(models.run(real_images), models.run_bound(real_images, real_images, "cpu", 0)):
         np.testing.assert_array_equal(plain, bound)
 
 

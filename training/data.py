@@ -1,4 +1,6 @@
-"""Readers for the VinDr dataset layouts (README "Dataset layouts") and the cached training tensors.
+"""Readers for the VinDr dataset layouts (README "Dataset layouts"): records of paths, boxes and labels.
+
+The pixels are read later, one image at a time, by the streaming dataset (training/dataset.py).
 
 Two folder layouts, told apart by the files present (`detect_layout`):
 
@@ -25,15 +27,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from tqdm import tqdm
 
-from service.dicom.pipeline import InputSpec, prepare
 from training.fusion import FusionConfig, fuse_rater_boxes, vote_labels
 
 Layout = Literal["vindr", "kaggle"]
@@ -312,55 +311,3 @@ def fusion_from_args(args: argparse.Namespace | dict) -> FusionConfig:
         return FusionConfig(values["fusion_iou"], values["min_raters"], values["vote_threshold"])
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-
-
-@dataclass
-class TensorSet:
-    """Preprocessed inputs and targets of a split, in model-input space."""
-
-    images: np.ndarray  # N x 1 x S x S float32
-    boxes: list[np.ndarray]  # per image (K, 4) float32, model-input pixels
-    box_labels: list[np.ndarray]  # per image (K,) int64 indices into local_labels
-    image_labels: np.ndarray  # N x G float32, columns follow global_labels
-    image_ids: list[str]
-
-
-def _prepare_file(args: tuple[Path, InputSpec]) -> tuple[np.ndarray, object]:
-    path, spec = args
-    prepared = prepare(path.read_bytes(), spec)
-    return prepared.input, prepared.geometry
-
-
-def load_tensors(
-    records: list[Record],
-    spec: InputSpec,
-    local_labels: list[str],
-    global_labels: list[str],
-    workers: int = 1,
-    description: str = "preprocess",
-) -> TensorSet:
-    """Decode and preprocess every image once through the service's pipeline (no train/serve skew)."""
-    jobs = [(record.path, spec) for record in records]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(_prepare_file, jobs, chunksize=8), total=len(jobs), desc=description))
-    else:
-        results = [_prepare_file(job) for job in tqdm(jobs, desc=description)]
-    local_index = {name: i for i, name in enumerate(local_labels)}
-    boxes, box_labels = [], []
-    for record, (_, geometry) in zip(records, results):
-        kept = [box for box in record.boxes if box.label in local_index]
-        xyxy = np.array([[b.x_min, b.y_min, b.x_max, b.y_max] for b in kept], dtype=np.float32).reshape(-1, 4)
-        boxes.append(geometry.to_model(xyxy))
-        box_labels.append(np.array([local_index[b.label] for b in kept], dtype=np.int64))
-    return TensorSet(
-        images=np.stack([tensor for tensor, _ in results])
-        if results
-        else np.zeros((0, 1, spec.size, spec.size), np.float32),
-        boxes=boxes,
-        box_labels=box_labels,
-        image_labels=np.array(
-            [[record.image_labels.get(name, 0) for name in global_labels] for record in records], dtype=np.float32
-        ).reshape(len(records), len(global_labels)),
-        image_ids=[record.image_id for record in records],
-    )

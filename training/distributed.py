@@ -5,9 +5,10 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Without those variables, or w
 one, everything here is a no-op and training runs as a plain single process.
 
 Rules the training loop relies on:
-- every rank draws the same seeded permutation of the training set each epoch and takes a strided
-  shard of it, padded so each rank runs the same number of steps (a rank that runs out early
-  would leave the others blocked in a gradient all-reduce);
+- every rank draws the same seeded permutation of the training set each epoch and takes its own
+  shard of it (torch's DistributedSampler, training/dataset.shard_sampler), padded so each rank runs
+  the same number of steps (a rank that runs out early would leave the others blocked in a gradient
+  all-reduce);
 - rank 0 alone evaluates and writes files; the others wait at a barrier.
 """
 
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -101,30 +101,6 @@ def barrier(context: DistContext) -> None:
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier()
-
-
-def shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """This rank's part of an epoch's order, as torch's DistributedSampler (drop_last=False) cuts it.
-
-    The order is padded by repeating its start to a multiple of world_size, then strided, so every
-    rank gets ceil(N / world_size) indices (equal step counts) and together they cover all N.
-    """
-    if world_size == 1:
-        return order
-    per_rank = -(-len(order) // world_size)
-    padded = np.resize(order, per_rank * world_size)  # np.resize repeats the array cyclically
-    return padded[rank::world_size]
-
-
-def rank_generator(shared: torch.Generator, rank: int) -> torch.Generator:
-    """A per-rank random stream for augmentation, derived from the shared one.
-
-    Every rank draws the same seed, so the shared stream (batch order, checkpointed) stays in step
-    across ranks; offsetting it by the rank gives each rank its own jitter and noise instead of
-    the same augmentation applied to different images.
-    """
-    seed = int(torch.randint(0, 2**62, (1,), generator=shared))
-    return torch.Generator().manual_seed(seed + rank)
 
 
 def mean_across_ranks(stats: dict[str, float], context: DistContext, device: torch.device) -> dict[str, float]:

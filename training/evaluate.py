@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from service.dicom.pipeline import InputSpec, prepare
+from service.dicom.pipeline import ModelInputs, prepare
 from service.inference.modelpack import ModelPack, OnnxModels
 from service.inference.postprocess import DetectionParams, Detections, select_detections, to_original_space
 from service.settings import Settings
+from training import baselines
 from training.data import Record, add_layout_arguments, fusion_from_args, read_split
 from training.metrics import (
     ClassMatches,
@@ -51,7 +52,8 @@ from training.metrics import (
     roc_curve,
 )
 
-InferFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+# One stacked (N, 1, S, S) batch per distinct input of the models -> boxes, scores, probabilities.
+InferFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 # Report key suffix -> IoU threshold. 0.4 is the VinBigData challenge metric; 0.5 the usual VOC one.
 IOU_THRESHOLDS = {"40": 0.4, "50": 0.5}
@@ -116,6 +118,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="auto",
         help="pack variant to evaluate (auto: what the service would serve here, fp16 on a GPU)",
     )
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="report a ridge regression on 48x48 thumbnails, fitted on the dataset's train split, beside the "
+        "classifier (training/baselines.py)",
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="preprocessed-input cache for the baseline's thumbnails (reused)"
+    )
     add_layout_arguments(parser)
     return parser
 
@@ -134,7 +146,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 def predict_records(
     records: list[Record],
-    spec: InputSpec,
+    inputs: ModelInputs,
     infer: InferFn,
     params: DetectionParams,
     batch_size: int = 16,
@@ -143,13 +155,16 @@ def predict_records(
     """Run DICOM files through the service pipeline and a model; boxes come back in original pixels."""
     detections: list[Detections] = []
     probabilities: list[np.ndarray] = []
+    specs, detector_input = inputs.specs, inputs.index("detector")
     with ThreadPoolExecutor(threads) as pool, tqdm(total=len(records), desc="evaluate") as progress:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            prepared = list(pool.map(lambda r: prepare(r.path.read_bytes(), spec), chunk))
-            boxes, scores, probs = infer(np.stack([p.input for p in prepared]))
+            prepared = list(pool.map(lambda r: prepare(r.path.read_bytes(), specs), chunk))
+            batches = [np.stack([p.inputs[position] for p in prepared]) for position in range(len(specs))]
+            boxes, scores, probs = infer(*batches)
             for i, item in enumerate(prepared):
-                detections.append(to_original_space(select_detections(boxes[i], scores[i], params), item.geometry))
+                geometry = item.geometries[detector_input]
+                detections.append(to_original_space(select_detections(boxes[i], scores[i], params), geometry))
             probabilities.append(probs)
             progress.update(len(chunk))
     return Predictions(
@@ -335,6 +350,7 @@ def markdown_report(report: dict, title: str) -> str:
         ]
     lines += _detection_section(report["detection"], split)
     lines += _classification_section(report["classification"], split, report.get("thresholds_method"))
+    lines += baselines.markdown_section(report.get("baseline"))
     short = _short_of_resamples(report) if bootstrap["resamples"] else []
     if short:
         lines += [
@@ -501,21 +517,20 @@ def thresholds_method(folder: Path) -> str | None:
 
 def torch_infer_from_run(
     run: Path,
-) -> tuple[InferFn, InputSpec, list[str], list[str], dict[str, float], DetectionParams]:
+) -> tuple[InferFn, ModelInputs, list[str], list[str], dict[str, float], DetectionParams]:
     import torch
 
-    from service.dicom.preprocess import Normalization
     from training.engine import predict
-    from training.export import load_run
+    from training.export import checkpoint_inputs, load_run, model_images
 
     checkpoint, detector, classifier = load_run(run)
-    spec = InputSpec(size=int(checkpoint["input_size"]), normalization=Normalization(*checkpoint["normalization"]))
+    inputs = checkpoint_inputs(checkpoint)
     thresholds = json.loads((run / "thresholds.json").read_text())["thresholds"]
 
-    def infer(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return predict(detector, classifier, images, torch.device("cpu"))
+    def infer(*batches: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return predict(detector, classifier, *model_images(inputs, batches), torch.device("cpu"))
 
-    return infer, spec, checkpoint["local_labels"], checkpoint["global_labels"], thresholds, DetectionParams()
+    return infer, inputs, checkpoint["local_labels"], checkpoint["global_labels"], thresholds, DetectionParams()
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -526,17 +541,17 @@ def main(args: argparse.Namespace) -> dict:
         )
         models = OnnxModels(pack, settings=settings)
         runtime = {"provider": models.runtime.provider, "precision": models.runtime.precision}
-        infer, spec, params = models.run, pack.input_spec, pack.detection_params
+        infer, model_inputs, params = models.run, pack.model_inputs, pack.detection_params
         local_labels, global_labels, thresholds = pack.local_labels, pack.global_labels, pack.thresholds
         source, folder = f"pack {pack.name} {pack.version}", args.pack
     else:
-        infer, spec, local_labels, global_labels, thresholds, params = torch_infer_from_run(args.run)
+        infer, model_inputs, local_labels, global_labels, thresholds, params = torch_infer_from_run(args.run)
         source, folder = f"run {args.run}", args.run
         runtime = {"provider": "PyTorch", "precision": "fp32"}
     out = args.out or folder
     records = read_split(args.data, args.split, args.layout, fusion_from_args(args))[: args.limit]
     started = time.perf_counter()
-    predictions = predict_records(records, spec, infer, params, args.batch_size, args.threads)
+    predictions = predict_records(records, model_inputs, infer, params, args.batch_size, args.threads)
     inference_seconds = time.perf_counter() - started
     inputs = evaluation_inputs(records, predictions, local_labels, global_labels, thresholds)
     started = time.perf_counter()
@@ -550,6 +565,19 @@ def main(args: argparse.Namespace) -> dict:
         "thresholds_method": thresholds_method(folder),
         "runtime": runtime,
     } | scores
+    if args.baseline:
+        report["baseline"] = baselines.evaluation_section(
+            args.data,
+            args.split,
+            args.layout,
+            fusion_from_args(args),
+            records,
+            global_labels,
+            inputs.probabilities,
+            (args.bootstrap, args.seed, args.confidence),
+            args.cache,
+            args.threads,
+        )
     report["seconds"] = {"inference": round(inference_seconds, 1), "metrics": round(time.perf_counter() - started, 1)}
     title = f"Evaluation of {source} on {args.data.name}/{args.split}"
     written = write_outputs(out, args.split, report, inputs, matches, title)

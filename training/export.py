@@ -2,8 +2,8 @@
 
     python -m training.export --run runs/demo --out models/demo-synthetic [--evaluation runs/demo/evaluation_test.json]
 
-Writes detector.onnx and classifier.onnx (float32; dynamic batch axis, fixed input size, metadata
-stamped into the files) and their float16 variants detector.fp16.onnx and classifier.fp16.onnx
+Writes detector.onnx and classifier.onnx (float32; dynamic batch axis, each model's own fixed input size,
+metadata stamped into the files) and their float16 variants detector.fp16.onnx and classifier.fp16.onnx
 (float32 inputs and outputs, so the service feeds either the same tensors), copies the run's plots
 and the evaluation report, and writes manifest.json with the sha256 of every model file.
 
@@ -31,7 +31,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto
 
-from service.dicom.pipeline import InputSpec
+from service.dicom.pipeline import InputSpec, ModelInputs
 from service.dicom.preprocess import Normalization
 from service.inference.modelpack import (
     CLASSIFIER_OUTPUTS,
@@ -43,7 +43,8 @@ from service.inference.modelpack import (
 )
 from service.inference.postprocess import DetectionParams, Detections, box_iou, select_detections
 from service.inference.runtime import GPU_PROVIDERS, preload_gpu_libraries
-from training.data import Record, fusion_from_args, load_tensors, read_split
+from training.data import Record, fusion_from_args, read_split
+from training.dataset import stacked_inputs
 from training.engine import predict
 from training.labels import LABEL_SETS
 from training.models import Classifier, Detector
@@ -89,8 +90,12 @@ TOLERANCES = {"fp32": FP32_TOLERANCES, "fp16": FP16_TOLERANCES}
 
 # Nodes from these ops on stay float32 in the fp16 variant: exp(distance logits) x stride overflows
 # float16 (max 65504) at far-off locations, and the sigmoids turn logits into the reported scores.
-# They are a handful of elementwise nodes on small tensors, so float32 there costs nothing.
+# They are a handful of elementwise nodes on small tensors, so float32 there costs nothing. Only the
+# decoding tail counts: an Exp or Sigmoid that feeds another learned layer (the sigmoid gates of
+# EfficientNet's squeeze-and-excitation blocks, SiLU = x * sigmoid(x)) is part of the network and stays
+# float16, or nearly the whole network would run in float32.
 FP16_FLOAT32_TAIL_OPS = ("Exp", "Sigmoid")
+LEARNED_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -133,11 +138,27 @@ def load_run(run: Path) -> tuple[dict, Detector, Classifier]:
         raise SystemExit(f"error: {path} not found; train first with python -m training.train --out {run}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     args = checkpoint["args"]
+    # Random initial weights: the checkpoint's replace them (no pretrained file is needed to export).
     detector = Detector(len(checkpoint["local_labels"]), args["detector_backbone"], args["fpn_channels"])
     classifier = Classifier(len(checkpoint["global_labels"]), args["classifier_backbone"])
     detector.load_state_dict(checkpoint["detector"])
     classifier.load_state_dict(checkpoint["classifier"])
     return checkpoint, detector.eval(), classifier.eval()
+
+
+def checkpoint_inputs(checkpoint: dict) -> ModelInputs:
+    """Each model's input spec as the run trained it."""
+
+    def spec(model: str) -> InputSpec:
+        entry = checkpoint["inputs"][model]
+        return InputSpec(int(entry["size"]), Normalization(*entry["normalization"]))
+
+    return ModelInputs(detector=spec("detector"), classifier=spec("classifier"))
+
+
+def model_images(inputs: ModelInputs, stacked: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(detector images, classifier images) from one stacked array per distinct input spec."""
+    return stacked[inputs.index("detector")], stacked[inputs.index("classifier")]
 
 
 def export_onnx(
@@ -168,13 +189,15 @@ def export_onnx(
 
 
 def float32_tail(graph: onnx.GraphProto, roots: Sequence[str] = FP16_FLOAT32_TAIL_OPS) -> list[str]:
-    """Names of the nodes of op type `roots` and of every node computing from their outputs."""
+    """Names of the nodes of op type `roots` that no learned layer computes from, and of every node computing from
+    their outputs: the decoding tail between the last learned layer and the outputs."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    feeds_a_layer = _feeding_learned_layers(graph, consumers)
     tail: set[str] = set()
-    pending = [node for node in graph.node if node.op_type in roots]
+    pending = [node for node in graph.node if node.op_type in roots and node.name not in feeds_a_layer]
     while pending:
         node = pending.pop()
         if node.name in tail:
@@ -183,6 +206,20 @@ def float32_tail(graph: onnx.GraphProto, roots: Sequence[str] = FP16_FLOAT32_TAI
         for name in node.output:
             pending.extend(consumers.get(name, []))
     return sorted(tail)
+
+
+def _feeding_learned_layers(graph: onnx.GraphProto, consumers: dict[str, list[onnx.NodeProto]]) -> set[str]:
+    """Names of the nodes from whose outputs some Conv / Gemm / MatMul computes (directly or further down)."""
+    feeding: set[str] = set()
+    for node in reversed(_topological_order(list(graph.node), _graph_sources(graph))[0]):
+        downstream = [consumer for output in node.output for consumer in consumers.get(output, [])]
+        if any(c.op_type in LEARNED_LAYER_OPS or c.name in feeding for c in downstream):
+            feeding.add(node.name)
+    return feeding
+
+
+def _graph_sources(graph: onnx.GraphProto) -> set[str]:
+    return {i.name for i in graph.input} | {t.name for t in graph.initializer}
 
 
 def _is_cast_to(node: onnx.NodeProto, elem_type: int) -> bool:
@@ -372,20 +409,25 @@ def check_parity(
     classifier: Classifier,
     detector_path: Path,
     classifier_path: Path,
-    images: np.ndarray,
+    images: tuple[np.ndarray, np.ndarray],
     tolerances: Tolerances,
     providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> dict:
     """Largest ONNX-vs-PyTorch differences over batches of 1 and of all images; raises if too large.
 
-    Returns the differences (and the top-detection counts when checked) and the provider that ran.
+    `images` holds the same images at the detector's and at the classifier's input (the same array when the
+    models share an input). Returns the differences (and the top-detection counts when checked) and the
+    provider that ran.
     """
     sessions = [ort.InferenceSession(str(p), providers=list(providers)) for p in (detector_path, classifier_path)]
     worst: dict = {"box_pixels": 0.0, "score": 0.0, "probability": 0.0}
-    for batch in [images[:1]] + ([images] if len(images) > 1 else []):
-        reference = predict(detector, classifier, batch, torch.device("cpu"))
-        onnx_boxes, onnx_scores = sessions[0].run(list(DETECTOR_OUTPUTS), {INPUT_NAME: batch})
-        (onnx_probabilities,) = sessions[1].run(list(CLASSIFIER_OUTPUTS), {INPUT_NAME: batch})
+    detector_images, classifier_images = images
+    count = len(detector_images)
+    for end in [1] + ([count] if count > 1 else []):
+        detector_batch, classifier_batch = detector_images[:end], classifier_images[:end]
+        reference = predict(detector, classifier, detector_batch, classifier_batch, torch.device("cpu"))
+        onnx_boxes, onnx_scores = sessions[0].run(list(DETECTOR_OUTPUTS), {INPUT_NAME: detector_batch})
+        (onnx_probabilities,) = sessions[1].run(list(CLASSIFIER_OUTPUTS), {INPUT_NAME: classifier_batch})
         measured = compare_outputs(reference, (onnx_boxes, onnx_scores, onnx_probabilities), tolerances)
         for name, value in measured.items():
             # Top-detection counts are of the largest batch (all images); differences are the worst of both.
@@ -414,7 +456,7 @@ def check_variant(
     detector: Detector,
     classifier: Classifier,
     paths: dict[str, Path],
-    images: np.ndarray,
+    images: tuple[np.ndarray, np.ndarray],
     precision: str,
     providers: Sequence[str],
 ) -> dict:
@@ -551,7 +593,7 @@ def variant_paths(folder: Path, precision: str) -> dict[str, Path]:
 def main(args: argparse.Namespace) -> Path:
     checkpoint, detector, classifier = load_run(args.run)
     run_args = checkpoint["args"]
-    spec = InputSpec(size=int(checkpoint["input_size"]), normalization=Normalization(*checkpoint["normalization"]))
+    inputs = checkpoint_inputs(checkpoint)
     thresholds = read_thresholds(args.run)
     evaluation_path = args.evaluation or (args.run / "evaluation_test.json")
     if args.evaluation is None and not evaluation_path.is_file():
@@ -562,15 +604,13 @@ def main(args: argparse.Namespace) -> Path:
     training_records = read_split(data_root, "train", run_args["layout"], fusion_from_args(run_args))
     parity_records = training_records[: args.parity_images]
     labels = {"detector": checkpoint["local_labels"], "classifier": checkpoint["global_labels"]}
-    images = load_tensors(
-        parity_records, spec, labels["detector"], labels["classifier"], description="parity images"
-    ).images
+    images = model_images(inputs, stacked_inputs(parity_records, inputs.specs, description="parity images"))
     precisions = PRECISIONS if args.fp16 else ("fp32",)
     name = args.name or args.out.name
 
     models = {"detector": detector, "classifier": classifier}
-    metadata = pack_metadata(name, args.version, spec)
-    parity = write_models(models, labels, metadata, spec.size, precisions, images, args.parity_providers, args.out)
+    metadata = pack_metadata(name, args.version)
+    parity = write_models(models, labels, metadata, inputs, precisions, images, args.parity_providers, args.out)
     for extra in ("loss_curves.png", "thresholds.json", "run.json"):
         if (args.run / extra).exists():
             shutil.copy(args.run / extra, args.out / extra)
@@ -587,14 +627,13 @@ def main(args: argparse.Namespace) -> Path:
         or (f"{run_args['dataset']} layout at {data_root.name} ({len(training_records)} images in its train split)"),
         "label_set": run_args["dataset"],
         "label_selection": label_selection(run_args, labels["detector"], labels["classifier"], training_records),
-        "input": input_entry(spec),
         "precisions": list(precisions),
-        **model_entries(args.out, checkpoint, thresholds, precisions),
+        **model_entries(args.out, checkpoint, thresholds, precisions, inputs),
         "training": training_entry(checkpoint, args.run),
         "evaluation": evaluation,
         "export_parity": {
-            "images": len(images),
-            "batch_sizes": sorted({1, len(images)}),
+            "images": len(images[0]),
+            "batch_sizes": sorted({1, len(images[0])}),
             "reference": "PyTorch float32 on CPU",
             "postprocess": asdict(POSTPROCESS),
         }
@@ -615,14 +654,18 @@ def read_thresholds(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def pack_metadata(name: str, version: str, spec: InputSpec) -> dict[str, str]:
-    """What every ONNX file of the pack carries in its metadata_props (the model's own entries are added per file)."""
+def pack_metadata(name: str, version: str) -> dict[str, str]:
+    """What every ONNX file of the pack carries in its metadata_props (each model's own entries are added per file)."""
+    return {"pack": name, "version": version, "intended_use": INTENDED_USE}
+
+
+def model_metadata(model: str, labels: list[str], spec: InputSpec) -> dict[str, str]:
+    """A model's own metadata_props: which model, its labels and its input."""
     return {
-        "pack": name,
-        "version": version,
+        "model": model,
+        "labels": json.dumps(labels),
         "input_size": str(spec.size),
         "normalization": json.dumps({"mean": spec.normalization.mean, "std": spec.normalization.std}),
-        "intended_use": INTENDED_USE,
     }
 
 
@@ -630,9 +673,9 @@ def write_models(
     models: dict[str, torch.nn.Module],
     labels: dict[str, list[str]],
     metadata: dict[str, str],
-    size: int,
+    inputs: ModelInputs,
     precisions: Sequence[str],
-    images: np.ndarray,
+    images: tuple[np.ndarray, np.ndarray],
     parity_providers: Sequence[str],
     out: Path,
 ) -> dict[str, dict]:
@@ -645,10 +688,11 @@ def write_models(
         staging = Path(scratch)
         fp32 = variant_paths(staging, "fp32")
         for model, module in models.items():
-            model_metadata = metadata | {"model": model, "labels": json.dumps(labels[model])}
-            export_onnx(module, size, outputs[model], fp32[model], model_metadata)
+            spec = inputs.spec(model)
+            stamped = metadata | model_metadata(model, labels[model], spec)
+            export_onnx(module, spec.size, outputs[model], fp32[model], stamped)
             if "fp16" in precisions:
-                export_float16(fp32[model], variant_paths(staging, "fp16")[model], model_metadata)
+                export_float16(fp32[model], variant_paths(staging, "fp16")[model], stamped)
         parity = {
             precision: check_variant(
                 models["detector"],
@@ -682,12 +726,15 @@ def input_entry(spec: InputSpec) -> dict:
     }
 
 
-def model_entries(out: Path, checkpoint: dict, thresholds: dict, precisions: Sequence[str]) -> dict[str, dict]:
-    """The manifest's "detector" and "classifier": files, backbone, outputs, labels and operating points."""
+def model_entries(
+    out: Path, checkpoint: dict, thresholds: dict, precisions: Sequence[str], inputs: ModelInputs
+) -> dict[str, dict]:
+    """The manifest's "detector" and "classifier": files, input, backbone, outputs, labels and operating points."""
     run_args = checkpoint["args"]
     return {
         "detector": model_entry(out, "detector", precisions)
         | {
+            "input": input_entry(inputs.detector),
             "backbone": run_args["detector_backbone"],
             "outputs": list(DETECTOR_OUTPUTS),
             "labels": checkpoint["local_labels"],
@@ -697,6 +744,7 @@ def model_entries(out: Path, checkpoint: dict, thresholds: dict, precisions: Seq
         },
         "classifier": model_entry(out, "classifier", precisions)
         | {
+            "input": input_entry(inputs.classifier),
             "backbone": run_args["classifier_backbone"],
             "outputs": list(CLASSIFIER_OUTPUTS),
             "labels": checkpoint["global_labels"],

@@ -2,12 +2,17 @@
 
 Both take N x 1 x S x S normalised grayscale images (see `service.dicom.preprocess`) and export to ONNX
 with a dynamic batch axis. The grayscale channel is repeated to three inside the graph so that
-ImageNet weights (from a local file) fit the first convolution while the host only ships one
-channel per pixel to the GPU.
+ImageNet weights fit the first convolution while the host only ships one channel per pixel to the GPU.
+The backbones come from the registry in `training.architectures` (torchvision's names); the detector and
+the classifier may use different ones, and different input sizes.
 
-Detector: an FCOS-style anchor-free head (Tian et al. 2019) on a MobileNetV3 + FPN. The exported
-graph returns dense per-location boxes and scores; NMS is the shared numpy postprocess in
-`service.inference.postprocess`, so PyTorch evaluation and the ONNX service decode detections identically.
+Detector: an FCOS-style anchor-free head (Tian et al. 2019) on a backbone + FPN over strides 8, 16, 32
+(resnet50 gives the usual ResNet-50-FPN). The exported graph returns dense per-location boxes and
+scores; NMS is the shared numpy postprocess in `service.inference.postprocess`, so PyTorch evaluation
+and the ONNX service decode detections identically.
+
+Classifier: backbone -> global average pool -> dropout -> one linear layer, for every backbone, so
+the class activation map of a label is exactly its linear weights applied to `feature_map(images)`.
 """
 
 from __future__ import annotations
@@ -17,51 +22,32 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork, generalized_box_iou_loss, sigmoid_focal_loss
 
-BACKBONES = ("mobilenet_v3_small", "mobilenet_v3_large")
+from training.architectures import BACKBONES, backbone, stage_ends
+
+__all__ = ["BACKBONES", "DETECTOR_STRIDES", "Classifier", "Detector", "detection_loss", "fcos_targets"]
+
 DETECTOR_STRIDES = (8, 16, 32)
-
-
-def _backbone_features(name: str, pretrained: Path | None) -> nn.Sequential:
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
-    model = getattr(torchvision.models, name)(weights=None)
-    if pretrained is not None:
-        # Only a local file: nothing is downloaded at run time.
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        missing, _ = model.load_state_dict(state, strict=False)
-        if any(key.startswith("features.") for key in missing):
-            raise ValueError(f"{pretrained} does not hold {name} backbone weights")
-    return model.features
-
-
-def _stage_ends(features: nn.Sequential) -> dict[int, tuple[int, int]]:
-    """Index of the last block at each stride -> (stride, channels), found by a dummy pass."""
-    x, size, ends = torch.zeros(1, 3, 64, 64), 64, {}
-    with torch.no_grad():
-        for index, block in enumerate(features):
-            x = block(x)
-            ends[size // x.shape[-1]] = (index, x.shape[1])
-    return {index: (stride, channels) for stride, (index, channels) in ends.items()}
 
 
 class Detector(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        backbone: str = "mobilenet_v3_small",
+        backbone_name: str = "mobilenet_v3_small",
         fpn_channels: int = 64,
-        pretrained_backbone: Path | None = None,
+        pretrained: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.features = _backbone_features(backbone, pretrained_backbone)
-        ends = _stage_ends(self.features)
+        self.features = backbone(backbone_name, pretrained)
+        ends = stage_ends(self.features)
         self.taps = {index: stride for index, (stride, _) in ends.items() if stride in DETECTOR_STRIDES}
         in_channels = [channels for index, (stride, channels) in sorted(ends.items()) if stride in DETECTOR_STRIDES]
+        # Blocks after the stride-32 tap would be dead weight; a backbone without any can be shared (Classifier).
+        self.whole_backbone = max(self.taps) == len(self.features) - 1
         self.features = self.features[: max(self.taps) + 1]
         self.fpn = FeaturePyramidNetwork(in_channels, fpn_channels)
         self.cls_tower = self._tower(fpn_channels)
@@ -81,21 +67,25 @@ class Detector(nn.Module):
             layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(16, channels), nn.ReLU(inplace=True)]
         return nn.Sequential(*layers)
 
-    def dense(
-        self, images: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Raw per-location outputs over all levels.
-
-        Returns cls logits (N, L, C), ltrb distances in input pixels (N, L, 4), centerness
-        logits (N, L), location centres (L, 2) and each location's stride (L,).
-        """
+    def backbone_taps(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """The backbone's feature maps at strides 8, 16 and 32 (keys "8", "16", "32"); "32" is its final map."""
         x = images.expand(-1, 3, -1, -1)
         taps: OrderedDict[str, torch.Tensor] = OrderedDict()
         for index, block in enumerate(self.features):
             x = block(x)
             if index in self.taps:
                 taps[str(self.taps[index])] = x
-        levels = self.fpn(taps)
+        return taps
+
+    def dense(
+        self, images: torch.Tensor, taps: OrderedDict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw per-location outputs over all levels (from `taps` when the backbone already ran on `images`).
+
+        Returns cls logits (N, L, C), ltrb distances in input pixels (N, L, 4), centerness
+        logits (N, L), location centres (L, 2) and each location's stride (L,).
+        """
+        levels = self.fpn(taps if taps is not None else self.backbone_taps(images))
         cls, reg, ctr, points, strides = [], [], [], [], []
         for level, (name, feature) in enumerate(levels.items()):
             stride = int(name)
@@ -127,10 +117,13 @@ def fcos_targets(
     gt_labels: torch.Tensor,
     center_radius: float = 1.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Assign each location to at most one ground-truth box (FCOS rules).
+    """Assign each location to at most one ground-truth box: FCOS's rules, then a fallback so every box trains.
 
-    A location is positive for a box when it lies in the box's central region (radius in strides)
-    and the box's size suits the location's level; ties go to the smallest box.
+    FCOS: a location is positive for a box when it lies in the box's central region (radius in strides)
+    and the box's size suits the location's level; ties go to the smallest box. A box narrower than the
+    stride between locations can contain no location at all (a 6-pixel nodule between stride-8 centres)
+    and would never train: every box left without a location gets the free location nearest its centre,
+    a location inside the box when there is one, else the nearest outside it (see detection_loss).
     Returns (matched box index per location or -1, matched label or -1).
     """
     num_points = points.shape[0]
@@ -155,15 +148,51 @@ def fcos_targets(
     areas = torch.where(candidate, areas, torch.full_like(areas, float("inf")))
     best_area, best = areas.min(dim=1)
     matched = torch.where(torch.isfinite(best_area), best, torch.full_like(best, -1))
+    _assign_unmatched_boxes(matched, points, centers, inside)
     labels = torch.where(matched >= 0, gt_labels[matched.clamp(min=0)], torch.full_like(matched, -1))
     return matched, labels
 
 
+def _assign_unmatched_boxes(
+    matched: torch.Tensor, points: torch.Tensor, centers: torch.Tensor, inside: torch.Tensor
+) -> None:
+    """Give every box without a location the free location nearest its centre (inside the box first), in place."""
+    has_location = torch.zeros(centers.shape[0], dtype=torch.bool, device=points.device)
+    has_location[matched[matched >= 0]] = True
+    for box in torch.nonzero(~has_location).flatten().tolist():
+        distance = ((points - centers[box]) ** 2).sum(dim=-1)
+        # Outside the box costs more than any distance inside it; taken locations are not available.
+        distance = distance + torch.where(inside[:, box], 0.0, float(distance.max()) + 1.0)
+        distance = torch.where(matched < 0, distance, torch.full_like(distance, float("inf")))
+        nearest = int(distance.argmin())
+        if torch.isfinite(distance[nearest]):
+            matched[nearest] = box
+
+
+def centerness_targets(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """FCOS centerness of each location in its box; 1 for a fallback location outside its (tiny) box.
+
+    Such a location is the only one its box has, so it is that box's best location: its score must not be
+    suppressed by a centerness of 0. Its regression target stays the box itself: GIoU is defined for a
+    predicted box (which always contains its location) that does not contain the target.
+    """
+    ltrb = torch.cat([points - boxes[:, :2], boxes[:, 2:] - points], dim=-1)
+    inside = ltrb.min(dim=-1).values > 0
+    ltrb = ltrb.clamp(min=1e-6)
+    ratio = (ltrb[:, [0, 2]].min(-1).values / ltrb[:, [0, 2]].max(-1).values) * (
+        ltrb[:, [1, 3]].min(-1).values / ltrb[:, [1, 3]].max(-1).values
+    )
+    return torch.where(inside, torch.sqrt(ratio), torch.ones_like(ratio))
+
+
 def detection_loss(
-    model: Detector, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+    model: Detector,
+    images: torch.Tensor,
+    targets: list[dict[str, torch.Tensor]],
+    taps: OrderedDict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """FCOS loss: sigmoid focal (classes) + GIoU (boxes) + BCE (centerness), per positive location."""
-    cls, reg, ctr, points, strides = model.dense(images)
+    cls, reg, ctr, points, strides = model.dense(images, taps)
     cls_targets = torch.zeros_like(cls)
     box_losses, ctr_losses, num_positive = [], [], 0
     for i, target in enumerate(targets):
@@ -176,11 +205,7 @@ def detection_loss(
         gt = target["boxes"][matched[positive]]
         p = points[positive]
         predicted = torch.cat([p - reg[i, positive, :2], p + reg[i, positive, 2:]], dim=-1)
-        ltrb = torch.cat([p - gt[:, :2], gt[:, 2:] - p], dim=-1)
-        centerness = torch.sqrt(
-            (ltrb[:, [0, 2]].min(-1).values / ltrb[:, [0, 2]].max(-1).values)
-            * (ltrb[:, [1, 3]].min(-1).values / ltrb[:, [1, 3]].max(-1).values)
-        )
+        centerness = centerness_targets(p, gt)
         box_losses.append((generalized_box_iou_loss(predicted, gt, reduction="none") * centerness).sum())
         ctr_losses.append(nn.functional.binary_cross_entropy_with_logits(ctr[i, positive], centerness, reduction="sum"))
     normaliser = max(num_positive, 1)
@@ -193,23 +218,36 @@ def detection_loss(
 
 
 class Classifier(nn.Module):
-    """Multi-label image classifier: backbone -> global average pool -> one logit per disease."""
+    """Multi-label image classifier: backbone -> global average pool -> one logit per disease.
+
+    `features` makes it a head on another model's backbone (the detector's, --shared-backbone): in training the
+    detection loss then teaches the classifier's features where the findings are. An exported classifier
+    always carries its own copy of the backbone.
+    """
 
     def __init__(
         self,
         num_labels: int,
-        backbone: str = "mobilenet_v3_small",
-        pretrained_backbone: Path | None = None,
+        backbone_name: str = "mobilenet_v3_small",
+        pretrained: str | Path | None = None,
         dropout: float = 0.2,
+        features: nn.Sequential | None = None,
     ) -> None:
         super().__init__()
-        self.features = _backbone_features(backbone, pretrained_backbone)
-        channels = _stage_ends(self.features)[len(self.features) - 1][1]
+        self.features = features if features is not None else backbone(backbone_name, pretrained)
+        channels = stage_ends(self.features)[len(self.features) - 1][1]
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, num_labels))
 
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The last feature map (N, C, h, w) that the head pools: class activation maps are read from it."""
+        return self.features(images.expand(-1, 3, -1, -1))
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.features(images.expand(-1, 3, -1, -1))
-        return self.head(nn.functional.adaptive_avg_pool2d(features, 1))
+        return self.logits_from(self.feature_map(images))
+
+    def logits_from(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """Logits from a final feature map computed elsewhere (the detector's, when the backbone is shared)."""
+        return self.head(nn.functional.adaptive_avg_pool2d(feature_map, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Probabilities (N, K)."""

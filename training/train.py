@@ -1,6 +1,11 @@
 """Train the detector and the classifier on a VinDr-PCXR-style dataset.
 
-    python -m training.train --data data/synthetic --out runs/demo --epochs 20
+    python -m training.train --data data/synthetic --out runs/demo --cache data/cache              (cpu-demo preset)
+    python -m training.train --preset gpu --data /data/vindr-pcxr --out runs/gpu --cache /data/cache
+
+Images stream from disk: each DICOM is decoded by DataLoader workers through the service's preprocessing when a
+batch needs it, or read from --cache (built once, with a progress bar), and augmented with its boxes. Host
+memory does not grow with the dataset. A preset (training/presets.py) fills every recipe flag not given.
 
 Writes into RUN_DIR: checkpoint.pt (models, optimizer, scheduler, args, epoch: resumable with
 --resume), log.jsonl (one line per epoch), thresholds.json (per-label operating points chosen on
@@ -12,11 +17,10 @@ Several GPUs: one process per GPU with torchrun (DistributedDataParallel), e.g. 
 
 Each rank runs on cuda:LOCAL_RANK (backend nccl; gloo on CPU; --dist-backend overrides) and trains
 on its own strided shard of every epoch's shuffled order, so the effective batch is --batch-size x
-world size (16 x 4 = 64 above); --lr is not scaled for it, pass the one you want. Every rank
-decodes the whole training split itself: world size x the CPU time and host memory of one process
-(about 1.7 GB per rank for VinDr-PCXR's 7,728 training images at 256 px; --workers is per rank),
-but no transfer between ranks. Rank 0 alone validates and writes the run folder; --resume works the
-same way (every rank loads the checkpoint).
+world size (16 x 4 = 64 above); --lr is not scaled for it, pass the one you want. A DistributedSampler
+gives every rank its own shard, and a rank decodes (or reads from the cache) only the images of its shard;
+--workers is per rank. Rank 0 alone validates and writes the run folder; --resume works the same way
+(every rank loads the checkpoint).
 """
 
 from __future__ import annotations
@@ -35,17 +39,32 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from service.dicom.pipeline import InputSpec
+from service.dicom.pipeline import InputSpec, ModelInputs
 from service.dicom.preprocess import Normalization
 from training import distributed
-from training.data import Record, TensorSet, add_layout_arguments, fusion_from_args, load_tensors, read_split
+from training.architectures import PretrainedWeightsError
+from training.augment import AugmentConfig
+from training.cache import CACHE_DTYPES, PreprocessedCache
+from training.data import Record, add_layout_arguments, fusion_from_args, read_split
+from training.dataset import RadiographDataset, make_loader, shard_sampler
 from training.distributed import DistContext
-from training.engine import Augment, JointModel, cosine_with_warmup, evaluate, steps_per_epoch, train_one_epoch
+from training.engine import JointModel, cosine_with_warmup, evaluate, steps_per_epoch, train_one_epoch
 from training.labels import LABEL_SETS, LabelSet
 from training.metrics import ImageDetections, finding_threshold, youden_threshold
 from training.models import BACKBONES, Classifier, Detector
+from training.presets import add_preset_argument, apply_preset
 
 DEFAULT_NORMALIZATION = Normalization(mean=0.5, std=0.25)
+LOSS_NAMES = ("cls", "box", "ctr", "classifier")
+# What a checkpoint's weights fix: --resume and --init-from take them from the checkpoint, not the command line.
+ARCHITECTURE_ARGS = (
+    "detector_input_size",
+    "classifier_input_size",
+    "detector_backbone",
+    "classifier_backbone",
+    "fpn_channels",
+    "shared_backbone",
+)
 FALLBACK_FINDING_THRESHOLD = 0.5
 
 
@@ -55,20 +74,57 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", type=Path, required=True, help="dataset folder in the VinDr-PCXR layout")
     parser.add_argument("--out", type=Path, required=True, help="run folder (created)")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--input-size", type=int, default=256, help="square model input (pixels)")
-    parser.add_argument("--detector-backbone", choices=BACKBONES, default="mobilenet_v3_small")
-    parser.add_argument("--classifier-backbone", choices=BACKBONES, default="mobilenet_v3_small")
-    parser.add_argument("--fpn-channels", type=int, default=64)
+    add_preset_argument(parser)
+    # Recipe flags: None means "the preset's value" (training/presets.py); given explicitly, they win.
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument(
-        "--pretrained-backbone",
+        "--input-size",
+        type=int,
+        default=None,
+        help="square input of both models (pixels); the two flags below override",
+    )
+    parser.add_argument("--detector-input-size", type=int, default=None, help="the detector's square input (pixels)")
+    parser.add_argument("--classifier-input-size", type=int, default=None, help="the classifier's square input")
+    parser.add_argument("--detector-backbone", choices=BACKBONES, default=None, help="torchvision name")
+    parser.add_argument("--classifier-backbone", choices=BACKBONES, default=None, help="torchvision name")
+    parser.add_argument("--fpn-channels", type=int, default=None, help="feature pyramid width (multiple of 16)")
+    parser.add_argument(
+        "--shared-backbone",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the classifier is a global-pool + linear head on the detector's backbone, trained by both losses "
+        "(one backbone pass per training step; the exported classifier carries its own copy); implies the "
+        "detector's backbone and input size for the classifier",
+    )
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="none|imagenet|FILE",
+        help="backbone start: random weights, torchvision's ImageNet weights (its weights API: downloaded into "
+        "$TORCH_HOME/hub/checkpoints, or read from there offline), or a local state dict of the torchvision model",
+    )
+    parser.add_argument("--detector-pretrained", default=None, help="--pretrained for the detector alone")
+    parser.add_argument("--classifier-pretrained", default=None, help="--pretrained for the classifier alone")
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="scale/shift/rotation and exposure/noise augmentation with the boxes (training/augment.py)",
+    )
+    parser.add_argument(
+        "--hflip", action="store_true", help="also flip horizontally (off by default: laterality is anatomy)"
+    )
+    parser.add_argument(
+        "--cache",
         type=Path,
         default=None,
-        help="local torchvision state_dict for the backbone (nothing is downloaded)",
+        help="folder of preprocessed inputs, built once and reused by later runs (training/cache.py); "
+        "default: decode every image in every epoch",
     )
+    parser.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="float16")
     parser.add_argument(
         "--local-labels",
         nargs="*",
@@ -98,8 +154,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="process-group backend under torchrun (default: nccl on CUDA, gloo on CPU)",
     )
-    parser.add_argument("--workers", type=int, default=2, help="processes decoding DICOMs")
-    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader processes decoding DICOMs (per rank)")
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (CUDA only)"
+    )
     parser.add_argument(
         "--max-steps", type=int, default=None, help="stop each epoch after this many steps (smoke runs)"
     )
@@ -115,17 +173,38 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
-    """Seed the global generators and return the shared one that draws each epoch's batch order.
-
-    The shared generator must be seeded alike on every rank (they shard one permutation); the
-    global ones are offset by the rank so dropout differs between ranks (DDP copies rank 0's
-    initial weights to the others anyway).
-    """
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed the global generators, offset by the rank so dropout differs between ranks (DDP copies rank 0's
+    initial weights to the others anyway). Each epoch's order comes from the sampler (seed + epoch)."""
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)
-    return torch.Generator().manual_seed(seed)
+
+
+def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """--input-size for both models unless each is given, then the preset for everything still unset."""
+    if args.input_size is not None:
+        args.detector_input_size = args.detector_input_size or args.input_size
+        args.classifier_input_size = args.classifier_input_size or args.input_size
+    apply_preset(args)
+    args.detector_pretrained = args.detector_pretrained or args.pretrained
+    args.classifier_pretrained = args.classifier_pretrained or args.pretrained
+    if args.shared_backbone:
+        # The classifier is the detector's backbone plus a head: its architecture and input are the detector's.
+        for name in ("classifier_backbone", "classifier_input_size"):
+            detector_value = getattr(args, name.replace("classifier", "detector"))
+            if name not in args.from_preset and getattr(args, name) != detector_value:
+                flag = "--" + name.replace("_", "-")
+                raise SystemExit(f"error: --shared-backbone uses the detector's backbone and input; drop {flag}")
+            setattr(args, name, detector_value)
+    return args
+
+
+def model_inputs(detector_size: int, classifier_size: int) -> ModelInputs:
+    return ModelInputs(
+        detector=InputSpec(detector_size, DEFAULT_NORMALIZATION),
+        classifier=InputSpec(classifier_size, DEFAULT_NORMALIZATION),
+    )
 
 
 def choose_labels(
@@ -181,7 +260,7 @@ def plot_curves(log: list[dict], path: Path) -> None:
 
     epochs = [entry["epoch"] for entry in log]
     figure, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ("cls", "box", "ctr", "classifier"):
+    for name in LOSS_NAMES:
         losses.plot(epochs, [entry["train"][name] for entry in log], label=name)
     losses.set(title="training losses", xlabel="epoch", ylabel="loss", yscale="log")
     losses.legend()
@@ -196,6 +275,7 @@ def plot_curves(log: list[dict], path: Path) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     """Train in this process; under torchrun every rank runs this, and only rank 0 returns the summary."""
+    resolve_recipe(args)
     context = distributed.context_from_env(os.environ)
     device = resolve_device(args.device, context)
     context = distributed.start(context, device, args.dist_backend)
@@ -228,9 +308,18 @@ class TrainingState:
     log: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class Splits:
+    """The streaming datasets of a run: training on every rank, validation on rank 0 only (None elsewhere)."""
+
+    inputs: ModelInputs
+    train: RadiographDataset
+    val: RadiographDataset | None
+
+
 def train_on_rank(args: argparse.Namespace, context: DistContext, device: torch.device) -> dict:
     """The whole run as seen from one rank (the only rank for a plain single process)."""
-    generator = seed_everything(args.seed, context.rank)
+    seed_everything(args.seed, context.rank)
     args.out.mkdir(parents=True, exist_ok=True)
     start = load_starting_point(args, context)
     records = read_split(args.data, "train", args.layout, fusion_from_args(args))[: args.limit]
@@ -238,46 +327,57 @@ def train_on_rank(args: argparse.Namespace, context: DistContext, device: torch.
     train_records, val_records = split_train_val(records, args.val_fraction, args.seed)
     steps = steps_per_epoch(len(train_records), args.batch_size, context.world_size, args.max_steps)
     announce_plan(context, args, device, len(train_records), len(val_records), local_labels, global_labels, steps)
-    spec = InputSpec(size=args.input_size, normalization=DEFAULT_NORMALIZATION)
-    train_data, val_data = load_splits(train_records, val_records, spec, local_labels, global_labels, args, context)
-    state = new_training_state(args, len(local_labels), len(global_labels), steps * args.epochs, train_data, device)
-    restore(state, start, generator, args, context)
+    splits = make_splits(train_records, val_records, local_labels, global_labels, args, context)
+    state = new_training_state(args, len(local_labels), len(global_labels), steps * args.epochs, splits, device)
+    restore(state, start, args, context)
     # After loading: DDP starts every rank from rank 0's weights. The checkpoint keeps saving the
     # unwrapped detector and classifier, so export, evaluate and --resume read it unchanged.
     joint = JointModel(state.detector, state.classifier, every_parameter_in_graph=context.enabled)
     model = distributed.wrap(joint, context, device)
+    sampler = shard_sampler(splits.train, context.rank, context.world_size, shuffle=True, seed=args.seed)
 
-    normalization = (spec.normalization.mean, spec.normalization.std)
-    val_probabilities = val_detections = None
+    validation = None
     for epoch in range(state.start_epoch, args.epochs):
         started = time.time()
-        train_stats = train_epoch_on_every_rank(
-            model, state, train_data, generator, epoch, normalization, args, context, device
-        )
+        sampler.set_epoch(epoch)  # every rank draws the same permutation and takes its own shard of it
+        # Workers' random streams (augmentation) differ by epoch and rank, and repeat with the seed.
+        seed = args.seed * 1_000_003 + epoch * context.world_size + context.rank
+        loader = make_loader(splits.train, args.batch_size, args.workers, sampler, seed, device.type == "cuda")
+        train_stats = train_epoch_on_every_rank(model, state, loader, splits.inputs, epoch, args, context, device)
         if context.is_main:
-            val_metrics, val_probabilities, val_detections = evaluate(
-                state.detector, state.classifier, val_data, local_labels, global_labels, device
-            )
-            log_epoch(args.out, state, epoch, train_stats, val_metrics, started)
-            save_checkpoint(args, state, generator, epoch, local_labels, global_labels, normalization)
+            validation = validate(state, splits, local_labels, global_labels, args, device)
+            log_epoch(args.out, state, epoch, train_stats, validation[0], started)
+            save_checkpoint(args, state, epoch, local_labels, global_labels, splits.inputs)
         distributed.barrier(context)  # the other ranks wait while rank 0 validates and saves
 
     # Every rank hashes its parameters: identical digests prove DDP kept the replicas in step.
     digests = replica_digests(state, context)
     summary: dict = {}
     if context.is_main:
-        if val_probabilities is None:  # resumed a finished run: recompute validation outputs
-            _, val_probabilities, val_detections = evaluate(
-                state.detector, state.classifier, val_data, local_labels, global_labels, device
-            )
+        if validation is None:  # resumed a finished run: recompute validation outputs
+            validation = validate(state, splits, local_labels, global_labels, args, device)
+        _, val_probabilities, val_targets, val_detections = validation
         write_thresholds(
-            args.out / "thresholds.json", val_data, val_probabilities, val_detections, local_labels, global_labels
+            args.out / "thresholds.json", val_targets, val_probabilities, val_detections, local_labels, global_labels
         )
         summary = write_run_summary(args, context, state.log, steps, digests, len(train_records), len(val_records))
     distributed.barrier(context)
     if len(set(digests)) > 1:
         raise RuntimeError(f"DDP replicas diverged: parameter digests per rank {digests} (see {args.out / 'run.json'})")
     return summary
+
+
+def validate(
+    state: TrainingState,
+    splits: Splits,
+    local_labels: list[str],
+    global_labels: list[str],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> tuple[dict, np.ndarray, np.ndarray, list[ImageDetections]]:
+    """engine.evaluate over the validation split (rank 0), streamed like training but never augmented."""
+    loader = make_loader(splits.val, args.batch_size, args.workers, seed=args.seed)
+    return evaluate(state.detector, state.classifier, loader, splits.inputs, local_labels, global_labels, device)
 
 
 def announce_plan(
@@ -296,6 +396,20 @@ def announce_plan(
         f"{train_images} training / {val_images} validation images; "
         f"{len(local_labels)} local labels, {len(global_labels)} global labels; device {device}",
     )
+    classifier = (
+        "a head on the detector's backbone"
+        if args.shared_backbone
+        else f"{args.classifier_backbone} at {args.classifier_input_size}² (pretrained: {args.classifier_pretrained})"
+    )
+    announce(
+        context,
+        f"recipe {args.preset}: detector {args.detector_backbone} at {args.detector_input_size}² "
+        f"(pretrained: {args.detector_pretrained}), classifier {classifier}; {args.epochs} epochs, batch "
+        f"{args.batch_size}, lr {args.lr:g}; augmentation {'on' if args.augment else 'off'}"
+        f"{' with horizontal flips' if args.augment and args.hflip else ''}; cache {args.cache or 'off'}",
+    )
+    if args.amp and device.type != "cuda":
+        announce(context, f"--amp applies to CUDA only; training in float32 on {device}", file=sys.stderr)
     if context.enabled:
         announce(
             context,
@@ -324,11 +438,11 @@ def load_starting_point(args: argparse.Namespace, context: DistContext) -> Start
     )
     if checkpoint is not None:
         # The run's own settings win over the command line for everything that shapes the models.
-        for key in ("input_size", "detector_backbone", "classifier_backbone", "fpn_channels", "seed", "val_fraction"):
+        for key in (*ARCHITECTURE_ARGS, "seed", "val_fraction"):
             setattr(args, key, checkpoint["args"][key])
     elif initial is not None:
         # The weights dictate the architecture; seed and split stay this run's own.
-        for key in ("input_size", "detector_backbone", "classifier_backbone", "fpn_channels"):
+        for key in ARCHITECTURE_ARGS:
             setattr(args, key, initial["args"][key])
     return StartingPoint(checkpoint, initial)
 
@@ -350,26 +464,30 @@ def labels_to_train(
     return local_labels, global_labels
 
 
-def load_splits(
+def make_splits(
     train_records: list[Record],
     val_records: list[Record],
-    spec: InputSpec,
     local_labels: list[str],
     global_labels: list[str],
     args: argparse.Namespace,
     context: DistContext,
-) -> tuple[TensorSet, TensorSet | None]:
-    """The preprocessed training split, and the validation split on rank 0 (None on the other ranks)."""
-    # Simple over clever: each rank decodes the whole training split (its shard changes every
-    # epoch); only rank 0 validates, so only it decodes the validation split.
-    with distributed.quiet_unless_main(context):
-        train_data = load_tensors(train_records, spec, local_labels, global_labels, args.workers, "preprocess train")
-    val_data = (
-        load_tensors(val_records, spec, local_labels, global_labels, args.workers, "preprocess val")
-        if context.is_main
-        else None
-    )
-    return train_data, val_data
+) -> Splits:
+    """The streaming datasets; with --cache, missing entries are built first (each rank builds a share of them)."""
+    inputs = model_inputs(args.detector_input_size, args.classifier_input_size)
+    cache = PreprocessedCache(args.cache, args.cache_dtype) if args.cache else None
+    if cache is not None:
+        # Rank r builds every world_size-th image (rank 0 also the validation split), then all read any of them.
+        items = [(r.image_id, r.path) for r in train_records[context.rank :: context.world_size]]
+        if context.is_main:
+            items += [(r.image_id, r.path) for r in val_records]
+        with distributed.quiet_unless_main(context):
+            built = cache.build(inputs.specs, items, max(args.workers, 1), "cache")
+        announce(context, f"cache {args.cache}: {built} images preprocessed now, {len(items) - built} reused")
+        distributed.barrier(context)
+    augment = AugmentConfig(horizontal_flip=args.hflip) if args.augment else None
+    train = RadiographDataset(train_records, inputs, local_labels, global_labels, cache, augment)
+    val = RadiographDataset(val_records, inputs, local_labels, global_labels, cache) if context.is_main else None
+    return Splits(inputs, train, val)
 
 
 def new_training_state(
@@ -377,32 +495,35 @@ def new_training_state(
     local_count: int,
     global_count: int,
     total_steps: int,
-    train_data: TensorSet,
+    splits: Splits,
     device: torch.device,
 ) -> TrainingState:
     """Freshly initialised models (from the global seed), AdamW, the warm-up + cosine schedule, loss weights."""
-    detector = Detector(local_count, args.detector_backbone, args.fpn_channels, args.pretrained_backbone).to(device)
-    classifier = Classifier(global_count, args.classifier_backbone, args.pretrained_backbone).to(device)
-    optimizer = torch.optim.AdamW(
-        list(detector.parameters()) + list(classifier.parameters()), lr=args.lr, weight_decay=args.weight_decay
-    )
+    try:
+        detector = Detector(local_count, args.detector_backbone, args.fpn_channels, args.detector_pretrained)
+        if args.shared_backbone:
+            if not detector.whole_backbone:
+                raise SystemExit(f"error: {args.detector_backbone} has blocks after stride 32; it cannot be shared")
+            classifier = Classifier(global_count, args.detector_backbone, features=detector.features)
+        else:
+            classifier = Classifier(global_count, args.classifier_backbone, args.classifier_pretrained)
+    except PretrainedWeightsError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    detector, classifier = detector.to(device), classifier.to(device)
+    # Each parameter once, also when the backbone is shared (AdamW must not step it twice).
+    parameters = list({id(p): p for p in [*detector.parameters(), *classifier.parameters()]}.values())
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, min(200, total_steps // 10 + 1))
     )
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
     # Rare diseases get a larger positive weight (capped) so the classifier does not ignore them.
-    prevalence = train_data.image_labels.mean(axis=0).clip(1e-3, 1.0)
+    prevalence = splits.train.image_labels.mean(axis=0).clip(1e-3, 1.0)
     pos_weight = torch.from_numpy(((1 - prevalence) / prevalence).clip(1.0, 10.0)).float().to(device)
     return TrainingState(detector, classifier, optimizer, scheduler, scaler, pos_weight)
 
 
-def restore(
-    state: TrainingState,
-    start: StartingPoint,
-    generator: torch.Generator,
-    args: argparse.Namespace,
-    context: DistContext,
-) -> None:
+def restore(state: TrainingState, start: StartingPoint, args: argparse.Namespace, context: DistContext) -> None:
     """Load the starting point: --init-from's weights, or everything of --resume's checkpoint."""
     if start.initial is not None:
         state.detector.load_state_dict(start.initial["detector"])
@@ -414,7 +535,6 @@ def restore(
         state.classifier.load_state_dict(checkpoint["classifier"])
         state.optimizer.load_state_dict(checkpoint["optimizer"])
         state.scheduler.load_state_dict(checkpoint["scheduler"])
-        generator.set_state(checkpoint["generator"])
         state.start_epoch, state.log = checkpoint["epoch"] + 1, checkpoint["log"]
         announce(context, f"resumed from {args.out / 'checkpoint.pt'} at epoch {state.start_epoch}")
 
@@ -422,10 +542,9 @@ def restore(
 def train_epoch_on_every_rank(
     model: torch.nn.Module,
     state: TrainingState,
-    train_data: TensorSet,
-    generator: torch.Generator,
+    loader: torch.utils.data.DataLoader,
+    inputs: ModelInputs,
     epoch: int,
-    normalization: tuple[float, float],
     args: argparse.Namespace,
     context: DistContext,
     device: torch.device,
@@ -433,24 +552,20 @@ def train_epoch_on_every_rank(
     """One epoch on this rank's shard; the losses come back averaged over the ranks."""
     train_stats = train_one_epoch(
         model,
-        train_data,
+        loader,
+        inputs,
         state.optimizer,
         state.scheduler,
         state.pos_weight,
-        Augment(),
-        generator,
-        args.batch_size,
         device,
         epoch,
-        normalization,
         args.max_steps,
         state.scaler,
-        rank=context.rank,
-        world_size=context.world_size,
         show_progress=context.is_main,
     )
-    losses = distributed.mean_across_ranks({k: v for k, v in train_stats.items() if k != "steps"}, context, device)
-    return losses | {"steps": train_stats["steps"]}
+    counters = ("steps", "images", "seconds", "images_per_s")  # this rank's own
+    losses = {k: v for k, v in train_stats.items() if k not in counters}
+    return distributed.mean_across_ranks(losses, context, device) | {k: train_stats[k] for k in counters}
 
 
 def log_epoch(
@@ -467,8 +582,9 @@ def log_epoch(
     state.log.append(entry)
     with (out / "log.jsonl").open("a") as handle:
         handle.write(json.dumps(entry) + "\n")
+    loss = sum(v for k, v in train_stats.items() if k in LOSS_NAMES)
     print(
-        f"epoch {epoch}: loss {sum(v for k, v in train_stats.items() if k != 'steps'):.3f}  "
+        f"epoch {epoch}: loss {loss:.3f}  "
         f"val mAP@0.4 {val_metrics['map40'] or 0:.3f}  val mean AUROC {val_metrics['mean_auroc'] or 0:.3f}  "
         f"({entry['seconds']} s)"
     )
@@ -477,11 +593,10 @@ def log_epoch(
 def save_checkpoint(
     args: argparse.Namespace,
     state: TrainingState,
-    generator: torch.Generator,
     epoch: int,
     local_labels: list[str],
     global_labels: list[str],
-    normalization: tuple[float, float],
+    inputs: ModelInputs,
 ) -> None:
     """checkpoint.pt: the unwrapped models, the optimisation state and everything export and --resume read."""
     torch.save(
@@ -490,20 +605,21 @@ def save_checkpoint(
             "classifier": state.classifier.state_dict(),
             "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(),
-            "generator": generator.get_state(),
             "args": vars(args)
             | {
                 "data": str(args.data),
                 "out": str(args.out),
-                "pretrained_backbone": str(args.pretrained_backbone),
+                "cache": str(args.cache) if args.cache else None,
                 "init_from": str(args.init_from) if args.init_from else None,
             },
             "epoch": epoch,
             "log": state.log,
             "local_labels": local_labels,
             "global_labels": global_labels,
-            "input_size": args.input_size,
-            "normalization": normalization,
+            "inputs": {
+                model: {"size": spec.size, "normalization": [spec.normalization.mean, spec.normalization.std]}
+                for model, spec in (("detector", inputs.detector), ("classifier", inputs.classifier))
+            },
         },
         args.out / "checkpoint.pt",
     )
@@ -550,7 +666,7 @@ def write_run_summary(
 
 def write_thresholds(
     path: Path,
-    val_data: TensorSet,
+    val_targets: np.ndarray,
     val_probabilities: np.ndarray,
     val_detections: list[ImageDetections],
     local_labels: list[str],
@@ -558,8 +674,7 @@ def write_thresholds(
 ) -> None:
     """Per-label operating points chosen on the validation split (never on test)."""
     thresholds = {
-        name: youden_threshold(val_data.image_labels[:, k], val_probabilities[:, k])
-        for k, name in enumerate(global_labels)
+        name: youden_threshold(val_targets[:, k], val_probabilities[:, k]) for k, name in enumerate(global_labels)
     }
     # A label the validation split cannot pick an operating point for reports only confident boxes.
     finding_thresholds = {
@@ -570,7 +685,7 @@ def write_thresholds(
             {
                 "method": "diseases: Youden's J; findings: best F1 of boxes at IoU 0.4 "
                 f"({FALLBACK_FINDING_THRESHOLD} where undefined); both on the validation split",
-                "validation_images": len(val_data.image_ids),
+                "validation_images": len(val_targets),
                 "thresholds": thresholds,
                 "finding_thresholds": finding_thresholds,
             },

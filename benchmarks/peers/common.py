@@ -38,7 +38,7 @@ def load_models(settings: Settings) -> tuple[ModelPack, OnnxModels]:
 
 def prepare_body(body: bytes, pack: ModelPack, settings: Settings) -> PreparedImage:
     """`service.dicom.pipeline.prepare` with the service's arguments: parse, check, decode, preprocess."""
-    return prepare(body, pack.input_spec, settings.decode_limits, settings.image_id_hash)
+    return prepare(body, pack.input_specs, settings.decode_limits, settings.image_id_hash)
 
 
 def prediction_json(

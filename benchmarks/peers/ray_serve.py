@@ -66,10 +66,10 @@ class Model:
 
     # The decorator's values are replaced in __init__ by the ones passed on the command line.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=1)
-    async def infer(self, images: list[np.ndarray]) -> list[tuple[tuple[np.ndarray, ...], float, int]]:
+    async def infer(self, images: list[tuple[np.ndarray, ...]]) -> list[tuple[tuple[np.ndarray, ...], float, int]]:
         started = time.perf_counter()
         # In a thread, like the service's batcher: the replica's event loop keeps gathering the next batch.
-        outputs = await asyncio.to_thread(self.sessions.run, np.stack(images))
+        outputs = await asyncio.to_thread(self.sessions.run, *(np.stack(position) for position in zip(*images)))
         inference_ms = (time.perf_counter() - started) * 1e3
         return [(tuple(output[index] for output in outputs), inference_ms, len(images)) for index in range(len(images))]
 
@@ -92,7 +92,7 @@ class Ingress:
         body = await request.body()
         prepared = await self.decoder.prepare.remote(body)
         queued = time.perf_counter()
-        outputs, inference_ms, _ = await self.model.infer.remote(prepared.input)
+        outputs, inference_ms, _ = await self.model.infer.remote(prepared.inputs)
         timing = {"queue": (time.perf_counter() - queued) * 1e3 - inference_ms, "inference": inference_ms}
         prediction = prediction_json(prepared, outputs, self.pack, self.settings, uuid.uuid4().hex, timing)
         prediction["timing_ms"]["total"] = round((time.perf_counter() - started) * 1e3, 2)

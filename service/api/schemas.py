@@ -149,7 +149,10 @@ class ModelsResponse(BaseModel):
     pack: str
     version: str
     intended_use: str
-    input_size: int
+    input_sizes: dict[str, int] = Field(
+        description="model -> its square input size in pixels (the detector's and the classifier's may differ)",
+        examples=[{"detector": 1024, "classifier": 512}],
+    )
     detector_labels: list[str]
     detector_thresholds: dict[str, float] = Field(
         description="per-label score at which a finding is reported (the pack's operating points, chosen on "

@@ -14,7 +14,7 @@ import logging
 import multiprocessing
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -131,17 +131,23 @@ class DecodePool:
         broken.shutdown(wait=False, cancel_futures=True)
 
     async def prepare(
-        self, body: bytes, spec: InputSpec, limits: DecodeLimits, id_algorithm: str, keep_display: bool = False
+        self,
+        body: bytes,
+        specs: Sequence[InputSpec],
+        limits: DecodeLimits,
+        id_algorithm: str,
+        keep_display: bool = False,
     ) -> PreparedImage:
+        """The prepared image with one input per spec (service/dicom/pipeline.prepare), off the event loop."""
         if self._waiting >= self.max_waiting:
             raise Overloaded("Too many images are waiting to be decoded; retry shortly.", headers={"Retry-After": "1"})
         self._waiting += 1
         try:
             if self.route(body) == "thread":
                 async with self._thread_slots:
-                    return await self._run_in_thread(body, spec, limits, id_algorithm, keep_display)
+                    return await self._run_in_thread(body, specs, limits, id_algorithm, keep_display)
             async with self._slots:
-                return await self._run(body, spec, limits, id_algorithm, keep_display, retry=True)
+                return await self._run(body, specs, limits, id_algorithm, keep_display, retry=True)
         finally:
             self._waiting -= 1
 
@@ -151,9 +157,9 @@ class DecodePool:
             return "thread"
         return "process"
 
-    async def _run_in_thread(self, body, spec, limits, id_algorithm, keep_display) -> PreparedImage:
+    async def _run_in_thread(self, body, specs, limits, id_algorithm, keep_display) -> PreparedImage:
         future = asyncio.get_running_loop().run_in_executor(
-            self._threads, prepare, body, spec, limits, id_algorithm, keep_display
+            self._threads, prepare, body, specs, limits, id_algorithm, keep_display
         )
         try:
             return await asyncio.wait_for(future, self.timeout_s)
@@ -162,12 +168,12 @@ class DecodePool:
             log.warning("uncompressed decode exceeded %.1f s", self.timeout_s)
             raise DecodeTimeout(f"Decoding the image took longer than {self.timeout_s:g} s and was stopped.") from None
 
-    async def _run(self, body, spec, limits, id_algorithm, keep_display, retry: bool) -> PreparedImage:
+    async def _run(self, body, specs, limits, id_algorithm, keep_display, retry: bool) -> PreparedImage:
         executor = self._executor
         loop = asyncio.get_running_loop()
         try:
             # Inside the try: a pool whose worker died refuses new work right at submission.
-            future = loop.run_in_executor(executor, prepare, body, spec, limits, id_algorithm, keep_display)
+            future = loop.run_in_executor(executor, prepare, body, specs, limits, id_algorithm, keep_display)
             return await asyncio.wait_for(future, self.timeout_s)
         except TimeoutError:
             log.warning("decode exceeded %.1f s; replacing the decode workers", self.timeout_s)
@@ -178,7 +184,7 @@ class DecodePool:
             self._replace_executor(executor)
             if not retry:
                 raise
-            return await self._run(body, spec, limits, id_algorithm, keep_display, retry=False)
+            return await self._run(body, specs, limits, id_algorithm, keep_display, retry=False)
 
     def close(self, grace_s: float = 2.0) -> None:
         """Stop the workers, and make sure they are gone: the caller may exit right after.

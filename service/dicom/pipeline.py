@@ -1,9 +1,15 @@
-"""DICOM bytes -> model input: the CPU half of a prediction, shared with training's evaluation."""
+"""DICOM bytes -> model inputs: the CPU half of a prediction, shared with training and its evaluation.
+
+A pack's detector and classifier may take different input sizes (say 1024 and 512): `prepare` decodes and
+windows the image once, letterboxes it once per distinct size and normalises it once per input spec, so
+each model gets exactly the tensor it was trained on.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,8 +22,8 @@ from service.dicom.preprocess import (
     PixelParams,
     apply_modality_lut,
     display_image,
+    letterbox,
     modality_range,
-    model_input,
 )
 from service.errors import UnusableImage
 from service.settings import DecodeLimits
@@ -25,22 +31,74 @@ from service.settings import DecodeLimits
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What a model pack expects: square input size and intensity normalisation."""
+    """What a model expects: square input size and intensity normalisation."""
 
     size: int
     normalization: Normalization
 
 
+@dataclass(frozen=True)
+class ModelInputs:
+    """The input specs of a pack's two models. Equal specs are one input: prepared and shipped once per image."""
+
+    detector: InputSpec
+    classifier: InputSpec
+
+    @property
+    def specs(self) -> tuple[InputSpec, ...]:
+        """The distinct specs, the detector's first: what `prepare` is asked for, in this order."""
+        return tuple(dict.fromkeys((self.detector, self.classifier)))
+
+    def spec(self, model: str) -> InputSpec:
+        """The spec of "detector" or "classifier"."""
+        if model not in ("detector", "classifier"):
+            raise ValueError(f"no model {model!r}; expected 'detector' or 'classifier'")
+        return getattr(self, model)
+
+    def index(self, model: str) -> int:
+        """Which of `specs` (and of a PreparedImage's inputs) the model reads."""
+        return self.specs.index(self.spec(model))
+
+
 @dataclass
 class PreparedImage:
-    input: np.ndarray  # 1 x size x size float32
-    geometry: Letterbox
+    inputs: tuple[np.ndarray, ...]  # one 1 x size x size float32 tensor per input spec asked for, in that order
+    geometries: tuple[Letterbox, ...]  # the letterbox of each of those inputs (boxes travel back through it)
     instance: dict
     header: Dataset  # the source dataset without its pixel data (for the gate, SR and GSPS references)
     timing_ms: dict[str, float] = field(default_factory=dict)
     display: np.ndarray | None = None  # [0, 1] image at original size, kept only when asked (PNG output)
     # The modality values scaled to [0, 1] when the image has no VOI LUT or window of its own (the GSPS shows it so).
     display_range: tuple[float, float] | None = None
+
+    @property
+    def input(self) -> np.ndarray:
+        """The first input (for a single spec, the only one)."""
+        return self.inputs[0]
+
+    @property
+    def geometry(self) -> Letterbox:
+        """The first input's letterbox (packs list the detector's input first)."""
+        return self.geometries[0]
+
+
+def as_specs(specs: InputSpec | Sequence[InputSpec]) -> tuple[InputSpec, ...]:
+    return (specs,) if isinstance(specs, InputSpec) else tuple(specs)
+
+
+def model_inputs(
+    display: np.ndarray, specs: Sequence[InputSpec]
+) -> tuple[tuple[np.ndarray, ...], tuple[Letterbox, ...]]:
+    """Display image -> one normalised 1 x S x S tensor per spec: one letterbox per distinct size, shared."""
+    canvases: dict[int, tuple[np.ndarray, Letterbox]] = {}
+    inputs, geometries = [], []
+    for spec in specs:
+        if spec.size not in canvases:
+            canvases[spec.size] = letterbox(display, spec.size)
+        canvas, geometry = canvases[spec.size]
+        inputs.append(spec.normalization.apply(canvas)[np.newaxis])
+        geometries.append(geometry)
+    return tuple(inputs), tuple(geometries)
 
 
 def image_id(sop_instance_uid: str, algorithm: str = "md5") -> str:
@@ -67,12 +125,12 @@ def instance_summary(ds, rows: int, columns: int, id_algorithm: str) -> dict:
 
 def prepare(
     body: bytes,
-    spec: InputSpec,
+    specs: InputSpec | Sequence[InputSpec],
     limits: DecodeLimits = DecodeLimits(),
     id_algorithm: str = "md5",
     keep_display: bool = False,
 ) -> PreparedImage:
-    """Parse, check, decode and preprocess one DICOM instance."""
+    """Parse, check, decode and preprocess one DICOM instance into the input of each spec."""
     started = time.perf_counter()
     ds = read_dataset(body, limits)
     check_image_header(ds, limits)
@@ -97,11 +155,11 @@ def prepare(
     if not np.isfinite(display).all():
         # The same for window values beyond float32 (WindowCenter and WindowWidth 1e39): NaN pixels.
         raise UnusableImage("The VOI window values turn the pixels into non-finite numbers.")
-    tensor, geometry = model_input(display, spec.size, spec.normalization)
+    inputs, geometries = model_inputs(display, as_specs(specs))
     done = time.perf_counter()
     return PreparedImage(
-        input=tensor,
-        geometry=geometry,
+        inputs=inputs,
+        geometries=geometries,
         instance=instance_summary(ds, pixels.shape[0], pixels.shape[1], id_algorithm),
         header=ds,
         timing_ms={"decode": (decoded - started) * 1e3, "preprocess": (done - decoded) * 1e3},

@@ -1,8 +1,9 @@
 """Dynamic batching across concurrent requests.
 
-Requests put one preprocessed image each on a bounded queue; a single worker takes up to
-`max_batch_size` of them (waiting at most `max_delay` for the batch to fill), runs both models on
-the stacked batch in a dedicated thread, and hands each request its own slice. One inference at a
+Requests put one preprocessed image each on a bounded queue (one tensor per input size of the pack: the
+detector and the classifier may take different sizes); a single worker takes up to `max_batch_size` of
+them (waiting at most `max_delay` for the batch to fill), runs both models on the stacked batches in a
+dedicated thread, and hands each request its own slice. One inference at a
 time keeps the GPU's work ordered while the next batch gathers on the event loop.
 
 The infer function may also be a coroutine function (models on a remote server, service/inference/kserve.py):
@@ -23,8 +24,9 @@ import numpy as np
 
 from service.errors import NotReady, Overloaded
 
-InferFn = Callable[[np.ndarray], tuple[np.ndarray, ...]]
-AsyncInferFn = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, ...]]]
+# Called with one stacked (N, 1, S, S) batch per input of the pack, in the pack's input order.
+InferFn = Callable[..., tuple[np.ndarray, ...]]
+AsyncInferFn = Callable[..., Awaitable[tuple[np.ndarray, ...]]]
 
 
 async def cancel_and_wait(task: asyncio.Task | None) -> None:
@@ -46,7 +48,7 @@ class BatchResult:
 
 @dataclass
 class _Pending:
-    image: np.ndarray
+    inputs: tuple[np.ndarray, ...]
     future: asyncio.Future
     enqueued: float
 
@@ -76,10 +78,12 @@ class Batcher:
             self._queue.get_nowait().future.set_exception(NotReady("The service is shutting down."))
         self._executor.shutdown(wait=True)
 
-    async def submit(self, image: np.ndarray) -> BatchResult:
+    async def submit(self, inputs: np.ndarray | tuple[np.ndarray, ...]) -> BatchResult:
+        """Queue one image (a tensor, or one tensor per input of the pack) and wait for its outputs."""
         if self._worker is None or self._worker.done():
             raise NotReady("The inference worker is not running.", headers={"Retry-After": "5"})
-        pending = _Pending(image, asyncio.get_running_loop().create_future(), time.perf_counter())
+        inputs = (inputs,) if isinstance(inputs, np.ndarray) else tuple(inputs)
+        pending = _Pending(inputs, asyncio.get_running_loop().create_future(), time.perf_counter())
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
@@ -112,11 +116,11 @@ class Batcher:
             batch = await self._next_batch()
             started = time.perf_counter()
             try:
-                images = np.stack([p.image for p in batch])
+                batches = [np.stack(images) for images in zip(*(p.inputs for p in batch))]
                 if self._infer_is_async:
-                    outputs = await self._infer(images)
+                    outputs = await self._infer(*batches)
                 else:
-                    outputs = await loop.run_in_executor(self._executor, self._infer, images)
+                    outputs = await loop.run_in_executor(self._executor, self._infer, *batches)
             except Exception as exc:  # only this batch's requests fail; the worker keeps serving
                 for pending in batch:
                     if not pending.future.done():

@@ -152,7 +152,8 @@ class RemoteBatcher:
         await cancel_and_wait(self._task)
         self._fail_pending(NotReady("The service is shutting down."))
 
-    async def submit(self, image: np.ndarray) -> BatchResult:
+    async def submit(self, inputs: np.ndarray | tuple[np.ndarray, ...]) -> BatchResult:
+        """As Batcher.submit: one image (one tensor per input of the pack) to the server, its outputs back."""
         writer = self._writer
         if writer is None:
             raise NotReady(f"The inference server is not available ({self._reason}).", headers={"Retry-After": "5"})
@@ -161,7 +162,8 @@ class RemoteBatcher:
         self._pending[request_id] = (future, time.perf_counter())
         try:
             try:
-                await self._send(writer, encode_frame({"op": "infer", "id": request_id}, [image]))
+                arrays = [inputs] if isinstance(inputs, np.ndarray) else list(inputs)
+                await self._send(writer, encode_frame({"op": "infer", "id": request_id}, arrays))
             except ConnectionError:
                 if future.done():
                     future.exception()  # already failed by the disconnect: this NotReady replaces it

@@ -2,7 +2,7 @@
 
 With CXR_INFERENCE_URL=grpc://host:8001 (or http://host:8000) the service still verifies its model pack,
 decodes, preprocesses, batches across requests and postprocesses exactly as in-process; only the models' run
-moves: `KServeModels.run(images)` sends each batch the local `Batcher` forms to the server's detector and
+moves: `KServeModels.run(*inputs)` sends each batch the local `Batcher` forms to the server's detector and
 classifier (tritonclient's asyncio gRPC or HTTP client) and returns the same arrays `OnnxModels.run` would.
 
 Readiness follows the remote models: a watcher checks that both are ready there and that they are this pack's
@@ -27,7 +27,14 @@ import numpy as np
 
 from service.errors import InferenceUnavailable
 from service.inference.batcher import Batcher, cancel_and_wait
-from service.inference.modelpack import CLASSIFIER_OUTPUTS, DETECTOR_OUTPUTS, INPUT_NAME, MODELS, ModelPack
+from service.inference.modelpack import (
+    CLASSIFIER_OUTPUTS,
+    DETECTOR_OUTPUTS,
+    INPUT_NAME,
+    MODELS,
+    ModelPack,
+    model_batches,
+)
 from service.inference.state import ServingState, new_decode_pool, state_with_verified_pack
 from service.inference.triton.repository import PACK_PARAMETER, SHA256_PARAMETER
 from service.metrics import ServiceMetrics
@@ -266,9 +273,9 @@ class KServeModels:
     _recheck: asyncio.Event = field(default_factory=asyncio.Event)
     _reason: str = "inference_server_connecting"
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        size = self.pack.input_spec.size
+    def input_shape(self, model: str) -> tuple[int, ...]:
+        """One image of `model`'s batch: the model's own input size (the detector's and classifier's may differ)."""
+        size = self.pack.model_inputs.spec(model).size
         return (1, size, size)
 
     @property
@@ -295,14 +302,17 @@ class KServeModels:
         if self._transport is not None:
             await self._transport.close()
 
-    async def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        """images (N, 1, S, S) float32 -> the outputs of OnnxModels.run, from the server (both models at once)."""
+    async def run(self, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+        """One (N, 1, S, S) float32 batch per pack input -> the outputs of OnnxModels.run, from the server (both
+        models at once)."""
         if self._transport is None or self._reason:
             raise InferenceUnavailable(
                 f"The inference server is not available ({self._reason}).", headers={"Retry-After": RETRY_AFTER_S}
             )
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        results = await asyncio.gather(*(self._infer(model, images) for model in MODELS))
+        batches = dict(zip(MODELS, model_batches(self.pack, inputs)))
+        results = await asyncio.gather(
+            *(self._infer(model, np.ascontiguousarray(batches[model], dtype=np.float32)) for model in MODELS)
+        )
         return tuple(array for arrays in results for array in arrays)
 
     async def _infer(self, model: str, images: np.ndarray) -> list[np.ndarray]:
@@ -347,7 +357,7 @@ class KServeModels:
                         )
                     problem = config_problem(model, config, self.pack, self.settings.max_batch_size)
                 metadata = await self._transport.model_metadata(model)
-                problem = problem or metadata_problem(model, metadata, self.input_shape, OUTPUTS[model])
+                problem = problem or metadata_problem(model, metadata, self.input_shape(model), OUTPUTS[model])
                 if problem is not None:
                     return "inference_server_mismatch", f"the server at {self.url} is not serving this pack: {problem}"
                 served[model] = {

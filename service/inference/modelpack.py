@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.dicom.intended_use import IntendedPopulation
-from service.dicom.pipeline import InputSpec
+from service.dicom.pipeline import InputSpec, ModelInputs
 from service.dicom.preprocess import Normalization
 from service.inference import runtime
 from service.inference.postprocess import DetectionParams
@@ -64,9 +64,27 @@ class ModelPack:
     # computed on first use, not again for every image.
 
     @cached_property
-    def input_spec(self) -> InputSpec:
-        spec = self.manifest["input"]
-        return InputSpec(size=int(spec["size"]), normalization=Normalization(**spec["normalization"]))
+    def model_inputs(self) -> ModelInputs:
+        """Each model's input spec: its own manifest "input" entry, else the pack-level one (packs exported before
+        the models could differ in size)."""
+
+        def spec(model: str) -> InputSpec:
+            entry = self.manifest[model].get("input") or self.manifest["input"]
+            return InputSpec(size=int(entry["size"]), normalization=Normalization(**entry["normalization"]))
+
+        return ModelInputs(detector=spec("detector"), classifier=spec("classifier"))
+
+    @property
+    def input_specs(self) -> tuple[InputSpec, ...]:
+        """The distinct input specs, the detector's first: what `prepare` makes of every image, and what `run` takes.
+
+        Equal specs are one input, so a pack whose models share a size letterboxes and ships each image once.
+        """
+        return self.model_inputs.specs
+
+    def input_index(self, model: str) -> int:
+        """Which of `input_specs` the model reads."""
+        return self.model_inputs.index(model)
 
     @cached_property
     def local_labels(self) -> list[str]:
@@ -218,7 +236,7 @@ class OnnxModels:
         for model in MODELS:
             sha256 = pack.model_sha256(model, precision)
             per_provider = runtime.provider_options(
-                providers, settings, precision, INPUT_NAME, pack.input_spec.size, sha256
+                providers, settings, precision, INPUT_NAME, pack.model_inputs.spec(model).size, sha256
             )
             if runtime.TENSORRT in providers and settings.trt_engine_cache:
                 runtime.tensorrt_cache_dir(settings.trt_engine_cache_dir, sha256).mkdir(parents=True, exist_ok=True)
@@ -231,28 +249,49 @@ class OnnxModels:
                 )
             )
         self.detector, self.classifier = sessions
+        self.pack = pack
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """images (N, 1, S, S) float32 -> boxes (N, L, 4), scores (N, L, C), probabilities (N, K)."""
+    def run(self, *inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One (N, 1, S, S) float32 batch per input spec of the pack -> boxes (N, L, 4), scores (N, L, C) and
+        probabilities (N, K)."""
+        detector_images, classifier_images = model_batches(self.pack, inputs)
         if self._io_device is not None:
-            return self.run_bound(images, *self._io_device)
-        boxes, scores = self.detector.run(list(DETECTOR_OUTPUTS), {INPUT_NAME: images})
-        (probabilities,) = self.classifier.run(list(CLASSIFIER_OUTPUTS), {INPUT_NAME: images})
+            return self.run_bound(detector_images, classifier_images, *self._io_device)
+        boxes, scores = self.detector.run(list(DETECTOR_OUTPUTS), {INPUT_NAME: detector_images})
+        (probabilities,) = self.classifier.run(list(CLASSIFIER_OUTPUTS), {INPUT_NAME: classifier_images})
         return boxes, scores, probabilities
 
     def run_bound(
-        self, images: np.ndarray, device: str, device_id: int = 0
+        self, detector_images: np.ndarray, classifier_images: np.ndarray, device: str, device_id: int = 0
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`run` through IO binding: the batch is copied to `device` once and both models read it there;
-        outputs are bound to host memory, where postprocessing needs them."""
-        batch = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images, dtype=np.float32), device, device_id)
+        """`run` through IO binding: each distinct batch is copied to `device` once (both models read it there
+        when they share an input); outputs are bound to host memory, where postprocessing needs them."""
+        on_device: dict[int, ort.OrtValue] = {}
+
+        def bound(images: np.ndarray) -> ort.OrtValue:
+            if id(images) not in on_device:
+                array = np.ascontiguousarray(images, dtype=np.float32)
+                on_device[id(images)] = ort.OrtValue.ortvalue_from_numpy(array, device, device_id)
+            return on_device[id(images)]
+
         outputs: list[np.ndarray] = []
-        for session, names in ((self.detector, DETECTOR_OUTPUTS), (self.classifier, CLASSIFIER_OUTPUTS)):
+        for session, images, names in (
+            (self.detector, detector_images, DETECTOR_OUTPUTS),
+            (self.classifier, classifier_images, CLASSIFIER_OUTPUTS),
+        ):
             binding = session.io_binding()
-            binding.bind_ortvalue_input(INPUT_NAME, batch)
+            binding.bind_ortvalue_input(INPUT_NAME, bound(images))
             for name in names:
                 binding.bind_output(name, "cpu")
             session.run_with_iobinding(binding)
             outputs += binding.copy_outputs_to_cpu()
         boxes, scores, probabilities = outputs
         return boxes, scores, probabilities
+
+
+def model_batches(pack: ModelPack, inputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(detector batch, classifier batch) from one batch per input spec of the pack (the same array when shared)."""
+    if len(inputs) != len(pack.input_specs):
+        sizes = [spec.size for spec in pack.input_specs]
+        raise ValueError(f"pack {pack.name} takes {len(sizes)} input batch(es) (sizes {sizes}), got {len(inputs)}")
+    return inputs[pack.input_index("detector")], inputs[pack.input_index("classifier")]

@@ -46,7 +46,7 @@ async def predict_instance(
     started = time.perf_counter()
     pack = state.pack
     prepared = await state.decoder.prepare(
-        body, pack.input_spec, settings.decode_limits, settings.image_id_hash, keep_display
+        body, pack.input_specs, settings.decode_limits, settings.image_id_hash, keep_display
     )
     # Only the hashed SOP Instance UID (the VinDr image_id) identifies the image in the log.
     log.info(
@@ -59,7 +59,7 @@ async def predict_instance(
     warnings = out_of_distribution_reasons(prepared.header, pack.intended_population)
     if warnings and settings.strict_intended_use:
         raise OutOfDistribution("The image is outside the model's intended use: " + " ".join(warnings))
-    result = await state.batcher.submit(prepared.input)
+    result = await state.batcher.submit(prepared.inputs)
     prediction = prediction_body(
         prepared,
         result.outputs,
@@ -94,7 +94,7 @@ def prediction_body(
     detections = select_detections(
         boxes, scores, pack.detection_params, pack.finding_thresholds(settings.finding_score_floor)
     )
-    detections = to_original_space(detections, prepared.geometry)
+    detections = to_original_space(detections, prepared.geometries[pack.input_index("detector")])
     timing = prepared.timing_ms | timing_ms | {"postprocess": (time.perf_counter() - postprocess_started) * 1e3}
     return {
         "request_id": request_id,

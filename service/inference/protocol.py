@@ -9,10 +9,11 @@ each array's bytes are C-ordered and little-endian. Nothing is ever unpickled: a
 numbers of an allowed dtype, and both lengths are bounded before anything is read.
 
 Requests: {"op": "hello"} (readiness and the pack being served) and {"op": "infer", "id": n} with one
-1 x S x S float32 image. Answers to "infer" carry the same id (several are in flight on one connection and
-come back in completion order): {"id": n, "ok": true, "queue_ms", "inference_ms", "batch_size"} with that
-image's raw model outputs (boxes, scores, probabilities), or {"id": n, "ok": false, "code", "message",
-"retry_after"}.
+image: a 1 x S x S float32 array per input of the pack (one when detector and classifier share an input
+size, else the detector's then the classifier's). Answers to "infer" carry the same id (several are in
+flight on one connection and come back in completion order): {"id": n, "ok": true, "queue_ms",
+"inference_ms", "batch_size"} with that image's raw model outputs (boxes, scores, probabilities), or
+{"id": n, "ok": false, "code", "message", "retry_after"}.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 if TYPE_CHECKING:  # this module stays light: the launcher imports it, and must not load ONNX Runtime
     from service.inference.modelpack import ModelPack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: one array per input size of the pack in "infer" frames
 PREFIX = struct.Struct("<II")
 MAX_HEADER_BYTES = 64 * 1024
 # Model outputs are a few KiB per image; the only large payload is an input image, bounded by its size.
@@ -48,7 +49,7 @@ def pack_identity(pack: ModelPack) -> dict:
     return {
         "name": pack.name,
         "version": pack.version,
-        "input_size": pack.input_spec.size,
+        "input_sizes": [spec.size for spec in pack.input_specs],
         "detector_sha256": pack.manifest["detector"]["sha256"],
         "classifier_sha256": pack.manifest["classifier"]["sha256"],
     }

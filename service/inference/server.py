@@ -57,13 +57,13 @@ def error_answer(request_id: object, error: ApiError) -> dict:
     }
 
 
-def input_problem(arrays: list[np.ndarray], size: int) -> str | None:
-    """Why an infer request's arrays are not one 1 x size x size float32 image, or None when they are."""
-    if len(arrays) != 1:
-        return f"expected one array, got {len(arrays)}"
-    image = arrays[0]
-    if image.dtype != np.float32 or image.shape != (1, size, size):
-        return f"expected float32 (1, {size}, {size}), got {image.dtype} {image.shape}"
+def input_problem(arrays: list[np.ndarray], sizes: list[int]) -> str | None:
+    """Why an infer request's arrays are not one 1 x size x size float32 image per input size, or None when they are."""
+    if len(arrays) != len(sizes):
+        return f"expected {len(sizes)} array(s), got {len(arrays)}"
+    for image, size in zip(arrays, sizes):
+        if image.dtype != np.float32 or image.shape != (1, size, size):
+            return f"expected float32 (1, {size}, {size}), got {image.dtype} {image.shape}"
     return None
 
 
@@ -99,13 +99,14 @@ class InferenceServer:
     def __init__(self, state: ServingState, settings: Settings) -> None:
         self.state = state
         self.settings = settings
-        self.size = state.pack.input_spec.size if state.pack is not None else 0
+        self.sizes = [spec.size for spec in state.pack.input_specs] if state.pack is not None else []
         self.connections: set[WorkerConnection] = set()
         self._requests: set[asyncio.Task] = set()
 
     @property
     def max_request_bytes(self) -> int:
-        return max(4 * self.size * self.size, 1024)  # exactly one float32 image; hello frames carry none
+        # Exactly one float32 image per input; hello frames carry none.
+        return max(sum(4 * size * size for size in self.sizes), 1024)
 
     def protocol(self) -> WorkerConnection:
         """The protocol factory for loop.create_unix_server."""
@@ -118,7 +119,7 @@ class InferenceServer:
 
     async def _infer(self, connection: WorkerConnection, request_id: object, arrays: list[np.ndarray]) -> None:
         arrays_out: tuple[np.ndarray, ...] = ()
-        problem = input_problem(arrays, self.size)
+        problem = input_problem(arrays, self.sizes)
         if problem is not None:
             answer = {"id": request_id, "ok": False, "code": "invalid_input", "message": problem}
         elif self.state.batcher is None:
@@ -128,7 +129,7 @@ class InferenceServer:
             )
         else:
             try:
-                result = await self.state.batcher.submit(arrays[0])
+                result = await self.state.batcher.submit(tuple(arrays))
             except ApiError as exc:  # queue full (429) or shutting down (503): the worker raises the same error
                 answer = error_answer(request_id, exc)
             except Exception as exc:  # the batch failed in ONNX Runtime: a bug, reported as one (500) by the worker

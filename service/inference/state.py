@@ -80,10 +80,10 @@ class ServingState:
         self.not_ready_reason = reason
 
 
-def warm_up(models: OnnxModels, size: int, max_batch_size: int) -> None:
+def warm_up(models: OnnxModels, sizes: list[int], max_batch_size: int) -> None:
     """Run every batch shape once so no request pays for first-run allocation or kernel tuning."""
     for batch in range(1, max_batch_size + 1):
-        models.run(np.zeros((batch, 1, size, size), dtype=np.float32))
+        models.run(*(np.zeros((batch, 1, size, size), dtype=np.float32) for size in sizes))
 
 
 def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None) -> ServingState:
@@ -98,7 +98,7 @@ def load_serving_state(settings: Settings, metrics: ServiceMetrics | None = None
             )
             return state
         started = time.perf_counter()
-        warm_up(state.models, state.pack.input_spec.size, settings.max_batch_size)
+        warm_up(state.models, [spec.size for spec in state.pack.input_specs], settings.max_batch_size)
         log.info(
             "model pack %s %s loaded from %s on %s; warm-up of batch sizes 1..%d took %.1f s",
             state.pack.name,

@@ -26,6 +26,10 @@ _PRESETS = (
     Difficulty("easy", (1.5, 2.2), (1.1, 1.4), 0.008, 0.5, 0.6, 0.05, 0.01),
     Difficulty("default", (0.6, 1.1), (0.8, 1.15), 0.02, 1.0, 1.0, 0.12, 0.02),
     Difficulty("hard", (0.4, 0.75), (0.65, 1.0), 0.032, 1.4, 1.3, 0.2, 0.04),
+    # One population, as radiographs of one hospital's patients are (or projections of one chest CT with inserted
+    # findings): patients barely differ in size, pose and exposure, and the diseases follow from small, local
+    # findings. A linear model on thumbnails is strong here; a classifier must beat it (training/baselines.py).
+    Difficulty("uniform-anatomy", (0.8, 1.3), (0.6, 0.9), 0.015, 0.15, 0.8, 0.05, 0.01),
 )
 DIFFICULTIES: dict[str, Difficulty] = {preset.name: preset for preset in _PRESETS}
 

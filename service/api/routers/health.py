@@ -11,7 +11,7 @@ from service.api.dependencies import ReadyStateDep, SettingsDep, StateDep
 from service.api.schemas import ErrorResponse, InferenceInfo, ModelsResponse
 from service.inference.client import RemoteModels
 from service.inference.kserve import KServeModels
-from service.inference.modelpack import OnnxModels
+from service.inference.modelpack import MODELS, OnnxModels
 from service.inference.state import NOT_READY_REASONS, ServingState
 
 router = APIRouter()
@@ -70,7 +70,7 @@ async def models(state: ReadyStateDep, settings: SettingsDep) -> ModelsResponse:
         pack=pack.name,
         version=pack.version,
         intended_use=pack.manifest["intended_use"],
-        input_size=pack.input_spec.size,
+        input_sizes={model: pack.model_inputs.spec(model).size for model in MODELS},
         detector_labels=pack.local_labels,
         detector_thresholds=dict(
             zip(pack.local_labels, map(float, pack.finding_thresholds(settings.finding_score_floor)))
