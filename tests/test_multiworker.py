@@ -254,7 +254,11 @@ def test_remote_batcher_sends_each_input_size_of_a_pack(socket_path):
         listener = await asyncio.get_running_loop().create_unix_server(server.protocol, path=str(socket_path))
         status: list[str] = []
         remote = RemoteBatcher(
-            socket_path, pack_identity(TWO_SIZE_PACK), RemoteModels(socket=socket_path), status.append, 4
+            socket_path,
+            pack_identity(TWO_SIZE_PACK),
+            RemoteModels(socket=socket_path),
+            lambda reason, _: status.append(reason),
+            4,
         )
         remote.start()
         await until(lambda: status and status[-1] == "")
