@@ -142,7 +142,16 @@ def test_each_architecture_trains_exports_and_serves(tiny_dataset, tmp_path, det
     infer, inputs, local_labels, _, _, params = torch_infer_from_run(run)
     records = read_split(tiny_dataset, "test")[:2]
     evaluation = predict_records(records, inputs, infer, params, batch_size=2, threads=1)
-    settings = Settings(models=pack_path, max_batch_size=2, providers=["CPUExecutionProvider"], decode_workers=1)
+    # Every detection the postprocess keeps (a floor at its score threshold): the pack's operating points, applied
+    # before NMS by the service, can keep detections that an untrained model's pre-NMS top-k cuts off after it.
+    floor = params.score_threshold
+    settings = Settings(
+        models=pack_path,
+        max_batch_size=2,
+        providers=["CPUExecutionProvider"],
+        decode_workers=1,
+        finding_score_floor=floor,
+    )
     with TestClient(create_app(settings)) as client:
         models = client.get("/v1/models").json()
         assert models["input_sizes"] == {"detector": DETECTOR_SIZE, "classifier": CLASSIFIER_SIZE}
@@ -155,5 +164,5 @@ def test_each_architecture_trains_exports_and_serves(tiny_dataset, tmp_path, det
             np.testing.assert_allclose(
                 [d["probability"] for d in served["diseases"]], evaluation.probabilities[index], atol=1e-4
             )
-            expected = at_operating_points(evaluation.detections[index], pack.finding_thresholds())
+            expected = at_operating_points(evaluation.detections[index], pack.finding_thresholds(floor))
             assert [f["label"] for f in served["findings"]] == [local_labels[c] for c in expected.classes]
