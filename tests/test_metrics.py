@@ -1,5 +1,6 @@
-"""Metrics: VOC average precision at IoU 0.4 (golden values, and cross-checked with pycocotools), AUROC and operating
-points."""
+"""Metrics: average precision at IoU 0.4 with COCO-style matching (golden values, cross-checked with pycocotools) and
+with VOC devkit matching (the VinBigData challenge metric, cross-checked with a re-implementation of voc_eval), AUROC
+and operating points."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import pytest
 from training.metrics import (
     ImageDetections,
     auroc,
+    challenge_average_precision,
     class_average_precision,
     class_matches,
     finding_threshold,
     mean_average_precision,
     operating_point,
+    with_no_finding_class,
     youden_threshold,
 )
 
@@ -325,3 +328,134 @@ def test_coco_interpolation_golden_value():
     assert class_average_precision([image], 0, 0.4, interpolation="coco") == pytest.approx(0.5)
     with pytest.raises(ValueError):
         class_average_precision([image], 0, 0.4, interpolation="11-point")  # type: ignore[arg-type]
+
+
+# ---- the VinBigData challenge metric: VOC devkit matching ----------------------------------------
+#
+# `_voc_eval` below is a straightforward re-implementation of the PASCAL VOC devkit's Python
+# `voc_eval` (as in py-faster-rcnn): all detections of a class sorted by confidence, each compared
+# with every ground-truth box of its image (IoU with +1 on widths and heights), the best one taken;
+# a hit if that IoU > the threshold and the box was not detected before, else a false positive; AP
+# with all-point interpolation (use_07_metric=False). The one departure: the sort is stable, so
+# tied scores keep image order (the devkit's default sort leaves their order unspecified).
+
+
+def _voc_eval(images: list[ImageDetections], label: int, iou_threshold: float) -> float | None:
+    class_records = {}
+    npos = 0
+    for index, image in enumerate(images):
+        boxes = np.asarray(image.gt_boxes, dtype=np.float64)[np.asarray(image.gt_classes) == label]
+        class_records[index] = {"bbox": boxes, "det": [False] * len(boxes)}
+        npos += len(boxes)
+    image_ids, confidence, boxes = [], [], []
+    for index, image in enumerate(images):
+        for box, score, cls in zip(image.pred_boxes, image.pred_scores, image.pred_classes):
+            if cls == label:
+                image_ids.append(index)
+                confidence.append(float(score))
+                boxes.append(np.asarray(box, dtype=np.float64))
+    if npos == 0:
+        return None
+    sorted_ind = np.argsort(-np.array(confidence), kind="stable")
+    nd = len(image_ids)
+    tp, fp = np.zeros(nd), np.zeros(nd)
+    for d in range(nd):
+        record = class_records[image_ids[sorted_ind[d]]]
+        bb = boxes[sorted_ind[d]]
+        ovmax, jmax = -np.inf, -1
+        bbgt = record["bbox"]
+        if bbgt.size > 0:
+            ixmin = np.maximum(bbgt[:, 0], bb[0])
+            iymin = np.maximum(bbgt[:, 1], bb[1])
+            ixmax = np.minimum(bbgt[:, 2], bb[2])
+            iymax = np.minimum(bbgt[:, 3], bb[3])
+            iw = np.maximum(ixmax - ixmin + 1.0, 0.0)
+            ih = np.maximum(iymax - iymin + 1.0, 0.0)
+            inters = iw * ih
+            uni = (
+                (bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0)
+                + (bbgt[:, 2] - bbgt[:, 0] + 1.0) * (bbgt[:, 3] - bbgt[:, 1] + 1.0)
+                - inters
+            )
+            overlaps = inters / uni
+            ovmax, jmax = np.max(overlaps), int(np.argmax(overlaps))
+        if ovmax > iou_threshold:
+            if not record["det"][jmax]:
+                tp[d] = 1.0
+                record["det"][jmax] = True
+            else:
+                fp[d] = 1.0
+        else:
+            fp[d] = 1.0
+    fp, tp = np.cumsum(fp), np.cumsum(tp)
+    rec = tp / float(npos)
+    prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.concatenate(([0.0], prec, [0.0]))
+    for i in range(mpre.size - 1, 0, -1):
+        mpre[i - 1] = np.maximum(mpre[i - 1], mpre[i])
+    i = np.where(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 10, 11])
+def test_voc_matching_agrees_with_the_devkit(seed):
+    """On random boxes (duplicates, overlapping boxes, ties), VOC-matched AP equals the devkit's voc_eval at 0.4 and
+    0.5."""
+    images = _random_images(seed, tied_scores=seed >= 10)
+    for iou_threshold in (0.4, 0.5):
+        for label in range(3):
+            ours = class_average_precision(images, label, iou_threshold, matching="voc")
+            reference = _voc_eval(images, label, iou_threshold)
+            assert (ours is None) == (reference is None)
+            if reference is not None:
+                assert ours == pytest.approx(reference, abs=1e-12), (seed, iou_threshold, label)
+
+
+def test_voc_and_coco_matching_differ_where_the_best_box_is_taken():
+    """A second prediction whose best box is taken is a false positive under VOC, a hit on the free box under COCO."""
+    image = _image([[0, 0, 10, 10], [0, 0, 10, 10.5]], [0.9, 0.8], [0, 0], [[0, 0, 10, 10], [0, 0, 10, 12]], [0, 0])
+    np.testing.assert_array_equal(class_matches([image], 0, 0.5).hits, [True, True])
+    np.testing.assert_array_equal(class_matches([image], 0, 0.5, matching="voc").hits, [True, False])
+    assert _voc_eval([image], 0, 0.5) == class_average_precision([image], 0, 0.5, matching="voc") == 0.5
+
+
+def test_voc_matching_needs_iou_strictly_above_the_threshold():
+    """VOC IoU uses inclusive pixels (+1) and the threshold is strict: IoU exactly 0.4 is a miss, just above a hit."""
+    # +1 convention: [0,0,9,9] is 10x10 = 100 px; [0,0,9,24] is 10x25 = 250 px; IoU = 100/250 = 0.4 exactly.
+    at_forty = _image([[0, 0, 9, 9]], [0.9], [0], [[0, 0, 9, 24]], [0])
+    above = _image([[0, 0, 9, 9]], [0.9], [0], [[0, 0, 9, 23]], [0])  # 100/240
+    np.testing.assert_array_equal(class_matches([at_forty], 0, 0.4, matching="voc").hits, [False])
+    np.testing.assert_array_equal(class_matches([above], 0, 0.4, matching="voc").hits, [True])
+    assert class_average_precision([at_forty], 0, 0.4, matching="voc") == _voc_eval([at_forty], 0, 0.4) == 0.0
+
+
+def test_challenge_metric_scores_no_finding_as_a_1x1_box():
+    """The challenge adds a "No finding" class: one [0,0,1,1] prediction per image scored by the normal-image
+    confidence, ground truth on images without boxes; its AP follows how well normals are ranked first."""
+    normal = _image([], [], [], [], [])
+    abnormal = _image([[0, 0, 10, 10]], [0.9], [0], [[0, 0, 10, 10]], [0])
+    images = [normal, abnormal, normal, abnormal]
+    truth = np.array([True, False, True, False])
+    ranked_first = challenge_average_precision(images, ["a"], np.array([0.9, 0.2, 0.8, 0.1]), truth)
+    assert ranked_first["per_class"] == {"a": 1.0, "No finding": 1.0} and ranked_first["map"] == 1.0
+    # Ranked normal, abnormal, abnormal, normal: hits at ranks 1 and 4 -> AP = 0.5 * 1 + 0.5 * 0.5.
+    interleaved = challenge_average_precision(images, ["a"], np.array([0.9, 0.8, 0.1, 0.7]), truth)
+    assert interleaved["per_class"]["No finding"] == pytest.approx(0.75)
+    assert interleaved["map"] == pytest.approx((1.0 + 0.75) / 2)
+    scored = with_no_finding_class(images, np.array([0.9, 0.8, 0.1, 0.7]), truth, 1)
+    assert _voc_eval(scored, 1, 0.4) == pytest.approx(0.75)  # the devkit agrees on the No finding class too
+
+
+def test_no_finding_class_without_normal_images_is_left_out_of_the_mean():
+    """With no image free of boxes, "No finding" has no ground truth: undefined, and not averaged in."""
+    abnormal = _image([[0, 0, 10, 10]], [0.9], [0], [[0, 0, 10, 10]], [0])
+    result = challenge_average_precision([abnormal], ["a"], np.array([0.3]), np.array([False]))
+    assert result["per_class"] == {"a": 1.0, "No finding": None} and result["map"] == 1.0
+
+
+def test_finding_threshold_is_undefined_when_no_box_hits():
+    """When every candidate is a miss no threshold gives F1 > 0: None (the caller's documented default), never the top
+    score."""
+    image = _image([[50, 50, 60, 60], [70, 70, 80, 80]], [0.9, 0.6], [0, 0], [[0, 0, 10, 10]], [0])
+    assert finding_threshold([image], 0) is None

@@ -1,13 +1,23 @@
-"""Detection and classification metrics, and their bootstrap over images (numpy only).
+"""Detection, classification and calibration metrics, and their bootstrap over images (numpy only).
 
-Detection: the VinBigData challenge metric, average precision per class at an IoU threshold of 0.4
-with PASCAL VOC 2010+ all-point interpolation, averaged over the classes that have ground truth.
-Within an image, a class's predictions are matched in score order, each to the best-overlapping
-ground-truth box of its class that is still unmatched, when that IoU is >= the threshold (the rule
-pycocotools uses; IoU in float64 with no "+1 pixel"). `interpolation="coco"` gives COCO's 101-point
-interpolated AP from the same matches, so tests can compare with pycocotools exactly.
+Detection: average precision per class at an IoU threshold, PASCAL VOC 2010+ all-point interpolation,
+averaged over the classes that have ground truth, with one of two matching rules:
+
+- `matching="coco"` (the default; reports call it "mAP@0.4 (COCO-style matching)"): within an image, a
+  class's predictions are matched in score order, each to the best-overlapping ground-truth box of
+  its class that is *still unmatched*, when that IoU is >= the threshold (pycocotools' rule; IoU in
+  float64 with no "+1 pixel"). `interpolation="coco"` gives COCO's 101-point AP from the same
+  matches, so tests compare with pycocotools exactly.
+- `matching="voc"`: the PASCAL VOC devkit's rule (`voc_eval`), which the VinBigData challenge used:
+  each prediction, in score order, takes the ground-truth box it overlaps most among *all* boxes of
+  its class; it is a hit when that IoU is > the threshold and the box is not taken yet, and a false
+  positive otherwise (a duplicate), even when another free box overlaps it enough. IoU follows the
+  devkit's inclusive pixel convention (+1 on every width and height). `challenge_average_precision`
+  adds the challenge's "No finding" class (a 1x1 box at [0, 0, 1, 1]); reports call it "VinBigData
+  challenge mAP@0.4 (VOC matching, No finding as 1x1 box)".
 
 Classification: AUROC (Mann-Whitney, ties counted half), ROC curves and per-label operating points.
+Calibration: Brier score and expected calibration error (ECE) over equal-width probability bins.
 
 Bootstrap: images are resampled with replacement. Matching never looks across images, so a
 resample only re-weights each image's precomputed matches (`ClassMatches`): an image drawn c times
@@ -26,6 +36,11 @@ import numpy as np
 from service.inference.postprocess import box_iou
 
 Interpolation = Literal["voc", "coco"]
+Matching = Literal["coco", "voc"]
+# The VinBigData challenge's "No finding" prediction and ground truth: one 1x1 box in the corner.
+NO_FINDING_BOX = np.array([0.0, 0.0, 1.0, 1.0])
+# Equal-width bins of the expected calibration error and the reliability diagrams (Guo et al. 2017 use 15).
+CALIBRATION_BINS = 15
 
 # COCO's recall thresholds, built exactly as pycocotools builds them so 101-point AP agrees to the bit.
 COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
@@ -93,11 +108,24 @@ def precision_recall(hits: np.ndarray, num_gt: int) -> tuple[np.ndarray, np.ndar
     return true_positives / max(num_gt, 1), true_positives / np.arange(1, len(hits) + 1)
 
 
-def image_matches(image: ImageDetections, label: int, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, hits) of one image's predictions of a class, best score first.
+def voc_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box against many with the VOC devkit's inclusive pixels: every width and height gets +1."""
+    width = np.maximum(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]) + 1.0, 0.0)
+    height = np.maximum(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]) + 1.0, 0.0)
+    intersection = width * height
+    area = (box[2] - box[0] + 1.0) * (box[3] - box[1] + 1.0)
+    areas = (others[:, 2] - others[:, 0] + 1.0) * (others[:, 3] - others[:, 1] + 1.0)
+    return intersection / (area + areas - intersection)
+
+
+def image_matches(
+    image: ImageDetections, label: int, iou_threshold: float, matching: Matching = "coco"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, hits) of one image's predictions of a class, best score first (ties keep their order).
 
     Greedy in score order, each ground-truth box matched at most once, so every prefix of a ranking
-    built from these is the result of one score threshold.
+    built from these is the result of one score threshold. The two rules differ in what a prediction
+    whose best box is already taken does (module docstring).
     """
     mine = np.nonzero(np.asarray(image.pred_classes) == label)[0]
     mine = mine[np.argsort(-np.asarray(image.pred_scores)[mine], kind="stable")]
@@ -107,8 +135,14 @@ def image_matches(image: ImageDetections, label: int, iou_threshold: float) -> t
     taken = np.zeros(len(gt), dtype=bool)
     boxes = np.asarray(image.pred_boxes, dtype=np.float64)
     for rank, index in enumerate(mine):
-        if taken.all():  # also true when the image has no ground truth of the class
+        if taken.all():  # also true when the image has no ground truth of the class: the rest are misses
             break
+        if matching == "voc":
+            overlaps = voc_iou(boxes[index], gt)
+            best = int(np.argmax(overlaps))  # the best box of all, taken or not
+            if overlaps[best] > iou_threshold and not taken[best]:
+                taken[best] = hits[rank] = True
+            continue
         overlaps = box_iou(boxes[index], gt)
         overlaps[taken] = -1.0  # each ground-truth box matches at most one prediction
         best = int(np.argmax(overlaps))
@@ -117,9 +151,13 @@ def image_matches(image: ImageDetections, label: int, iou_threshold: float) -> t
     return np.asarray(image.pred_scores, dtype=np.float64)[mine], hits
 
 
-def class_matches(images: list[ImageDetections], label: int, iou_threshold: float) -> ClassMatches:
+def class_matches(
+    images: list[ImageDetections], label: int, iou_threshold: float, matching: Matching = "coco"
+) -> ClassMatches:
     """Match one class in every image once; AP and every bootstrap resample are computed from this."""
-    per_image = [image_matches(image, label, iou_threshold) for image in images]
+    if matching not in ("coco", "voc"):
+        raise ValueError(f"matching must be 'coco' or 'voc', not {matching!r}")
+    per_image = [image_matches(image, label, iou_threshold, matching) for image in images]
     scores = np.concatenate([np.zeros(0)] + [scores for scores, _ in per_image])
     hits = np.concatenate([np.zeros(0, dtype=bool)] + [hits for _, hits in per_image])
     image_index = np.concatenate(
@@ -149,19 +187,24 @@ def matches_average_precision(matches: ClassMatches, interpolation: Interpolatio
 
 
 def class_average_precision(
-    images: list[ImageDetections], label: int, iou_threshold: float, interpolation: Interpolation = "voc"
+    images: list[ImageDetections],
+    label: int,
+    iou_threshold: float,
+    interpolation: Interpolation = "voc",
+    matching: Matching = "coco",
 ) -> float | None:
     """AP of one class over a set of images; None when the class has no ground truth."""
-    return matches_average_precision(class_matches(images, label, iou_threshold), interpolation)
+    return matches_average_precision(class_matches(images, label, iou_threshold, matching), interpolation)
 
 
 def finding_threshold(images: list[ImageDetections], label: int, iou_threshold: float = 0.4) -> float | None:
     """The score threshold whose reported boxes have the best F1 against the ground truth.
 
-    None when the class has no ground truth or no prediction (no operating point can be chosen).
+    None when no threshold gives F1 > 0 (no ground truth, no prediction, or no prediction that hits):
+    the caller then falls back to a documented default, never to the top score of a list of misses.
     """
     scores, hits, num_gt = ranked_matches(images, label, iou_threshold)
-    if num_gt == 0 or not len(scores):
+    if num_gt == 0 or not hits.any():
         return None
     true_positives = np.cumsum(hits)
     reported = np.arange(1, len(scores) + 1)
@@ -173,14 +216,61 @@ def finding_threshold(images: list[ImageDetections], label: int, iou_threshold: 
 
 
 def mean_average_precision(
-    images: list[ImageDetections], labels: list[str], iou_threshold: float, interpolation: Interpolation = "voc"
+    images: list[ImageDetections],
+    labels: list[str],
+    iou_threshold: float,
+    interpolation: Interpolation = "voc",
+    matching: Matching = "coco",
 ) -> dict:
     """{"map": mean over classes with ground truth, "per_class": {label: AP or None}}."""
     per_class = {
-        name: class_average_precision(images, i, iou_threshold, interpolation) for i, name in enumerate(labels)
+        name: class_average_precision(images, i, iou_threshold, interpolation, matching)
+        for i, name in enumerate(labels)
     }
     present = [ap for ap in per_class.values() if ap is not None]
     return {"map": float(np.mean(present)) if present else None, "per_class": per_class}
+
+
+def with_no_finding_class(
+    images: list[ImageDetections], no_finding_scores: np.ndarray, no_finding_truth: np.ndarray, no_finding_class: int
+) -> list[ImageDetections]:
+    """The images as the VinBigData challenge scored them: a "No finding" class with one 1x1 box.
+
+    Every image gets a "No finding" prediction at [0, 0, 1, 1] scoring `no_finding_scores[i]` (the
+    challenge's "14 <confidence> 0 0 1 1"), and the images whose `no_finding_truth` is true (no box
+    at all in the ground truth) get a "No finding" ground-truth box at the same place.
+    """
+    scored = []
+    for image, score, normal in zip(images, np.asarray(no_finding_scores), np.asarray(no_finding_truth, dtype=bool)):
+        gt_boxes, gt_classes = np.asarray(image.gt_boxes).reshape(-1, 4), np.asarray(image.gt_classes)
+        if normal:
+            gt_boxes = np.concatenate([gt_boxes, NO_FINDING_BOX[None]])
+            gt_classes = np.append(gt_classes, no_finding_class)
+        scored.append(
+            ImageDetections(
+                np.concatenate([np.asarray(image.pred_boxes).reshape(-1, 4), NO_FINDING_BOX[None]]),
+                np.append(np.asarray(image.pred_scores, dtype=np.float64), float(score)),
+                np.append(np.asarray(image.pred_classes), no_finding_class),
+                gt_boxes,
+                gt_classes,
+            )
+        )
+    return scored
+
+
+def challenge_average_precision(
+    images: list[ImageDetections],
+    labels: list[str],
+    no_finding_scores: np.ndarray,
+    no_finding_truth: np.ndarray,
+    iou_threshold: float = 0.4,
+) -> dict:
+    """The VinBigData challenge metric: VOC-devkit matching at IoU > 0.4 over `labels` plus "No finding" (1x1 box).
+
+    {"map": mean over the classes with ground truth, "per_class": {label: AP or None, "No finding": AP or None}}.
+    """
+    scored = with_no_finding_class(images, no_finding_scores, no_finding_truth, len(labels))
+    return mean_average_precision(scored, [*labels, "No finding"], iou_threshold, matching="voc")
 
 
 def auroc(targets: np.ndarray, scores: np.ndarray) -> float | None:
@@ -250,6 +340,41 @@ def operating_point(targets: np.ndarray, scores: np.ndarray, threshold: float) -
     }
 
 
+def brier_score(targets: np.ndarray, probabilities: np.ndarray) -> float | None:
+    """Mean squared difference between the probability and the 0/1 outcome; None without images."""
+    targets, probabilities = np.asarray(targets, dtype=np.float64), np.asarray(probabilities, dtype=np.float64)
+    return float(np.mean((probabilities - targets) ** 2)) if len(targets) else None
+
+
+def calibration_bin_index(probabilities: np.ndarray, bins: int = CALIBRATION_BINS) -> np.ndarray:
+    """Which of `bins` equal-width bins on [0, 1] each probability falls in (1.0 in the last one)."""
+    return np.minimum((np.asarray(probabilities, dtype=np.float64) * bins).astype(np.int64), bins - 1).clip(0)
+
+
+def reliability_bins(targets: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
+    """Per bin: images, mean predicted probability and observed frequency (None in an empty bin)."""
+    targets, probabilities = np.asarray(targets, dtype=np.float64), np.asarray(probabilities, dtype=np.float64)
+    index = calibration_bin_index(probabilities, bins)
+    count = np.bincount(index, minlength=bins)
+    predicted = np.bincount(index, weights=probabilities, minlength=bins)
+    observed = np.bincount(index, weights=targets, minlength=bins)
+    return {
+        "edges": np.linspace(0.0, 1.0, bins + 1).tolist(),
+        "images": count.tolist(),
+        "mean_probability": [float(p / n) if n else None for p, n in zip(predicted, count)],
+        "observed_frequency": [float(o / n) if n else None for o, n in zip(observed, count)],
+    }
+
+
+def expected_calibration_error(
+    targets: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS
+) -> float | None:
+    """ECE: the image-weighted mean over equal-width bins of |observed frequency - mean probability|."""
+    if not len(np.asarray(targets)):
+        return None
+    return float(bootstrap_ece(targets, probabilities, np.ones((1, len(np.asarray(targets)))), bins)[0])
+
+
 # ---- bootstrap over images -------------------------------------------------------------------
 
 
@@ -304,6 +429,23 @@ def bootstrap_auroc(targets: np.ndarray, scores: np.ndarray, counts: np.ndarray)
     negatives_below = np.cumsum(negatives, axis=1) - negatives
     wins = np.sum(positives * (negatives_below + 0.5 * negatives), axis=1)
     return _ratio(wins, positives.sum(axis=1) * negatives.sum(axis=1))
+
+
+def bootstrap_brier(targets: np.ndarray, probabilities: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Brier score in each resample: (B,), NaN for an empty resample."""
+    squared = (np.asarray(probabilities, dtype=np.float64) - np.asarray(targets, dtype=np.float64)) ** 2
+    counts = np.asarray(counts, dtype=np.float64)
+    return _ratio(counts @ squared, counts.sum(axis=1))
+
+
+def bootstrap_ece(
+    targets: np.ndarray, probabilities: np.ndarray, counts: np.ndarray, bins: int = CALIBRATION_BINS
+) -> np.ndarray:
+    """ECE in each resample: (B,). Per bin, |sum of (outcome - probability)| over its drawn images, summed, / images."""
+    residual = np.asarray(targets, dtype=np.float64) - np.asarray(probabilities, dtype=np.float64)
+    members = np.eye(bins)[calibration_bin_index(probabilities, bins)]  # (N, bins) one-hot
+    counts = np.asarray(counts, dtype=np.float64)
+    return _ratio(np.abs(counts @ (members * residual[:, None])).sum(axis=1), counts.sum(axis=1))
 
 
 def bootstrap_operating_point(
