@@ -53,6 +53,7 @@ from training.labels import LABEL_SETS, LabelSet
 from training.metrics import ImageDetections, finding_threshold, youden_threshold
 from training.models import BACKBONES, Classifier, Detector
 from training.presets import add_preset_argument, apply_preset
+from training.splits import write_run_splits
 
 DEFAULT_NORMALIZATION = Normalization(mean=0.5, std=0.25)
 LOSS_NAMES = ("cls", "box", "ctr", "classifier")
@@ -325,6 +326,9 @@ def train_on_rank(args: argparse.Namespace, context: DistContext, device: torch.
     records = read_split(args.data, "train", args.layout, fusion_from_args(args))[: args.limit]
     local_labels, global_labels = labels_to_train(records, args, start)
     train_records, val_records = split_train_val(records, args.val_fraction, args.seed)
+    # Which images the run learns from and validates on: evaluation refuses test splits sharing them.
+    if context.is_main:
+        write_run_splits(args.out, [r.image_id for r in train_records], [r.image_id for r in val_records])
     steps = steps_per_epoch(len(train_records), args.batch_size, context.world_size, args.max_steps)
     announce_plan(context, args, device, len(train_records), len(val_records), local_labels, global_labels, steps)
     splits = make_splits(train_records, val_records, local_labels, global_labels, args, context)

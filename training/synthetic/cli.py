@@ -30,6 +30,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--n-train", type=int, default=100)
     p.add_argument("--n-test", type=int, default=20)
+    p.add_argument(
+        "--n-validation",
+        type=int,
+        default=0,
+        help="also write a validation split (validation/, annotations_validation.csv, image_labels_validation.csv)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default="default")
     p.add_argument(
@@ -54,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.n_train,
         args.n_test,
         args.seed,
+        n_validation=args.n_validation,
         difficulty=args.difficulty,
         size=args.size,
         transfer_syntax=args.transfer_syntax,

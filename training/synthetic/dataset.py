@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import csv
+import json
 import multiprocessing
 import time
+import zlib
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from training.labels import SYNTHETIC_LOCAL, VINDR_PCXR
-from training.synthetic.difficulty import resolve_difficulty
+from training.splits import image_ids_sha256
+from training.synthetic.difficulty import Difficulty, resolve_difficulty
 from training.synthetic.encoding import dicom_bytes, resolve_transfer_syntax
 from training.synthetic.findings import NO_FINDING
-from training.synthetic.instance import image_id_for, synthesize_instance
+from training.synthetic.instance import DISCLAIMER, image_id_for, synthesize_instance
 
 ANNOTATION_HEADER = (
     "image_id",
@@ -28,10 +32,27 @@ ANNOTATION_HEADER = (
     "class_id",
 )
 IMAGE_LABEL_HEADER = ("image_id", "rad_ID", *tuple(label.name for label in VINDR_PCXR.labels))
+# The splits a dataset can have, in the order they are written. "validation" is an addition to the
+# papers' train/test layout (same folder and CSV naming), so calibration and operating points can be
+# fitted on phantoms drawn independently of the training ones.
+SPLITS = ("train", "validation", "test")
+_SPLIT_CODES = {"train": 0, "test": 1, "validation": 2}
+PROVENANCE_FILE = "dataset.json"
 
 
-def _image_seed(seed: int, split: str, index: int) -> int:
-    ss = np.random.SeedSequence([seed, 0 if split == "train" else 1, index])
+def _difficulty_code(difficulty: Difficulty) -> int:
+    """A stable number for a difficulty preset and all its parameters (a custom preset gets its own)."""
+    return zlib.crc32(repr(difficulty).encode())
+
+
+def _image_seed(seed: int, split: str, index: int, difficulty: Difficulty) -> int:
+    """The seed of one image: every (seed, difficulty, split, index) draws its own phantom.
+
+    The difficulty is part of it so that an easy and a default dataset of one --seed hold different
+    patients (before, their images were the same cases re-rendered, and a curriculum's validation
+    split was made of near-copies of images trained on).
+    """
+    ss = np.random.SeedSequence([seed, _SPLIT_CODES[split], index, _difficulty_code(difficulty)])
     return int(ss.generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
 
 
@@ -62,35 +83,73 @@ def generate_dataset(
     n_test: int,
     seed: int,
     *,
+    n_validation: int = 0,
     difficulty: str = "default",
     size: tuple[int, int] | None = None,
     transfer_syntax: str | None = None,
     workers: int = 1,
 ) -> None:
-    """Write a VinDr-PCXR-layout phantom dataset under `out` (see README.md, "Layout")."""
+    """Write a VinDr-PCXR-layout phantom dataset under `out` (see README.md, "Layout").
+
+    train/ and test/ are always written (empty when their count is 0), validation/ only when
+    `n_validation` > 0; dataset.json records how the dataset was made.
+    """
     out = Path(out)
-    resolve_difficulty(difficulty)
+    preset = resolve_difficulty(difficulty)
     if transfer_syntax is not None:
         resolve_transfer_syntax(transfer_syntax)
-    for split in ("train", "test"):
+    counts = {"train": n_train, "validation": n_validation, "test": n_test}
+    splits = [split for split in SPLITS if counts[split] > 0 or split != "validation"]
+    for split in splits:
         (out / split).mkdir(parents=True, exist_ok=True)
     jobs = [
-        (str(out), split, i, _image_seed(seed, split, i), difficulty, size, transfer_syntax)
-        for split, n in (("train", n_train), ("test", n_test))
-        for i in range(n)
+        (str(out), split, i, _image_seed(seed, split, i, preset), difficulty, size, transfer_syntax)
+        for split in splits
+        for i in range(counts[split])
     ]
     start = time.perf_counter()
     results = _make_images(jobs, workers)
     per_label: Counter[str] = Counter()
-    for split in ("train", "test"):
+    for split in splits:
         per_label += _write_csvs(out, split, [result for result in results if result[0] == split])
-    elapsed = time.perf_counter() - start
-    counts = ", ".join(f"{name}={per_label[name]}" for name in SYNTHETIC_LOCAL)
-    rate = len(results) / max(elapsed, 1e-9)
-    print(
-        f"synthetic: wrote {len(results)} images (train {n_train}, test {n_test}) to {out} in "
-        f"{elapsed:.1f} s ({rate:.1f} img/s); images per finding: {counts}"
+    _write_provenance(
+        out, seed, preset, size, transfer_syntax, {split: [r[1] for r in results if r[0] == split] for split in splits}
     )
+    elapsed = time.perf_counter() - start
+    finding_counts = ", ".join(f"{name}={per_label[name]}" for name in SYNTHETIC_LOCAL)
+    rate = len(results) / max(elapsed, 1e-9)
+    split_counts = ", ".join(f"{split} {counts[split]}" for split in splits)
+    print(
+        f"synthetic: wrote {len(results)} images ({split_counts}) to {out} in "
+        f"{elapsed:.1f} s ({rate:.1f} img/s); images per finding: {finding_counts}"
+    )
+
+
+def _write_provenance(
+    out: Path,
+    seed: int,
+    difficulty: Difficulty,
+    size: tuple[int, int] | None,
+    transfer_syntax: str | None,
+    image_ids: dict[str, list[str]],
+) -> None:
+    """dataset.json: the generator's settings and, per split, the image count and the hash of its id list.
+
+    Evaluation copies this into its report, so a pack's manifest says exactly which phantoms accepted it.
+    """
+    provenance = {
+        "generator": "training.synthetic",
+        "disclaimer": DISCLAIMER,
+        "seed": seed,
+        "difficulty": difficulty.name,
+        "difficulty_parameters": asdict(difficulty),
+        "size": list(size) if size is not None else None,
+        "transfer_syntax": transfer_syntax,
+        "splits": {
+            split: {"images": len(ids), "image_ids_sha256": image_ids_sha256(ids)} for split, ids in image_ids.items()
+        },
+    }
+    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
 
 
 def _make_images(jobs: list[tuple], workers: int) -> list[tuple]:

@@ -18,6 +18,21 @@ DISCLAIMER = "SYNTHETIC PHANTOM - NOT CLINICAL DATA"
 DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 CR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 
+# Invented vendors, named as phantoms so no header passes for a real device: (Manufacturer,
+# ManufacturerModelName, share within the modality). Hospitals run a few systems per modality, so
+# subgroup reports by vendor have something to split.
+VENDORS = {
+    "DX": (("PCXR Phantom Imaging A", "Phantom DR 1", 0.6), ("PCXR Phantom Imaging B", "Phantom DR 2", 0.4)),
+    "CR": (("PCXR Phantom Imaging C", "Phantom CR 1", 0.7), ("PCXR Phantom Imaging D", "Phantom CR 2", 0.3)),
+}
+# Infants are mostly imaged supine (AP); older children stand for a PA view. P(AP) by age in months.
+AP_SHARE_BY_AGE = ((12, 0.6), (60, 0.3), (None, 0.1))
+
+
+def ap_share(age_months: int) -> float:
+    """Probability that a phantom of this age is an AP view (AP_SHARE_BY_AGE)."""
+    return next(share for limit, share in AP_SHARE_BY_AGE if limit is None or age_months < limit)
+
 
 def _age_string(months: int) -> str:
     return f"{months:03d}M" if months < 24 else f"{months // 12:03d}Y"
@@ -85,13 +100,16 @@ def _header(rng: np.random.Generator, key: list[str], case: PhantomCase) -> Data
     ds.Modality = "DX" if is_dx else "CR"
     if is_dx:
         ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.Manufacturer = "PCXR synthetic phantom"
+    view = "AP" if rng.random() < ap_share(case.age_months) else "PA"
+    vendors = VENDORS[ds.Modality]
+    vendor = vendors[int(rng.choice(len(vendors), p=[share for _, _, share in vendors]))]
+    ds.Manufacturer, ds.ManufacturerModelName = vendor[0], vendor[1]
     ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "CHEST PA (phantom)"
+    ds.StudyDescription = f"CHEST {view} (phantom)"
     ds.SeriesDescription = DISCLAIMER
     _set_patient(ds, case, number)
     ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA" if rng.random() < 0.7 else "AP"
+    ds.ViewPosition = view
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.StudyID = "1"
