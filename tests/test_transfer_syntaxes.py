@@ -14,6 +14,7 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder
 
+from service.dicom.codecs import configure_pixel_decoders
 from service.dicom.decode import decode_pixels, read_dataset
 from service.dicom.pipeline import InputSpec, prepare
 from service.dicom.preprocess import Normalization, PixelParams, display_image
@@ -298,3 +299,44 @@ def test_corrupt_codestream_is_malformed_not_unsupported(client):
     with pytest.raises(MalformedDicom):
         decode_pixels(read_dataset(body))
     _error(client.post("/v1/predict", content=body, headers=DICOM), 400, "malformed_dicom")
+
+
+def test_jpeg_family_is_decoded_by_permissive_plugins_only():
+    """JPEG, JPEG-LS and JPEG 2000 decode without pylibjpeg-libjpeg (GPLv3) or GDCM (aborts on corrupt JPEG):
+    Pillow, imagecodecs, pyjpegls and pylibjpeg-openjpeg (service/dicom/codecs.py)."""
+    configure_pixel_decoders()
+    uids = pydicom.uid
+    expected = {
+        uids.JPEGBaseline8Bit: ("pillow", "imagecodecs"),
+        uids.JPEGExtended12Bit: ("pillow", "imagecodecs"),
+        uids.JPEGLossless: ("imagecodecs",),
+        uids.JPEGLosslessSV1: ("imagecodecs",),
+        uids.JPEGLSLossless: ("pyjpegls",),
+        uids.JPEGLSNearLossless: ("pyjpegls",),
+        uids.JPEG2000Lossless: ("pylibjpeg", "pillow"),
+        uids.JPEG2000: ("pylibjpeg", "pillow"),
+    }
+    for syntax, plugins in expected.items():
+        decoder = get_decoder(syntax)
+        assert tuple(decoder._available) == plugins, syntax.name  # the order pydicom tries them in
+        assert "gdcm" not in decoder._unavailable, syntax.name
+
+
+@pytest.mark.parametrize("name", ["jpeg-baseline", "jpeg-extended", "jpeg-lossless", "jpeg-lossless-sv1", "jpeg-ls"])
+def test_corrupt_jpeg_streams_get_4xx_and_the_workers_survive(client, name):
+    """Flipped bytes and truncations in a JPEG-family codestream get a 4xx (or a prediction), never a 500 or a dead
+    decode worker: the decoders raise errors instead of aborting (GDCM would)."""
+    _needs_encoder(name)
+    bits = 8 if name == "jpeg-baseline" else 12
+    data = _file(name, bits, "MONOCHROME2", False)
+    start = data.index(b"\xff\xd8", data.index(b"\xe0\x7f\x10\x00"))  # the codestream's SOI marker
+    rng = np.random.default_rng(5)
+    for trial in range(12):
+        corrupt = bytearray(data)
+        for position in rng.integers(start + 2, len(data) - 2, size=1 + trial % 6):
+            corrupt[position] = int(rng.integers(0, 256))
+        body = bytes(corrupt if trial % 3 else corrupt[: int(rng.integers(start + 4, len(data)))])
+        response = client.post("/v1/predict", content=body, headers=DICOM)
+        status = response.status_code
+        assert status == 200 or 400 <= status < 500, f"{name} trial {trial}: {status} {response.text}"
+    assert client.post("/v1/predict", content=data, headers=DICOM).status_code == 200

@@ -19,6 +19,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import RE_VALID_UID, UID
 
 from service.dicom.charsets import fix_pydicom_character_sets, unknown_terms
+from service.dicom.codecs import configure_pixel_decoders
 from service.dicom.deflate import inflated_body
 from service.errors import MalformedDicom, NotDicom, UnsupportedTransferSyntax, UnusableImage
 from service.settings import DecodeLimits
@@ -217,9 +218,10 @@ def check_decodable(ds: Dataset) -> None:
 
     pydicom raises NotImplementedError only for syntaxes it has no decoder class for (private or
     video UIDs); for a known compressed syntax whose plugins are all missing (e.g. JPEG-LS without
-    pylibjpeg-libjpeg / pyjpegls) it raises a RuntimeError that looks like any corrupt-data error.
+    pyjpegls) it raises a RuntimeError that looks like any corrupt-data error.
     Asking the decoder first tells the two apart without decoding anything.
     """
+    configure_pixel_decoders()  # permissive plugins only, none that aborts (service/dicom/codecs.py)
     file_meta = getattr(ds, "file_meta", None)
     syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     if not syntax:

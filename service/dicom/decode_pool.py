@@ -33,7 +33,7 @@ def _load_decoders() -> None:
 
     import pydicom.pixels  # noqa: F401
 
-    for plugin in ("pylibjpeg", "openjpeg", "libjpeg", "rle"):
+    for plugin in ("pylibjpeg", "openjpeg", "rle", "jpeg_ls"):
         with contextlib.suppress(ImportError):  # a missing plugin is reported per image as 415, not here
             importlib.import_module(plugin)
     time.sleep(0.05)  # hold this worker briefly so the pool starts a separate process for the next task
