@@ -93,7 +93,9 @@ def summary_markdown(result: dict) -> str:
         f"Command: `{result['command']}`  ",
         f"Commit: {result['commit']}  ",
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
-        f"{result['machine']['memory_gib']:.1f} GiB; load average at start {result['machine']['load_at_start']}",
+        f"{result['machine']['memory_gib']:.1f} GiB; load average at start {result['machine']['load_at_start']}, "
+        f"at end {result['machine']['load_at_end']}; niceness {result['machine']['niceness']}, "
+        f"OMP_NUM_THREADS={result['machine']['omp_num_threads']}",
         "",
         f"One epoch of `python -m training.train` (cpu-demo recipe, {result['input_size']}² inputs, batch "
         f"{result['batch_size']}, {result['workers']} DataLoader workers decoding each DICOM on demand, no cache). "
@@ -136,6 +138,9 @@ def main(args: argparse.Namespace) -> dict:
             "memory_gib": memory_total_gib(Path("/proc/meminfo").read_text()),
             "load_at_start": load_at_start,
             "load_at_end": load_average(),
+            # What the runs were given: intra-op threads and scheduling priority change the rate, not the memory.
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "niceness": os.nice(0),
         },
         "input_size": args.input_size,
         "batch_size": args.batch_size,
