@@ -7,9 +7,15 @@ metadata stamped into the files) and their float16 variants detector.fp16.onnx a
 (float32 inputs and outputs, so the service feeds either the same tensors), copies the run's plots
 and the evaluation report, and writes manifest.json with the sha256 of every model file.
 
+The classifier also returns `heatmaps`, its class activation maps (training/heatmaps.py), when its
+architecture has exact ones (global average pooling + one linear layer: every classifier of
+training.models); otherwise the export says why and the pack has none (manifest
+`classifier.heatmaps_unavailable`).
+
 Nothing is written unless ONNX Runtime reproduces the PyTorch outputs on real images from the
 dataset, at batch sizes 1 and > 1: float32 within `FP32_TOLERANCES`, float16 within
-`FP16_TOLERANCES` and with the same top detections after the service's postprocessing. The measured
+`FP16_TOLERANCES` and with the same top detections after the service's postprocessing; the maps
+within the same tolerances of PyTorch's `Classifier.class_activation_maps`. The measured
 differences go into the manifest (`export_parity`).
 """
 
@@ -23,6 +29,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +43,7 @@ from service.dicom.preprocess import Normalization
 from service.inference.modelpack import (
     CLASSIFIER_OUTPUTS,
     DETECTOR_OUTPUTS,
+    HEATMAP_OUTPUT,
     INPUT_NAME,
     MANIFEST_FORMAT,
     ModelPack,
@@ -46,6 +54,7 @@ from service.inference.runtime import GPU_PROVIDERS, preload_gpu_libraries
 from training.data import Record, fusion_from_args, read_split
 from training.dataset import stacked_inputs
 from training.engine import predict
+from training.heatmaps import FP16_MAP_TOLERANCE, HeatmapsUnsupported, add_heatmap_output, heatmap_manifest_entry
 from training.labels import LABEL_SETS
 from training.models import Classifier, Detector
 
@@ -74,6 +83,7 @@ class Tolerances:
     # This many of PyTorch's best detections per image (after NMS, scoring clear of the score
     # threshold by more than `score`) must come back: same class, IoU >= 0.5, score within `score`.
     top_detections: int = 0
+    heatmap: float = 1e-3  # class activation maps, absolute, in logits (they range over tens of units)
 
 
 # float32 kernels differ from PyTorch's only in summation order.
@@ -84,7 +94,12 @@ FP32_TOLERANCES = Tolerances()
 # checked where a finding could be reported; far-off background locations may regress boxes of
 # thousands of pixels whose 1% means nothing.
 FP16_TOLERANCES = Tolerances(
-    box_pixels=1.0, score=2e-2, probability=2e-2, box_min_score=POSTPROCESS.score_threshold, top_detections=5
+    box_pixels=1.0,
+    score=2e-2,
+    probability=2e-2,
+    box_min_score=POSTPROCESS.score_threshold,
+    top_detections=5,
+    heatmap=FP16_MAP_TOLERANCE,
 )
 TOLERANCES = {"fp32": FP32_TOLERANCES, "fp16": FP16_TOLERANCES}
 
@@ -162,8 +177,15 @@ def model_images(inputs: ModelInputs, stacked: tuple[np.ndarray, ...]) -> tuple[
 
 
 def export_onnx(
-    model: torch.nn.Module, size: int, outputs: tuple[str, ...], path: Path, metadata: dict[str, str]
+    model: torch.nn.Module,
+    size: int,
+    outputs: tuple[str, ...],
+    path: Path,
+    metadata: dict[str, str],
+    edit: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
 ) -> None:
+    """Export `model` to `path` (float32, dynamic batch axis, `metadata` stamped in); `edit` rewrites the graph
+    first (the classifier's heatmaps output is added that way)."""
     example = torch.zeros(2, 1, size, size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     torch.onnx.export(
@@ -180,6 +202,8 @@ def export_onnx(
     )
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
+    if edit is not None:
+        graph = edit(graph)
     onnx.helper.set_model_props(graph, metadata | {"precision": "fp32"})
     onnx.save(graph, str(path))
 
@@ -395,9 +419,20 @@ def compare_outputs(
     return result
 
 
+def heatmap_difference(classifier: Classifier, session: ort.InferenceSession, images: np.ndarray) -> float:
+    """Largest |ONNX heatmaps - PyTorch class activation maps| on `images`, in logits."""
+    with torch.no_grad():
+        reference = classifier.eval().class_activation_maps(torch.from_numpy(images)).numpy()
+    (maps,) = session.run([HEATMAP_OUTPUT], {INPUT_NAME: images})
+    return float(np.abs(maps.astype(np.float64) - reference).max())
+
+
+PARITY_MEASURES = ("box_pixels", "score", "probability", "heatmap")
+
+
 def parity_failures(worst: dict, tolerances: Tolerances) -> dict[str, float]:
     failed = {
-        name: worst[name] for name in ("box_pixels", "score", "probability") if worst[name] > getattr(tolerances, name)
+        name: worst[name] for name in PARITY_MEASURES if name in worst and worst[name] > getattr(tolerances, name)
     }
     if worst.get("top_detections_missed"):
         failed["top_detections_missed"] = worst["top_detections_missed"]
@@ -420,7 +455,8 @@ def check_parity(
     provider that ran.
     """
     sessions = [ort.InferenceSession(str(p), providers=list(providers)) for p in (detector_path, classifier_path)]
-    worst: dict = {"box_pixels": 0.0, "score": 0.0, "probability": 0.0}
+    has_heatmaps = HEATMAP_OUTPUT in {output.name for output in sessions[1].get_outputs()}
+    worst: dict = {"box_pixels": 0.0, "score": 0.0, "probability": 0.0} | ({"heatmap": 0.0} if has_heatmaps else {})
     detector_images, classifier_images = images
     count = len(detector_images)
     for end in [1] + ([count] if count > 1 else []):
@@ -429,6 +465,8 @@ def check_parity(
         onnx_boxes, onnx_scores = sessions[0].run(list(DETECTOR_OUTPUTS), {INPUT_NAME: detector_batch})
         (onnx_probabilities,) = sessions[1].run(list(CLASSIFIER_OUTPUTS), {INPUT_NAME: classifier_batch})
         measured = compare_outputs(reference, (onnx_boxes, onnx_scores, onnx_probabilities), tolerances)
+        if has_heatmaps:
+            measured["heatmap"] = heatmap_difference(classifier, sessions[1], classifier_batch)
         for name, value in measured.items():
             # Top-detection counts are of the largest batch (all images); differences are the worst of both.
             worst[name] = value if name.startswith("top_detections") else max(worst[name], value)
@@ -443,7 +481,7 @@ def check_parity(
 
 def parity_record(worst: dict) -> dict:
     """check_parity's result as the manifest states it."""
-    record: dict = {"max_abs_difference": {name: worst[name] for name in ("box_pixels", "score", "probability")}}
+    record: dict = {"max_abs_difference": {name: worst[name] for name in PARITY_MEASURES if name in worst}}
     if "top_detections_checked" in worst:
         record["top_detections"] = {
             "checked": worst["top_detections_checked"],
@@ -610,7 +648,9 @@ def main(args: argparse.Namespace) -> Path:
 
     models = {"detector": detector, "classifier": classifier}
     metadata = pack_metadata(name, args.version)
-    parity = write_models(models, labels, metadata, inputs, precisions, images, args.parity_providers, args.out)
+    parity, heatmaps = write_models(
+        models, labels, metadata, inputs, precisions, images, args.parity_providers, args.out
+    )
     for extra in ("loss_curves.png", "thresholds.json", "run.json"):
         if (args.run / extra).exists():
             shutil.copy(args.run / extra, args.out / extra)
@@ -628,7 +668,10 @@ def main(args: argparse.Namespace) -> Path:
         "label_set": run_args["dataset"],
         "label_selection": label_selection(run_args, labels["detector"], labels["classifier"], training_records),
         "precisions": list(precisions),
-        **model_entries(args.out, checkpoint, thresholds, precisions, inputs),
+        **model_entries(args.out, checkpoint, thresholds, precisions, inputs, heatmaps),
+        # Chosen on the run's validation split with its thresholds (training/triage.py); null for a classifier
+        # without a "No finding" label.
+        "triage": thresholds.get("triage"),
         "training": training_entry(checkpoint, args.run),
         "evaluation": evaluation,
         "export_parity": {
@@ -678,19 +721,22 @@ def write_models(
     images: tuple[np.ndarray, np.ndarray],
     parity_providers: Sequence[str],
     out: Path,
-) -> dict[str, dict]:
+) -> tuple[dict[str, dict], dict]:
     """Export every variant into a scratch folder, check each against PyTorch, and only then move them into `out`.
 
-    Returns each precision's parity record; check_parity stops the export (SystemExit) before anything is moved.
+    Returns each precision's parity record, and the classifier's heatmaps manifest entry ({"entry": ...}) or why
+    it has none ({"unavailable": reason}); check_parity stops the export (SystemExit) before anything is moved.
     """
     outputs = {"detector": DETECTOR_OUTPUTS, "classifier": CLASSIFIER_OUTPUTS}
+    heatmaps: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
         staging = Path(scratch)
         fp32 = variant_paths(staging, "fp32")
         for model, module in models.items():
             spec = inputs.spec(model)
             stamped = metadata | model_metadata(model, labels[model], spec)
-            export_onnx(module, spec.size, outputs[model], fp32[model], stamped)
+            edit = partial(with_heatmaps, size=spec.size, found=heatmaps) if model == "classifier" else None
+            export_onnx(module, spec.size, outputs[model], fp32[model], stamped, edit)
             if "fp16" in precisions:
                 export_float16(fp32[model], variant_paths(staging, "fp16")[model], stamped)
         parity = {
@@ -708,7 +754,21 @@ def write_models(
         for precision in precisions:
             for file in variant_paths(staging, precision).values():
                 shutil.move(str(file), out / file.name)
-    return parity
+    return parity, heatmaps
+
+
+def with_heatmaps(graph: onnx.ModelProto, size: int, found: dict) -> onnx.ModelProto:
+    """The classifier graph with its `heatmaps` output; when the architecture has no exact class activation maps,
+    the graph unchanged and the reason, said clearly (the pack then has no heatmaps). `found` receives the
+    manifest entry, or the reason."""
+    try:
+        augmented = add_heatmap_output(graph)
+        found["entry"] = heatmap_manifest_entry(augmented, size)
+    except HeatmapsUnsupported as exc:
+        found["unavailable"] = str(exc)
+        print(f"warning: this classifier has no heatmaps ({exc}); the pack is written without them")
+        return graph
+    return augmented
 
 
 def input_entry(spec: InputSpec) -> dict:
@@ -727,9 +787,20 @@ def input_entry(spec: InputSpec) -> dict:
 
 
 def model_entries(
-    out: Path, checkpoint: dict, thresholds: dict, precisions: Sequence[str], inputs: ModelInputs
+    out: Path,
+    checkpoint: dict,
+    thresholds: dict,
+    precisions: Sequence[str],
+    inputs: ModelInputs,
+    heatmaps: dict,
 ) -> dict[str, dict]:
-    """The manifest's "detector" and "classifier": files, input, backbone, outputs, labels and operating points."""
+    """The manifest's "detector" and "classifier": files, input, backbone, outputs, labels, operating points and,
+    for the classifier, its heatmaps (or why it has none)."""
+    classifier_heatmaps = (
+        {"outputs": [*CLASSIFIER_OUTPUTS, HEATMAP_OUTPUT], "heatmaps": heatmaps["entry"]}
+        if "entry" in heatmaps
+        else {"outputs": list(CLASSIFIER_OUTPUTS), "heatmaps_unavailable": heatmaps.get("unavailable")}
+    )
     run_args = checkpoint["args"]
     return {
         "detector": model_entry(out, "detector", precisions)
@@ -746,7 +817,7 @@ def model_entries(
         | {
             "input": input_entry(inputs.classifier),
             "backbone": run_args["classifier_backbone"],
-            "outputs": list(CLASSIFIER_OUTPUTS),
+            **classifier_heatmaps,
             "labels": checkpoint["global_labels"],
             "thresholds": thresholds["thresholds"],
             "threshold_method": thresholds["method"],

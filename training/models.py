@@ -249,6 +249,12 @@ class Classifier(nn.Module):
         """Logits from a final feature map computed elsewhere (the detector's, when the backbone is shared)."""
         return self.head(nn.functional.adaptive_avg_pool2d(feature_map, 1))
 
+    def class_activation_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, K, h, w) logit maps whose spatial mean is `logits` (training/heatmaps.py): the reference the exported
+        `heatmaps` output is checked against."""
+        linear = self.head[-1]
+        return torch.einsum("kc,nchw->nkhw", linear.weight, self.feature_map(images)) + linear.bias[None, :, None, None]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Probabilities (N, K)."""
         return torch.sigmoid(self.logits(images))

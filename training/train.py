@@ -54,6 +54,7 @@ from training.metrics import ImageDetections, finding_threshold, youden_threshol
 from training.models import BACKBONES, Classifier, Detector
 from training.presets import add_preset_argument, apply_preset
 from training.splits import write_run_splits
+from training.triage import triage_entry
 
 DEFAULT_NORMALIZATION = Normalization(mean=0.5, std=0.25)
 LOSS_NAMES = ("cls", "box", "ctr", "classifier")
@@ -676,7 +677,7 @@ def write_thresholds(
     local_labels: list[str],
     global_labels: list[str],
 ) -> None:
-    """Per-label operating points chosen on the validation split (never on test)."""
+    """Per-label operating points and the triage operating point, chosen on the validation split (never on test)."""
     thresholds = {
         name: youden_threshold(val_targets[:, k], val_probabilities[:, k]) for k, name in enumerate(global_labels)
     }
@@ -692,6 +693,12 @@ def write_thresholds(
                 "validation_images": len(val_targets),
                 "thresholds": thresholds,
                 "finding_thresholds": finding_thresholds,
+                "triage": triage_entry(
+                    val_targets,
+                    val_probabilities,
+                    global_labels,
+                    f"the validation split ({len(val_targets)} images)",
+                ),
             },
             indent=2,
         )

@@ -27,14 +27,7 @@ import numpy as np
 
 from service.errors import InferenceUnavailable
 from service.inference.batcher import Batcher, cancel_and_wait
-from service.inference.modelpack import (
-    CLASSIFIER_OUTPUTS,
-    DETECTOR_OUTPUTS,
-    INPUT_NAME,
-    MODELS,
-    ModelPack,
-    model_batches,
-)
+from service.inference.modelpack import INPUT_NAME, MODELS, ModelPack, model_batches
 from service.inference.state import ServingState, new_decode_pool, state_with_verified_pack
 from service.inference.triton.repository import PACK_PARAMETER, SHA256_PARAMETER
 from service.metrics import ServiceMetrics
@@ -42,7 +35,6 @@ from service.settings import InferenceUrl, Settings
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = {"detector": DETECTOR_OUTPUTS, "classifier": CLASSIFIER_OUTPUTS}
 CHECK_INTERVAL_READY_S = 2.0
 CHECK_INTERVAL_UNREADY_S = 0.5
 RETRY_BACKOFF_S = 0.1
@@ -319,7 +311,7 @@ class KServeModels:
         attempts = 1 + self.settings.inference_retries
         for attempt in range(1, attempts + 1):
             try:
-                return await self._transport.infer(model, {INPUT_NAME: images}, OUTPUTS[model])
+                return await self._transport.infer(model, {INPUT_NAME: images}, self.pack.outputs[model])
             except RemoteError as exc:
                 if exc.retryable:
                     self._recheck.set()  # the watcher looks at the server now, not at its next interval
@@ -357,7 +349,9 @@ class KServeModels:
                         )
                     problem = config_problem(model, config, self.pack, self.settings.max_batch_size)
                 metadata = await self._transport.model_metadata(model)
-                problem = problem or metadata_problem(model, metadata, self.input_shape(model), OUTPUTS[model])
+                problem = problem or metadata_problem(
+                    model, metadata, self.input_shape(model), self.pack.outputs[model]
+                )
                 if problem is not None:
                     return "inference_server_mismatch", f"the server at {self.url} is not serving this pack: {problem}"
                 served[model] = {

@@ -24,6 +24,7 @@ from service.dicom.pipeline import InputSpec, ModelInputs
 from service.dicom.preprocess import Normalization
 from service.inference import runtime
 from service.inference.postprocess import DetectionParams
+from service.inference.triage import TriageError, TriageRule
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ MANIFEST_FORMAT = "cxr-model-pack/1"
 INPUT_NAME = "images"
 DETECTOR_OUTPUTS = ("boxes", "scores")
 CLASSIFIER_OUTPUTS = ("probabilities",)
+# Optional classifier output: per-label class activation maps (N, K, h, w), logits at feature resolution
+# (training/heatmaps.py). A pack has it when its manifest lists it among the classifier's outputs.
+HEATMAP_OUTPUT = "heatmaps"
 MODELS = ("detector", "classifier")
 
 
@@ -99,6 +103,28 @@ class ModelPack:
         return {k: float(v) for k, v in self.manifest["classifier"]["thresholds"].items()}
 
     @cached_property
+    def outputs(self) -> dict[str, tuple[str, ...]]:
+        """The outputs each model is run for, in the order `OnnxModels.run` returns them (after the detector's):
+        the required ones, then the classifier's heatmaps when the pack has them."""
+        heatmaps = (HEATMAP_OUTPUT,) if self.has_heatmaps else ()
+        return {"detector": DETECTOR_OUTPUTS, "classifier": (*CLASSIFIER_OUTPUTS, *heatmaps)}
+
+    @cached_property
+    def has_heatmaps(self) -> bool:
+        """Whether the classifier returns class activation maps (`?include=heatmaps`)."""
+        return HEATMAP_OUTPUT in (self.manifest["classifier"].get("outputs") or ())
+
+    @property
+    def heatmaps(self) -> dict | None:
+        """The classifier's manifest entry describing its maps (shape, values, grid), when it has them."""
+        return self.manifest["classifier"].get("heatmaps") if self.has_heatmaps else None
+
+    @cached_property
+    def triage(self) -> TriageRule | None:
+        """The triage operating point (service/inference/triage.py); None for a pack without one."""
+        return TriageRule.from_manifest(self.manifest, self.global_labels)
+
+    @cached_property
     def detection_params(self) -> DetectionParams:
         return DetectionParams(**self.manifest["detector"].get("postprocess", {}))
 
@@ -161,7 +187,12 @@ class ModelPack:
             files += [(f"{precision} ", variant) for precision, variant in (entry.get("variants") or {}).items()]
             for label, listed in files:
                 _verify_file(path, f"{label}{model}", listed)
-        return cls(path=path, manifest=manifest)
+        pack = cls(path=path, manifest=manifest)
+        try:
+            pack.triage  # noqa: B018 - parsed here, so a malformed entry fails the load rather than a request
+        except TriageError as exc:
+            raise PackError(f"{manifest_path}: {exc}") from None
+        return pack
 
 
 def _verify_file(pack: Path, what: str, entry: dict) -> None:
@@ -189,6 +220,7 @@ class OnnxModels:
         self, pack: ModelPack, *, settings: Settings | None = None, machine: runtime.Machine | None = None
     ) -> None:
         settings = settings or Settings()
+        self._outputs = pack.outputs
         plan = runtime.plan_providers(settings.providers, machine or runtime.probe_machine(settings.providers))
         for provider, reason in plan.skipped.items():
             log.info("execution provider %s left out: %s", provider, reason)
@@ -251,19 +283,22 @@ class OnnxModels:
         self.detector, self.classifier = sessions
         self.pack = pack
 
-    def run(self, *inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One (N, 1, S, S) float32 batch per input spec of the pack -> boxes (N, L, 4), scores (N, L, C) and
-        probabilities (N, K)."""
+    def run(self, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+        """One (N, 1, S, S) float32 batch per input spec of the pack -> boxes (N, L, 4), scores (N, L, C),
+        probabilities (N, K) and, when the pack has them, heatmaps (N, K, h, w). Heatmaps are always computed with
+        the probabilities: they cost a 1 x 1 convolution of a feature map the classifier computes anyway
+        (benchmarks/results/heatmaps)."""
         detector_images, classifier_images = model_batches(self.pack, inputs)
         if self._io_device is not None:
             return self.run_bound(detector_images, classifier_images, *self._io_device)
-        boxes, scores = self.detector.run(list(DETECTOR_OUTPUTS), {INPUT_NAME: detector_images})
-        (probabilities,) = self.classifier.run(list(CLASSIFIER_OUTPUTS), {INPUT_NAME: classifier_images})
-        return boxes, scores, probabilities
+        outputs: list[np.ndarray] = []
+        for model, images in (("detector", detector_images), ("classifier", classifier_images)):
+            outputs += getattr(self, model).run(list(self._outputs[model]), {INPUT_NAME: images})
+        return tuple(outputs)
 
     def run_bound(
         self, detector_images: np.ndarray, classifier_images: np.ndarray, device: str, device_id: int = 0
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, ...]:
         """`run` through IO binding: each distinct batch is copied to `device` once (both models read it there
         when they share an input); outputs are bound to host memory, where postprocessing needs them."""
         on_device: dict[int, ort.OrtValue] = {}
@@ -275,18 +310,15 @@ class OnnxModels:
             return on_device[id(images)]
 
         outputs: list[np.ndarray] = []
-        for session, images, names in (
-            (self.detector, detector_images, DETECTOR_OUTPUTS),
-            (self.classifier, classifier_images, CLASSIFIER_OUTPUTS),
-        ):
+        for model, images in (("detector", detector_images), ("classifier", classifier_images)):
+            session = getattr(self, model)
             binding = session.io_binding()
             binding.bind_ortvalue_input(INPUT_NAME, bound(images))
-            for name in names:
+            for name in self._outputs[model]:
                 binding.bind_output(name, "cpu")
             session.run_with_iobinding(binding)
             outputs += binding.copy_outputs_to_cpu()
-        boxes, scores, probabilities = outputs
-        return boxes, scores, probabilities
+        return tuple(outputs)
 
 
 def model_batches(pack: ModelPack, inputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
