@@ -106,3 +106,9 @@ class NodeDisabled(ApiError):
     """A DICOM node route was called on a service started without one."""
 
     status_code, code = 404, "dicom_node_disabled"
+
+
+class HeatmapsUnavailable(ApiError):
+    """Heatmaps were asked for, but the served pack's classifier has no heatmaps output (/v1/models says so)."""
+
+    status_code, code = 422, "heatmaps_unavailable"

@@ -72,7 +72,7 @@ class InferenceUrl:
 
 
 # Result objects a DICOM node destination can receive (service.viewer_outputs renders them).
-ResultKind = Literal["sr", "gsps", "sc"]
+ResultKind = Literal["sr", "gsps", "sc", "seg"]
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # PS3.5 AE VR: 16 characters, no backslash or control
 
 
@@ -310,7 +310,7 @@ class Settings(BaseSettings):
     dicom_destinations: list[Destination] = Field(
         [],
         description='where results go, a JSON list: {"kind": "dimse", "ae_title", "host", "port", "outputs"} and/or '
-        '{"kind": "stow", "url", "outputs"}; outputs among "sr", "gsps", "sc"',
+        '{"kind": "stow", "url", "outputs"}; outputs among "sr", "gsps", "sc", "seg"',
     )
     dicom_max_pdu: int = Field(
         262_144,

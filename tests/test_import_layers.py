@@ -17,7 +17,9 @@ from pathlib import Path
 
 SERVICE = Path(__file__).resolve().parent.parent / "service"
 
-SHARED = {"service.settings", "service.errors", "service.metrics", "service.allocator"}
+# viewer_outputs/codes.py is the one table of coded concepts: the SR codes findings and diseases with it, and the
+# JSON answer (built in inference) carries the same codes, so it is shared (it imports nothing from service/).
+SHARED = {"service.settings", "service.errors", "service.metrics", "service.allocator", "service.viewer_outputs.codes"}
 LAUNCHERS = {"service.__main__", "service.multiworker", "service.triton_repository", "service.dicom_node.__main__"}
 # Layer -> the layers its modules may import (besides their own and the shared modules).
 ALLOWED = {

@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+# A real 8 x 8 heatmap of the demo pack (Pneumonia on a phantom), for the OpenAPI example.
+HEATMAP_EXAMPLE_PNG = "iVBORw0KGgo="
+
 
 class Box(BaseModel):
     """Pixel coordinates in the original image: x = column, y = row (the VinDr CSV convention)."""
@@ -16,10 +19,40 @@ class Box(BaseModel):
     y_max: float
 
 
+class Code(BaseModel):
+    """A coded concept: the code the DICOM SR gives the same finding or disease (one table for JSON and SR)."""
+
+    scheme: str = Field(
+        description="coding scheme designator: SCT (SNOMED CT), DCM (DICOM) or 99PCXR (this service's private "
+        "scheme, for labels without a standard code)"
+    )
+    value: str = Field(description="code value in that scheme")
+    meaning: str = Field(description="code meaning, the scheme's own term")
+
+
 class Finding(BaseModel):
     label: str
     score: float = Field(ge=0, le=1)
     box: Box
+    code: Code
+
+
+class Heatmap(BaseModel):
+    """Where the classifier saw the disease: its class activation map (`?include=heatmaps`).
+
+    Draw `png` stretched over the rectangle (bilinear), clipped to the image: the rectangle is in the original
+    image's pixels and may reach past the image (half a map cell above and left of it, and over the model's
+    padding on the image's short side)."""
+
+    png: str = Field(
+        description="base64 8-bit grayscale PNG at feature resolution (e.g. 8 x 8 for a 256-pixel input); a pixel "
+        "value v means sigmoid(cell logit) = v / 255, the classifier's uncalibrated probability were the whole image "
+        "like that cell; the mean of the cell logits is the disease's logit"
+    )
+    x_min: float = Field(description="original-pixel column of the map's left edge")
+    y_min: float = Field(description="original-pixel row of the map's top edge")
+    x_max: float = Field(description="original-pixel column of the map's right edge")
+    y_max: float = Field(description="original-pixel row of the map's bottom edge")
 
 
 class Disease(BaseModel):
@@ -27,6 +60,20 @@ class Disease(BaseModel):
     probability: float = Field(ge=0, le=1)
     threshold: float = Field(description="operating point chosen on validation data")
     positive: bool
+    code: Code
+    heatmap: Heatmap | None = Field(None, description="only with ?include=heatmaps")
+
+
+class Triage(BaseModel):
+    """One number a worklist can sort by, and the priority the pack's validated operating point gives it."""
+
+    abnormality: float = Field(
+        ge=0, le=1, description='probability that the image is not "No finding": 1 - the "No finding" probability'
+    )
+    priority: Literal["routine", "expedite"] = Field(
+        description="expedite when abnormality is at or above the pack's triage operating point (chosen on "
+        "validation data at a target sensitivity; GET /v1/models shows it)"
+    )
 
 
 class Instance(BaseModel):
@@ -50,6 +97,9 @@ class Prediction(BaseModel):
     instance: Instance
     findings: list[Finding]
     diseases: list[Disease]
+    triage: Triage | None = Field(
+        description='null only for a pack without a "No finding" label or without a triage operating point'
+    )
     warnings: list[str]
     model: ModelInfo
     timing_ms: dict[str, float]
@@ -72,9 +122,26 @@ class Prediction(BaseModel):
                             "label": "Consolidation",
                             "score": 0.83,
                             "box": {"x_min": 512.0, "y_min": 300.5, "x_max": 700.2, "y_max": 488.0},
+                            "code": {"scheme": "SCT", "value": "95436008", "meaning": "Lung consolidation"},
                         }
                     ],
-                    "diseases": [{"label": "Pneumonia", "probability": 0.71, "threshold": 0.42, "positive": True}],
+                    "diseases": [
+                        {
+                            "label": "Pneumonia",
+                            "probability": 0.71,
+                            "threshold": 0.42,
+                            "positive": True,
+                            "code": {"scheme": "SCT", "value": "233604007", "meaning": "Pneumonia"},
+                            "heatmap": {
+                                "png": HEATMAP_EXAMPLE_PNG,
+                                "x_min": -99.5,
+                                "y_min": -99.5,
+                                "x_max": 1543.5,
+                                "y_max": 1543.5,
+                            },
+                        }
+                    ],
+                    "triage": {"abnormality": 0.86, "priority": "expedite"},
                     "warnings": [],
                     "model": {
                         "pack": "demo-synthetic",
@@ -94,6 +161,15 @@ class Prediction(BaseModel):
             ]
         }
     }
+
+
+def prediction_json(prediction: dict) -> dict:
+    """A prediction validated against `Prediction`, as JSON; a disease carries `heatmap` only when asked for."""
+    body = Prediction.model_validate(prediction).model_dump(mode="json")
+    for disease in body["diseases"]:
+        if disease["heatmap"] is None:
+            del disease["heatmap"]
+    return body
 
 
 class ErrorDetail(BaseModel):
@@ -145,6 +221,21 @@ class InferenceInfo(BaseModel):
     models: dict[str, RemoteModel] | None = Field(None, description="model -> what the remote server runs")
 
 
+class HeatmapsInfo(BaseModel):
+    shape: list[int] = Field(description="labels x rows x columns of the maps")
+    grid: dict[str, float] = Field(
+        description="cell (i, j) covers model-input x from origin + stride * j to origin + stride * (j + 1), y alike"
+    )
+    values: str
+
+
+class TriageInfo(BaseModel):
+    label: str = Field(description='the classifier label whose complement is the abnormality ("No finding")')
+    threshold: float = Field(description="abnormality at or above it: expedite")
+    rule: str = Field(description="how the operating point was chosen, and on which data")
+    validation: dict[str, Any] = Field(description="its sensitivity and specificity where it was chosen")
+
+
 class ModelsResponse(BaseModel):
     pack: str
     version: str
@@ -163,6 +254,11 @@ class ModelsResponse(BaseModel):
     providers: list[str] = Field(description="ONNX Runtime execution providers actually in use")
     max_batch_size: int
     precisions: list[str] = Field(description="precision variants the pack ships")
+    heatmaps: HeatmapsInfo | None = Field(
+        description="the classifier's class activation maps (?include=heatmaps, format=seg, overlay=heatmaps); "
+        "null when the pack has none"
+    )
+    triage: TriageInfo | None = Field(description="how `triage` is computed; null when the pack has no triage")
     runtime: RuntimeInfo | None = Field(
         None, description="ONNX Runtime configuration in effect; null when the models run in another process"
     )

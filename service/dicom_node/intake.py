@@ -98,13 +98,12 @@ def _pixel_data_truncated(ds: Dataset) -> bool:
     return len(ds.PixelData) < expected
 
 
-def result_allowance(outputs: tuple[str, ...], rows: int, columns: int) -> int:
+def result_allowance(outputs: tuple[str, ...], rows: int, columns: int, segments: int = 0) -> int:
     """Spool bytes reserved at intake for a job's results, so results of accepted instances fit the budget.
 
     SR and GSPS are a few KiB (64 KiB covers dozens of findings); the burned-in image is RGB at the
-    source's size. The reservation is replaced by the real sizes once the results are written.
+    source's size; the heatmap Segmentation at most one byte per pixel and segment (RLE only ever shrinks
+    smooth maps). The reservation is replaced by the real sizes once the results are written.
     """
-    allowance = 0
-    for kind in outputs:
-        allowance += 64 * 1024 + (rows * columns * 3 if kind == "sc" else 0)
-    return allowance
+    per_pixel = {"sc": 3, "seg": segments}
+    return sum(64 * 1024 + rows * columns * per_pixel.get(kind, 0) for kind in outputs)

@@ -27,7 +27,7 @@ from service.inference.state import ServingState
 from service.metrics import NodeMetrics
 from service.settings import Settings
 from service.viewer_outputs import quiet_identifying_loggers
-from service.viewer_outputs.render import DICOM_OUTPUTS, NEEDS_DISPLAY, render
+from service.viewer_outputs.render import DICOM_OUTPUTS, NEEDS_DISPLAY, NEEDS_HEATMAPS, render
 
 log = logging.getLogger("service.dicom_node")
 
@@ -115,6 +115,12 @@ class DicomNode:
         missing = [kind for kind in self.outputs if kind not in DICOM_OUTPUTS]
         if missing:
             raise ValueError(f"CXR_DICOM_DESTINATIONS asks for {', '.join(missing)}, which this version cannot render")
+        pack = self.state.pack
+        if any(kind in NEEDS_HEATMAPS for kind in self.outputs) and pack is not None and not pack.has_heatmaps:
+            raise ValueError(
+                f"CXR_DICOM_DESTINATIONS asks for seg (the heatmap Segmentation), but the classifier of pack "
+                f"{pack.name} {pack.version} has no heatmaps output (add it: python -m training.heatmaps)"
+            )
 
     # Intake (association threads) -----------------------------------------------------------------
 
@@ -133,7 +139,7 @@ class DicomNode:
             # The same bytes again (a sender retrying after a lost answer): already durable, already queued.
             self.metrics.received.labels("duplicate").inc()
             return SUCCESS, None
-        allowance = result_allowance(self.outputs, accepted.rows, accepted.columns)
+        allowance = result_allowance(self.outputs, accepted.rows, accepted.columns, len(self.state.pack.global_labels))
         try:
             self.spool.reserve(len(data) + allowance)
         except SpoolFull:
@@ -214,7 +220,12 @@ class DicomNode:
                 raise NotReady("the model pack is not loaded")  # retried below, as HTTP clients retry a 503
             keep_display = any(kind in NEEDS_DISPLAY for kind in outputs)  # a burned-in result is drawn on it
             prediction, prepared = await predict_instance(
-                body, self.state, self.settings, f"dicom-{job_id[:12]}", keep_display=keep_display
+                body,
+                self.state,
+                self.settings,
+                f"dicom-{job_id[:12]}",
+                keep_display=keep_display,
+                include_heatmaps=any(kind in NEEDS_HEATMAPS for kind in outputs),
             )
             del body
             written = await asyncio.to_thread(self._write_results, job_id, outputs, prepared, prediction)

@@ -25,7 +25,7 @@ from pathlib import Path
 from service.settings import ResultKind
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-RESULT_KINDS: tuple[ResultKind, ...] = ("sr", "gsps", "sc")
+RESULT_KINDS: tuple[ResultKind, ...] = ("sr", "gsps", "sc", "seg")
 
 
 class SpoolFull(Exception):

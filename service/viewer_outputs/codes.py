@@ -21,6 +21,7 @@ the normalised label text, so the same text always gets the same code.
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
@@ -150,6 +151,17 @@ def code_for(label: str) -> Code:
     value = _PRIVATE.get(label) or private_code_value(label)
     # Code Meaning is LO (64 characters); the label text itself is the meaning of a private code.
     return Code(value, PRIVATE_SCHEME, label.strip()[:64] or value)
+
+
+@lru_cache(maxsize=1024)
+def _json_code(label: str) -> tuple[tuple[str, str], ...]:
+    code = code_for(label)
+    return (("scheme", code.scheme_designator), ("value", code.value), ("meaning", code.meaning))
+
+
+def json_code(label: str) -> dict[str, str]:
+    """The JSON `code` of a finding or disease: the concept its SR content items use, as scheme, value, meaning."""
+    return dict(_json_code(label))
 
 
 def coding_scheme_items(used: list[Code]) -> list[CodingSchemeIdentificationItem] | None:

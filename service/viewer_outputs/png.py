@@ -2,6 +2,12 @@
 
 For a quick look (browser, chat, ticket), not for reading: the header says NOT FOR DIAGNOSTIC USE.
 The PNG has exactly the source image's size, so its pixels line up with the JSON boxes.
+
+With the heatmaps (`overlay=heatmaps`, a result with each disease's `heatmap`) it is a mosaic instead: that
+annotated image first, then one panel per disease, most probable first, with its map in colour over the image
+(colour: where the evidence is, relative to the image; opacity: the disease's probability over its threshold, so
+positive diseases are drawn in full and unlikely ones faintly) and a colour scale; panels are reduced to at most
+`PANEL_SIDE` pixels on their long side.
 """
 
 from __future__ import annotations
@@ -12,25 +18,37 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from service.viewer_outputs import DISCLAIMER, disease_text, finding_text
+from service.viewer_outputs.heatmaps import colour, on_image, overlay, strength
 from service.viewer_outputs.layout import Rect, label_colour, place_caption
 
 HEADER_DISEASES = 3  # the most probable diseases named in the header
+PANEL_SIDE = 768  # long side of a mosaic panel at most (a 3000 px radiograph would make a 12000 px mosaic)
+MOSAIC_COLUMNS = 4
+MOSAIC_GAP = 4
 
 
 def render_png(display: np.ndarray, result: dict) -> bytes:
     """PNG bytes of `display` (float HxW in [0, 1], bright = dense) with `result` drawn on it."""
+    return _encode(annotated_image(display, result))
+
+
+def _encode(image: Image.Image) -> bytes:
     out = io.BytesIO()
-    annotated_image(display, result).save(out, format="PNG", compress_level=3)  # speed over a few % of size
+    image.save(out, format="PNG", compress_level=3)  # speed over a few % of size
     return out.getvalue()
+
+
+def _grey(display: np.ndarray) -> np.ndarray:
+    if display.ndim != 2:
+        raise ValueError(f"display must be a 2-D greyscale image, not shape {display.shape}")
+    return np.rint(np.clip(np.nan_to_num(display, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def annotated_image(display: np.ndarray, result: dict) -> Image.Image:
     """`display` as an RGB image of the same size with the boxes, captions and the header drawn on it
     (the pixels of the PNG and of the burned-in DICOM image)."""
-    if display.ndim != 2:
-        raise ValueError(f"display must be a 2-D greyscale image, not shape {display.shape}")
-    rows, columns = display.shape
-    grey = np.rint(np.clip(np.nan_to_num(display, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
+    grey = _grey(display)
+    rows, columns = grey.shape
     image = Image.fromarray(grey).convert("RGB")
     draw = ImageDraw.Draw(image)
     # Scale strokes and text with the image, so a 500 px and a 3000 px radiograph look alike.
@@ -65,6 +83,55 @@ def annotated_image(display: np.ndarray, result: dict) -> Image.Image:
         placed.append(_draw_backed(draw, text, rect, label_colour(str(finding["label"])), font))
 
     return image
+
+
+def render_heatmap_png(display: np.ndarray, result: dict) -> bytes:
+    """PNG bytes of the heatmap mosaic (module docstring) of a result whose diseases carry a `heatmap`."""
+    diseases = sorted(
+        (d for d in result.get("diseases") or [] if d.get("heatmap")), key=lambda d: -float(d["probability"])
+    )
+    if not diseases:
+        raise ValueError("the result has no disease heatmaps to draw")
+    grey = _grey(display)
+    scale = min(1.0, PANEL_SIDE / max(grey.shape))
+    size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+    panels = [annotated_image(display, result).resize(size, Image.Resampling.BILINEAR)]
+    small = np.asarray(Image.fromarray(grey).resize(size, Image.Resampling.BILINEAR))
+    font = _font(max(10, round(min(size) / 30)))
+    for disease in diseases:
+        heat = on_image(disease["heatmap"], size[1], size[0], scale)
+        panel = Image.fromarray(overlay(small, heat, strength(disease)))
+        draw = ImageDraw.Draw(panel)
+        text = disease_text(disease)
+        width, height = _backed_size(draw, text, font)
+        _draw_backed(draw, text, (0, 0, width, height), (255, 255, 255), font)
+        _colour_scale(draw, font, panel.size)
+        panels.append(panel)
+    return _encode(_mosaic(panels))
+
+
+def _colour_scale(draw: ImageDraw.ImageDraw, font, size: tuple[int, int]) -> None:
+    """A horizontal colour bar along the panel's bottom edge, with what its ends mean above it."""
+    columns, rows = size
+    height = max(6, rows // 60)
+    left, right = columns // 20, columns - columns // 20
+    bar = colour(np.linspace(0.0, 1.0, max(1, right - left)))
+    top = rows - height - 2
+    for offset, rgb in enumerate(bar):
+        draw.line((left + offset, top, left + offset, top + height), fill=tuple(int(c) for c in rgb))
+    text = "weaker   evidence in this image   stronger"
+    width, text_height = _backed_size(draw, text, font)
+    _draw_backed(draw, text, (left, top - text_height - 1, left + width, top - 1), (255, 255, 255), font)
+
+
+def _mosaic(panels: list[Image.Image]) -> Image.Image:
+    columns = min(MOSAIC_COLUMNS, len(panels))
+    rows = -(-len(panels) // columns)
+    width, height = panels[0].size
+    sheet = Image.new("RGB", (columns * width + (columns - 1) * MOSAIC_GAP, rows * height + (rows - 1) * MOSAIC_GAP))
+    for index, panel in enumerate(panels):
+        sheet.paste(panel, ((index % columns) * (width + MOSAIC_GAP), (index // columns) * (height + MOSAIC_GAP)))
+    return sheet
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

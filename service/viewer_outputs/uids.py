@@ -7,13 +7,14 @@ policy) instead of filing another copy. So every result UID is a function of:
   - the source: its SOP Instance UID (for an instance) or its Study Instance UID (for a series);
   - the pack: name, version and the SHA-256 of both ONNX models, so a new pack version, or a pack
     re-exported with other weights under the same version, gives new objects in a new series;
-  - the kind of object ("sr", "gsps", "sc"), so the three never share a UID.
+  - the kind of object ("sr", "gsps", "sc", "seg"), so they never share a UID.
 
 Deployment options that change what is reported without changing the pack (a score floor, fp16)
 do NOT change the UIDs: a re-run replaces "this pack's analysis of this image".
 
 One series per (study, pack, kind): every SR the pack writes for the images of a study lands in one
-series, numbered by kind (``SERIES_NUMBERS``: 9901 SR, 9902 GSPS, 9903 burned-in image). Another pack
+series, numbered by kind (``SERIES_NUMBERS``: 9901 SR, 9902 GSPS, 9903 burned-in image, 9904 heatmap
+Segmentation). Another pack
 version writes a series with the same number and another UID; its Series Description names the pack
 and version, which is how a reader tells them apart.
 
@@ -34,7 +35,7 @@ from pydicom.uid import UID
 NAMESPACE = uuid.UUID("6f0c3c52-94a4-4d0e-9f3e-3b0d1c6a7e21")
 NAMESPACE_UID = UID(f"2.25.{NAMESPACE.int}")  # the service as an organisation (e.g. who extended a context group)
 
-SERIES_NUMBERS = {"sr": 9901, "gsps": 9902, "sc": 9903}
+SERIES_NUMBERS = {"sr": 9901, "gsps": 9902, "sc": 9903, "seg": 9904}
 
 
 @dataclass(frozen=True)

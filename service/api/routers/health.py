@@ -8,10 +8,11 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.api.dependencies import ReadyStateDep, SettingsDep, StateDep
-from service.api.schemas import ErrorResponse, InferenceInfo, ModelsResponse
+from service.api.schemas import ErrorResponse, HeatmapsInfo, InferenceInfo, ModelsResponse, TriageInfo
 from service.inference.client import RemoteModels
+from service.inference.heatmaps import HeatmapGrid
 from service.inference.kserve import KServeModels
-from service.inference.modelpack import MODELS, OnnxModels
+from service.inference.modelpack import MODELS, ModelPack, OnnxModels
 from service.inference.state import NOT_READY_REASONS, ServingState
 
 router = APIRouter()
@@ -80,9 +81,26 @@ async def models(state: ReadyStateDep, settings: SettingsDep) -> ModelsResponse:
         providers=state.models.providers,
         max_batch_size=settings.max_batch_size,
         precisions=list(pack.precisions),
+        heatmaps=heatmaps_info(pack),
+        triage=triage_info(pack),
         runtime=runtime,
         inference=inference_info(state),
     )
+
+
+def heatmaps_info(pack: ModelPack) -> HeatmapsInfo | None:
+    entry = pack.heatmaps
+    if entry is None:
+        return None
+    grid = HeatmapGrid.from_manifest(entry, pack.model_inputs.classifier.size, entry["shape"][-1])
+    return HeatmapsInfo(shape=entry["shape"], grid=asdict(grid), values=entry.get("values", ""))
+
+
+def triage_info(pack: ModelPack) -> TriageInfo | None:
+    rule = pack.triage
+    if rule is None:
+        return None
+    return TriageInfo(label=rule.label, threshold=rule.threshold, rule=rule.rule, validation=dict(rule.validation))
 
 
 def inference_info(state: ServingState) -> InferenceInfo:
