@@ -6,8 +6,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-# A real 8 x 8 heatmap of the demo pack (Pneumonia on a phantom), for the OpenAPI example.
-HEATMAP_EXAMPLE_PNG = "iVBORw0KGgo="
+# A real 8 x 8 heatmap for the OpenAPI example: the demo pack 0.2.0 with its heatmaps output added
+# (python -m training.heatmaps), Pneumonia on a 1633 x 1402 (rows x columns) default-difficulty phantom.
+HEATMAP_EXAMPLE_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAAQklEQVR4nGNkCNf9sv0iAwMTgwkfEzcrAwMLg7Tv9f+/TzOwMDRckvjHxMDAwMAw"
+    "/f8hKQYGBgYGBgddBigQZEACAGESDL5ven2EAAAAAElFTkSuQmCC"
+)
 
 
 class Box(BaseModel):
@@ -134,10 +138,10 @@ class Prediction(BaseModel):
                             "code": {"scheme": "SCT", "value": "233604007", "meaning": "Pneumonia"},
                             "heatmap": {
                                 "png": HEATMAP_EXAMPLE_PNG,
-                                "x_min": -99.5,
-                                "y_min": -99.5,
-                                "x_max": 1543.5,
-                                "y_max": 1543.5,
+                                "x_min": -98.78,
+                                "y_min": -98.87,
+                                "x_max": 1532.64,
+                                "y_max": 1534.13,
                             },
                         }
                     ],
