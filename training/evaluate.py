@@ -29,11 +29,15 @@ import numpy as np
 from tqdm import tqdm
 
 from service.dicom.pipeline import ModelInputs, prepare
+from service.dicom.preprocess import Letterbox
+from service.inference.heatmaps import HeatmapGrid
 from service.inference.modelpack import ModelPack, OnnxModels
 from service.inference.postprocess import DetectionParams, Detections, select_detections, to_original_space
 from service.settings import Settings
 from training import baselines
 from training.data import Record, add_layout_arguments, fusion_from_args, read_split
+from training.heatmap_eval import markdown_section as heatmaps_markdown
+from training.heatmap_eval import peak_in_box
 from training.metrics import (
     ClassMatches,
     ImageDetections,
@@ -51,6 +55,8 @@ from training.metrics import (
     resample_counts,
     roc_curve,
 )
+from training.triage import markdown_section as triage_markdown
+from training.triage import triage_evaluation
 
 # One stacked (N, 1, S, S) batch per distinct input of the models -> boxes, scores, probabilities.
 InferFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -65,6 +71,8 @@ class Predictions:
     image_ids: list[str]
     detections: list[Detections]  # original pixel space
     probabilities: np.ndarray  # N x K
+    heatmaps: list[np.ndarray] | None = None  # per image (K, h, w), when the model returns them
+    geometries: list[Letterbox] | None = None  # per image: where the classifier's input lies on the original
 
 
 @dataclass(frozen=True)
@@ -156,19 +164,31 @@ def predict_records(
     detections: list[Detections] = []
     probabilities: list[np.ndarray] = []
     specs, detector_input = inputs.specs, inputs.index("detector")
+    classifier_input = inputs.index("classifier")
+    heatmaps: list[np.ndarray] = []
+    geometries: list[Letterbox] = []
     with ThreadPoolExecutor(threads) as pool, tqdm(total=len(records), desc="evaluate") as progress:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             prepared = list(pool.map(lambda r: prepare(r.path.read_bytes(), specs), chunk))
             batches = [np.stack([p.inputs[position] for p in prepared]) for position in range(len(specs))]
-            boxes, scores, probs = infer(*batches)
+            # A pack with heatmaps returns them fourth (OnnxModels.run): kept for the heatmap section.
+            outputs = infer(*batches)
+            boxes, scores, probs = outputs[:3]
+            if len(outputs) > 3:
+                heatmaps += list(outputs[3])
+            geometries += [p.geometries[classifier_input] for p in prepared]
             for i, item in enumerate(prepared):
                 geometry = item.geometries[detector_input]
                 detections.append(to_original_space(select_detections(boxes[i], scores[i], params), geometry))
             probabilities.append(probs)
             progress.update(len(chunk))
     return Predictions(
-        [r.image_id for r in records], detections, np.concatenate(probabilities) if probabilities else np.zeros((0, 0))
+        [r.image_id for r in records],
+        detections,
+        np.concatenate(probabilities) if probabilities else np.zeros((0, 0)),
+        heatmaps if heatmaps and len(heatmaps) == len(records) else None,
+        geometries,
     )
 
 
@@ -351,6 +371,8 @@ def markdown_report(report: dict, title: str) -> str:
     lines += _detection_section(report["detection"], split)
     lines += _classification_section(report["classification"], split, report.get("thresholds_method"))
     lines += baselines.markdown_section(report.get("baseline"))
+    lines += triage_markdown(report.get("triage"))
+    lines += heatmaps_markdown(report.get("heatmaps"))
     short = _short_of_resamples(report) if bootstrap["resamples"] else []
     if short:
         lines += [
@@ -543,9 +565,14 @@ def main(args: argparse.Namespace) -> dict:
         runtime = {"provider": models.runtime.provider, "precision": models.runtime.precision}
         infer, model_inputs, params = models.run, pack.model_inputs, pack.detection_params
         local_labels, global_labels, thresholds = pack.local_labels, pack.global_labels, pack.thresholds
+        triage_threshold = pack.triage.threshold if pack.triage is not None else None
+        maps = pack.heatmaps
+        grid = HeatmapGrid.from_manifest(maps, model_inputs.classifier.size, maps["shape"][-1]) if maps else None
         source, folder = f"pack {pack.name} {pack.version}", args.pack
     else:
         infer, model_inputs, local_labels, global_labels, thresholds, params = torch_infer_from_run(args.run)
+        triage_threshold = (json.loads((args.run / "thresholds.json").read_text()).get("triage") or {}).get("threshold")
+        grid = None  # a run's PyTorch outputs have no heatmaps; its exported pack does
         source, folder = f"run {args.run}", args.run
         runtime = {"provider": "PyTorch", "precision": "fp32"}
     out = args.out or folder
@@ -565,6 +592,7 @@ def main(args: argparse.Namespace) -> dict:
         "thresholds_method": thresholds_method(folder),
         "runtime": runtime,
     } | scores
+    bootstrap = (args.bootstrap, args.seed, args.confidence)
     if args.baseline:
         report["baseline"] = baselines.evaluation_section(
             args.data,
@@ -574,10 +602,14 @@ def main(args: argparse.Namespace) -> dict:
             records,
             global_labels,
             inputs.probabilities,
-            (args.bootstrap, args.seed, args.confidence),
+            bootstrap,
             args.cache,
             args.threads,
         )
+    triage = (inputs.targets, inputs.probabilities, global_labels, triage_threshold)
+    report["triage"] = triage_evaluation(*triage, *bootstrap)
+    if predictions.heatmaps is not None and grid is not None:
+        report["heatmaps"] = peak_in_box(records, predictions.heatmaps, predictions.geometries, global_labels, grid)
     report["seconds"] = {"inference": round(inference_seconds, 1), "metrics": round(time.perf_counter() - started, 1)}
     title = f"Evaluation of {source} on {args.data.name}/{args.split}"
     written = write_outputs(out, args.split, report, inputs, matches, title)

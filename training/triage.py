@@ -14,7 +14,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from training.metrics import operating_point
+from training.metrics import (
+    auroc,
+    bootstrap_auroc,
+    bootstrap_operating_point,
+    operating_point,
+    percentile_interval,
+    resample_counts,
+)
 
 NO_FINDING = "No finding"
 TARGET_SENSITIVITY = 0.9
@@ -71,3 +78,67 @@ def triage_entry(
             "specificity": measured["specificity"],
         },
     }
+
+
+def triage_evaluation(
+    image_labels: np.ndarray,
+    probabilities: np.ndarray,
+    labels: Sequence[str],
+    threshold: float | None,
+    resamples: int = 0,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict | None:
+    """The evaluation report's `triage`: AUROC of the abnormality for abnormal vs normal images, and sensitivity
+    and specificity at the pack's operating point, each with a percentile bootstrap interval (images resampled
+    with replacement, `resamples` times; None without). None for a classifier without "No finding"."""
+    if NO_FINDING not in labels:
+        return None
+    targets, scores = abnormal(image_labels, labels), abnormality(probabilities, labels)
+    counts = resample_counts(len(targets), resamples, np.random.default_rng(seed)) if resamples else None
+
+    def ci(values: np.ndarray) -> dict | None:
+        return percentile_interval(values, confidence) if counts is not None else None
+
+    section: dict = {
+        "score": f"abnormality = 1 - P({NO_FINDING}), as the service reports it",
+        "images": int(len(targets)),
+        "abnormal": int(targets.sum()),
+        "auroc": auroc(targets, scores),
+        "auroc_ci": ci(bootstrap_auroc(targets, scores, counts)) if counts is not None else None,
+        "threshold": threshold,
+    }
+    if threshold is not None:
+        point = operating_point(targets, scores, threshold)
+        resampled = bootstrap_operating_point(targets, scores, threshold, counts) if counts is not None else {}
+        for name in ("sensitivity", "specificity"):
+            section[name], section[f"{name}_ci"] = point[name], ci(resampled[name]) if resampled else None
+        section["expedited"] = int((scores >= threshold).sum())
+    return section
+
+
+def markdown_section(section: dict | None) -> list[str]:
+    if not section:
+        return []
+
+    def cell(name: str) -> str:
+        value, interval = section.get(name), section.get(f"{name}_ci")
+        if value is None:
+            return "n/a"
+        if interval and interval.get("low") is not None:
+            return f"{value:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+        return f"{value:.3f}"
+
+    threshold = "none in the pack" if section["threshold"] is None else f"{section['threshold']:.3f}"
+    return [
+        "",
+        "## Triage",
+        "",
+        f'Score: {section["score"]}; abnormal = not labelled "{NO_FINDING}" ({section["abnormal"]} of '
+        f"{section['images']} images). Operating point (chosen on validation data, never on this split): "
+        f"expedite at abnormality >= {threshold}.",
+        "",
+        "| AUROC | sensitivity | specificity | expedited |",
+        "| ---: | ---: | ---: | ---: |",
+        f"| {cell('auroc')} | {cell('sensitivity')} | {cell('specificity')} | {section.get('expedited', 'n/a')} |",
+    ]

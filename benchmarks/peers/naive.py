@@ -43,7 +43,8 @@ def create_app(settings: Settings) -> FastAPI:
         pack = models["pack"]
         prepared = prepare_body(body, pack, settings)
         inference_started = time.perf_counter()
-        boxes, scores, probabilities = models["sessions"].run(*(tensor[None] for tensor in prepared.inputs))
+        outputs = models["sessions"].run(*(tensor[None] for tensor in prepared.inputs))
+        boxes, scores, probabilities = outputs[:3]  # a pack with heatmaps returns them fourth; not asked for here
         timing = {"inference": (time.perf_counter() - inference_started) * 1e3}
         prediction = prediction_json(
             prepared, (boxes[0], scores[0], probabilities[0]), pack, settings, uuid.uuid4().hex, timing

@@ -275,6 +275,17 @@ def draw_findings(rng: np.random.Generator) -> list[str]:
     return chosen
 
 
+# The findings each disease rule below reads: where a disease's evidence lies on a phantom (the heatmap
+# evaluation looks for a disease's heatmap peak inside these findings' boxes).
+DISEASE_FINDINGS: dict[str, tuple[str, ...]] = {
+    "Pneumonia": (CONSOLIDATION,),
+    "Brocho-pneumonia": (RETICULONODULAR, PIO, OTHER_OPACITY),
+    "Bronchitis": (BRONCHIAL_THICKENING, PIO),
+    "Bronchiolitis": (HYPERINFLATION,),
+    "Other diseases": (CARDIOMEGALY, EFFUSION),
+}
+
+
 def disease_labels(rng: np.random.Generator, local: set[str], d: Difficulty) -> dict[str, int]:
     causes = {
         "Pneumonia": CONSOLIDATION in local,
