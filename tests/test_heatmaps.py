@@ -24,7 +24,7 @@ from service.inference.heatmaps import HeatmapGrid, heatmaps_json, region, to_pi
 from service.inference.modelpack import HEATMAP_OUTPUT, ModelPack
 from service.viewer_outputs.codes import json_code
 from service.viewer_outputs.heatmaps import decode, on_image, peak
-from tests.test_viewer_outputs import _dciodvfy_errors
+from tests.dicom_checks import dciodvfy_errors
 from training.export import export_onnx, with_heatmaps
 from training.heatmaps import HeatmapsUnsupported, add_heatmap_output, feature_grid, find_cam_head
 from training.models import BACKBONES, Classifier
@@ -260,7 +260,7 @@ def test_seg_is_a_valid_segmentation_of_the_source(client, tiny_dataset, tmp_pat
         disease = diseases[segments[number].SegmentLabel]
         expected = np.rint(255 * disease["probability"] * on_image(disease["heatmap"], seg.Rows, seg.Columns))
         assert np.abs(frame.astype(int) - expected).max() <= 1
-    assert _dciodvfy_errors(seg, tmp_path) == []
+    assert dciodvfy_errors(seg, tmp_path) == []
 
 
 @pytest.mark.parametrize("params", [{"format": "sr", "overlay": "heatmaps"}, {"overlay": "heatmaps"}])

@@ -76,8 +76,9 @@ class Triage(BaseModel):
     )
     priority: Literal["routine", "expedite"] = Field(
         description="expedite when abnormality is at or above the pack's triage operating point (chosen on "
-        "validation data at a target sensitivity; GET /v1/models shows it)"
+        "validation data at a target sensitivity; GET /v1/models shows how)"
     )
+    threshold: float = Field(description="that operating point: the abnormality at or above which it is expedite")
 
 
 class Instance(BaseModel):
@@ -145,7 +146,7 @@ class Prediction(BaseModel):
                             },
                         }
                     ],
-                    "triage": {"abnormality": 0.86, "priority": "expedite"},
+                    "triage": {"abnormality": 0.86, "priority": "expedite", "threshold": 0.31},
                     "warnings": [],
                     "model": {
                         "pack": "demo-synthetic",

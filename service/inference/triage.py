@@ -1,13 +1,13 @@
 """Triage: one abnormality number per image for a worklist to sort by, and a priority from a validated operating point.
 
-    "triage": {"abnormality": 0.86, "priority": "expedite"}
+    "triage": {"abnormality": 0.86, "priority": "expedite", "threshold": 0.31}
 
 `abnormality` is the probability that the image is not "No finding": 1 - the (calibrated) probability the pack
 reports for its "No finding" label, so it is as calibrated as the disease probabilities in the same answer and
-agrees with them. `priority` is "expedite" when the abnormality is at or above the pack's triage operating point,
-else "routine". The operating point is chosen on a validation split, never on test data: the highest threshold
-whose sensitivity for abnormal images reaches a target (training/triage.py), so a worklist sorted by it misses at
-most that share of abnormal images among those it expedites. The manifest states it:
+agrees with them. `priority` is "expedite" when the abnormality is at or above the pack's triage operating
+point, else "routine"; `threshold` is that operating point. It is chosen on a validation split, never on test
+data: the highest threshold that still expedites a target share of the abnormal validation images (its
+sensitivity, training/triage.py), so as many normal images as possible stay routine. The manifest states it:
 
     "triage": {"label": "No finding", "threshold": 0.31, "rule": "...", "target_sensitivity": 0.9,
                "validation": {"images": 225, "sensitivity": 0.91, "specificity": 0.62, ...}}
@@ -57,4 +57,5 @@ class TriageRule:
     def json(self, probabilities: np.ndarray) -> dict:
         """The answer's `triage` for one image's (K,) probabilities."""
         abnormality = float(self.abnormality(probabilities))
-        return {"abnormality": abnormality, "priority": PRIORITIES[int(abnormality >= self.threshold)]}
+        priority = PRIORITIES[int(abnormality >= self.threshold)]
+        return {"abnormality": abnormality, "priority": priority, "threshold": self.threshold}

@@ -121,6 +121,15 @@ UNITLESS: Code = codes.UCUM.NoUnits  # (1, UCUM, "no units"): a probability is a
 # A box's detector output is a score in [0, 1], not a probability (it is not calibrated): UCUM's
 # annotation unit for a dimensionless score, as LOINC writes assessment scores.
 SCORE_UNIT = Code("{score}", "UCUM", "score")
+# Triage (the JSON's top-level `triage`): "Triage priority = Routine/Expedite" with the abnormality probability.
+# Private codes: SNOMED CT's priority qualifiers (Routine, Urgent, ...) name how soon a *procedure* is done; this
+# is a worklist ordering from a validated operating point, which no standard concept states exactly.
+TRIAGE_PRIORITY = Code("TRIAGE", PRIVATE_SCHEME, "Triage priority")
+PRIORITY_VALUES: dict[str, Code] = {
+    "routine": Code("ROUTINE", PRIVATE_SCHEME, "Routine"),
+    "expedite": Code("EXPEDITE", PRIVATE_SCHEME, "Expedite"),
+}
+ABNORMALITY_PROBABILITY = Code("ABNORMAL", PRIVATE_SCHEME, 'Probability of not "No finding"')
 _SCORE_SUFFIX = " detection score"
 
 

@@ -12,6 +12,8 @@ the first coordinate of each group) and labels a box "<NUM concept meaning>: <va
   │     algorithm (TID 4019), "<finding> detection score" = JSON score (UCUM {score}),
   │     closed 5-point POLYLINE on the source image
   └─ Qualitative Evaluations
+     ├─ (a pack with a triage operating point) "Triage priority = Routine/Expedite", with the abnormality
+     │  probability (1 - P(No finding)) and the operating point as an algorithm parameter
      ├─ one "<disease> = Present/Absent" per disease, with its Probability and algorithm (threshold
      │  as a parameter): image-level results carry no coordinates, so they are not measurement groups
      └─ Comment: "RESEARCH - NOT FOR DIAGNOSTIC USE", how many boxes, or that there are none.
@@ -59,15 +61,18 @@ from service.viewer_outputs import (
     series_description,
 )
 from service.viewer_outputs.codes import (
+    ABNORMALITY_PROBABILITY,
     ABSENT,
     COMMENT,
     DISEASE_PROBABILITY,
     NO_FINDINGS_TITLE,
     PRESENT,
+    PRIORITY_VALUES,
     PROCEDURE_REPORTED,
     QUALITATIVE_EVALUATIONS,
     REPORT_TITLE,
     SCORE_UNIT,
+    TRIAGE_PRIORITY,
     UNITLESS,
     code_for,
     coding_scheme_items,
@@ -94,10 +99,12 @@ def build_sr(source: pydicom.Dataset, result: dict) -> pydicom.Dataset:
     root = _report_root(header, model, findings)
     if findings:
         root.ContentSequence.append(_imaging_measurements(header, model, findings))
-    root.ContentSequence.append(_qualitative_evaluations(model, findings, diseases))
+    triage = result.get("triage")
+    root.ContentSequence.append(_qualitative_evaluations(model, findings, diseases, triage))
 
     used = [code_for(str(f["label"])) for f in findings] + [score_code(str(f["label"])) for f in findings]
     used += [code_for(str(d["label"])) for d in diseases]
+    used += [TRIAGE_PRIORITY, ABNORMALITY_PROBABILITY] if triage else []
     sr = ComprehensiveSR(
         evidence=[header],
         specific_character_set=output_character_set(header),
@@ -220,13 +227,44 @@ def _finding_group(
     )
 
 
-def _qualitative_evaluations(model: dict, findings: list[dict], diseases: list[dict]) -> ContainerContentItem:
+def _qualitative_evaluations(
+    model: dict, findings: list[dict], diseases: list[dict], triage: dict | None
+) -> ContainerContentItem:
     # SEPARATE: a text view (OHIF's included) then shows one "<concept>: <value>" line per item.
     container = ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS, is_content_continuous=False
     )
-    container.ContentSequence = [*(_disease_evaluation(model, d) for d in diseases), _comment(findings, diseases)]
+    container.ContentSequence = [
+        *([_triage_evaluation(model, triage)] if triage else []),
+        *(_disease_evaluation(model, d) for d in diseases),
+        _comment(findings, diseases),
+    ]
     return container
+
+
+def _triage_evaluation(model: dict, triage: dict) -> CodeContentItem:
+    """ "Triage priority = Routine/Expedite" with the abnormality probability it was decided from (the JSON's
+    `triage`); the operating point is an algorithm parameter, as a disease's threshold is."""
+    item = CodeContentItem(
+        name=TRIAGE_PRIORITY,
+        value=PRIORITY_VALUES[str(triage["priority"])],
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+    parameters = ["abnormality = 1 - P(No finding)"]
+    if triage.get("threshold") is not None:
+        parameters.append(f"operating point={float(triage['threshold']):.6g}")
+    if model.get("classifier_sha256"):
+        parameters.append(f"classifier_sha256={model['classifier_sha256']}")
+    item.ContentSequence = [
+        NumContentItem(
+            name=ABNORMALITY_PROBABILITY,
+            value=float(triage["abnormality"]),
+            unit=UNITLESS,
+            relationship_type=RelationshipTypeValues.HAS_PROPERTIES,
+        ),
+        *_algorithm(model, parameters),
+    ]
+    return item
 
 
 def _disease_evaluation(model: dict, disease: dict) -> CodeContentItem:
