@@ -214,7 +214,7 @@ def test_every_finding_and_disease_carries_the_srs_code(client, tiny_dataset):
     while pending:
         item = pending.pop()
         pending += list(item.get("ContentSequence", []))
-        for concept in item.get("ConceptCodeSequence", []):
+        for concept in [*item.get("ConceptNameCodeSequence", []), *item.get("ConceptCodeSequence", [])]:
             coded.add((concept.CodingSchemeDesignator, concept.CodeValue, concept.CodeMeaning))
     assert {(i["code"]["scheme"], i["code"]["value"], i["code"]["meaning"]) for i in items} <= coded
 

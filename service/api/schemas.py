@@ -49,9 +49,9 @@ class Heatmap(BaseModel):
     padding on the image's short side)."""
 
     png: str = Field(
-        description="base64 8-bit grayscale PNG at feature resolution (e.g. 8 x 8 for a 256-pixel input); a pixel "
-        "value v means sigmoid(cell logit) = v / 255, the classifier's uncalibrated probability were the whole image "
-        "like that cell; the mean of the cell logits is the disease's logit"
+        description="base64 8-bit grayscale PNG at feature resolution (e.g. 8 x 8 for a 256-pixel input), relative "
+        "to this image: 255 at the cell where the evidence for the disease is strongest, 0 wherever it is at or below "
+        "the map's mean (which is the disease's logit), linear between; how likely the disease is, is `probability`"
     )
     x_min: float = Field(description="original-pixel column of the map's left edge")
     y_min: float = Field(description="original-pixel row of the map's top edge")

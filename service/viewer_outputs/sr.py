@@ -51,6 +51,7 @@ from highdicom.sr import (
 )
 from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from service.dicom.charsets import output_character_set
 from service.viewer_outputs import (
@@ -245,44 +246,34 @@ def _qualitative_evaluations(
 def _triage_evaluation(model: dict, triage: dict) -> CodeContentItem:
     """ "Triage priority = Routine/Expedite" with the abnormality probability it was decided from (the JSON's
     `triage`); the operating point is an algorithm parameter, as a disease's threshold is."""
-    item = CodeContentItem(
-        name=TRIAGE_PRIORITY,
-        value=PRIORITY_VALUES[str(triage["priority"])],
-        relationship_type=RelationshipTypeValues.CONTAINS,
-    )
     parameters = ["abnormality = 1 - P(No finding)"]
     if triage.get("threshold") is not None:
         parameters.append(f"operating point={float(triage['threshold']):.6g}")
-    if model.get("classifier_sha256"):
-        parameters.append(f"classifier_sha256={model['classifier_sha256']}")
-    item.ContentSequence = [
-        NumContentItem(
-            name=ABNORMALITY_PROBABILITY,
-            value=float(triage["abnormality"]),
-            unit=UNITLESS,
-            relationship_type=RelationshipTypeValues.HAS_PROPERTIES,
-        ),
-        *_algorithm(model, parameters),
-    ]
-    return item
+    value = PRIORITY_VALUES[str(triage["priority"])]
+    return _evaluation(model, TRIAGE_PRIORITY, value, ABNORMALITY_PROBABILITY, triage["abnormality"], parameters)
 
 
 def _disease_evaluation(model: dict, disease: dict) -> CodeContentItem:
     """ "<disease> = Present/Absent" against the pack's threshold, with the probability it came from."""
-    item = CodeContentItem(
-        name=code_for(str(disease["label"])),
-        value=PRESENT if disease.get("positive") else ABSENT,
-        relationship_type=RelationshipTypeValues.CONTAINS,
-    )
     parameters = []
     if disease.get("threshold") is not None:
         parameters.append(f"decision threshold={float(disease['threshold']):.6g}")
+    value = PRESENT if disease.get("positive") else ABSENT
+    concept = code_for(str(disease["label"]))
+    return _evaluation(model, concept, value, DISEASE_PROBABILITY, disease["probability"], parameters)
+
+
+def _evaluation(
+    model: dict, concept: Code, value: Code, probability_concept: Code, probability: float, parameters: list[str]
+) -> CodeContentItem:
+    """ "<concept> = <value>", with the probability it was decided from and the classifier as the algorithm."""
+    item = CodeContentItem(name=concept, value=value, relationship_type=RelationshipTypeValues.CONTAINS)
     if model.get("classifier_sha256"):
-        parameters.append(f"classifier_sha256={model['classifier_sha256']}")
+        parameters = [*parameters, f"classifier_sha256={model['classifier_sha256']}"]
     item.ContentSequence = [
         NumContentItem(
-            name=DISEASE_PROBABILITY,
-            value=float(disease["probability"]),
+            name=probability_concept,
+            value=float(probability),
             unit=UNITLESS,
             relationship_type=RelationshipTypeValues.HAS_PROPERTIES,
         ),
