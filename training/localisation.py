@@ -26,6 +26,7 @@ own centre, so every box counts. Cell centres come from the same grid the export
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -101,3 +102,25 @@ def measure_grid(feature_map: Callable[[torch.Tensor], torch.Tensor], size: int)
     support = torch.nonzero(image.grad[0, 0].abs().sum(dim=0))[:, 0]
     centre = (float(support.min()) + float(support.max()) + 1) / 2  # in pixel edges
     return stride, centre - stride * (columns // 2 + 0.5)
+
+
+@dataclass(frozen=True)
+class CamLoss:
+    """The `--cam-loss` term as training computes it: `weight` x cam_localisation_loss on the classifier's feature map.
+
+    `box_scale` takes the targets' boxes (detector-input pixels) to the pixels of the input the feature map was
+    computed from (classifier size / detector size; 1 when the classifier shares the detector's backbone).
+    """
+
+    weight: float
+    stride: float
+    origin: float
+    box_scale: float = 1.0
+    skip: tuple[int, ...] = ()
+
+    def __call__(
+        self, feature_map: torch.Tensor, linear: nn.Linear, targets: Sequence[dict], labels: torch.Tensor
+    ) -> torch.Tensor:
+        maps = class_activation_maps(feature_map.float(), linear)
+        boxes = [target["boxes"] * self.box_scale for target in targets]
+        return self.weight * cam_localisation_loss(maps, boxes, labels, self.stride, self.origin, self.skip)
