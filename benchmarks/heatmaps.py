@@ -82,10 +82,15 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def batch_of_phantoms(pack: ModelPack, size: int) -> np.ndarray:
-    """`size` of the benchmarks' 1643 x 1349 phantoms (cached in benchmarks/.bench-inputs), as model inputs."""
+def batch_of_phantoms(pack: ModelPack, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`size` of the benchmarks' 1643 x 1349 phantoms (cached in benchmarks/.bench-inputs), as the detector's and
+    the classifier's inputs."""
     files = make_input_set(replace(input_set("uncompressed"), count=size))
-    return np.stack([prepare(file.read_bytes(), pack.input_spec).input for file in files]).astype(np.float32)
+    prepared = [prepare(file.read_bytes(), pack.input_specs) for file in files]
+    return tuple(  # type: ignore[return-value]
+        np.stack([image.inputs[pack.input_index(model)] for image in prepared]).astype(np.float32)
+        for model in ("detector", "classifier")
+    )
 
 
 def summary(seconds: list[float]) -> dict[str, float]:
@@ -105,7 +110,7 @@ def measure(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         stripped = Path(scratch) / "classifier.without-heatmaps.onnx"
         onnx.save(without_heatmaps(onnx.load(str(pack.model_file("classifier", "fp32")))), str(stripped))
-        images = batch_of_phantoms(pack, args.batch_size)
+        detector_images, classifier_images = batch_of_phantoms(pack, args.batch_size)
         detector = session(pack.model_file("detector", "fp32"), args.threads)
         variants = {
             "with": (
@@ -118,9 +123,9 @@ def measure(args: argparse.Namespace) -> dict:
         for repeat in range(args.warmup + args.repeats):
             for name, (classifier, outputs) in variants.items():
                 started = time.perf_counter()
-                detector.run(list(DETECTOR_OUTPUTS), {INPUT_NAME: images})
+                detector.run(list(DETECTOR_OUTPUTS), {INPUT_NAME: detector_images})
                 between = time.perf_counter()
-                classifier.run(outputs, {INPUT_NAME: images})
+                classifier.run(outputs, {INPUT_NAME: classifier_images})
                 finished = time.perf_counter()
                 if repeat >= args.warmup:
                     times[name]["classifier"].append(finished - between)
@@ -131,7 +136,8 @@ def measure(args: argparse.Namespace) -> dict:
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "pack": f"{pack.name} {pack.version} ({args.pack.name}), classifier {pack.manifest['classifier']['backbone']}, "
-        f"input {pack.input_spec.size}, heatmaps {pack.heatmaps['shape']}",
+        f"inputs {pack.model_inputs.detector.size}/{pack.model_inputs.classifier.size} (detector/classifier), "
+        f"heatmaps {pack.heatmaps['shape']}",
         "batch_size": args.batch_size,
         "machine": describe_machine(pack.manifest, ["CPUExecutionProvider"], load_at_start),
         "load_at_end": load_average(),

@@ -189,15 +189,15 @@ def test_include_heatmaps_gives_every_disease_its_map(client, tiny_dataset, tiny
     pack = ModelPack.load(tiny_pack)
     body = _post(client, data, {"include": "heatmaps"}).json()
     _, rows, columns = pack.heatmaps["shape"]
-    prepared = prepare(data, pack.input_spec)
-    grid = HeatmapGrid.from_manifest(pack.heatmaps, pack.input_spec.size, columns)
+    prepared = prepare(data, pack.input_specs)
+    grid = HeatmapGrid.from_manifest(pack.heatmaps, pack.model_inputs.classifier.size, columns)
     assert [d["label"] for d in body["diseases"]] == pack.global_labels
     for disease in body["diseases"]:
         heatmap = disease["heatmap"]
         with Image.open(io.BytesIO(base64.b64decode(heatmap["png"]))) as image:
             assert (image.mode, image.size) == ("L", (columns, rows))
         assert {k: heatmap[k] for k in ("x_min", "y_min", "x_max", "y_max")} == region(
-            prepared.geometry, grid, rows, columns
+            prepared.geometries[pack.input_index("classifier")], grid, rows, columns
         )
     assert all("heatmap" not in d for d in _post(client, data).json()["diseases"])
 

@@ -371,12 +371,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_images(data: Path, split: str, count: int, pack: ModelPack) -> np.ndarray:
-    from training.data import load_tensors, read_split  # the dataset readers need the training extras anyway
+    from training.data import read_split  # the dataset readers need the training extras anyway
+    from training.dataset import stacked_inputs
 
     records = read_split(data, split, "auto")[:count]
     if not records:
         raise SystemExit(f"error: no images in {data} {split}")
-    return load_tensors(records, pack.input_spec, [], [], description="check images").images
+    spec = pack.model_inputs.classifier
+    (images,) = stacked_inputs(records, (spec,), description="check images")
+    return images
 
 
 def stamp_version(path: Path, version: str) -> None:
@@ -428,7 +431,7 @@ def add_to_pack(pack_dir: Path, images: np.ndarray, version: str | None = None) 
         for precision, variant in (manifest[model].get("variants") or {}).items():
             variant["sha256"] = sha256_of(pack.model_file(model, precision))
     entry["outputs"] = [*(entry.get("outputs") or CLASSIFIER_OUTPUTS), HEATMAP_OUTPUT]
-    entry["heatmaps"] = heatmap_manifest_entry(augmented, pack.input_spec.size) | {
+    entry["heatmaps"] = heatmap_manifest_entry(augmented, pack.model_inputs.classifier.size) | {
         "added_by": "python -m training.heatmaps (classifier weights unchanged)"
     }
     manifest.setdefault("export_parity", {})["heatmaps"] = {"images": len(images), **parity}
