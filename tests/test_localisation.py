@@ -61,3 +61,33 @@ def test_measured_grid_matches_the_exported_one_for_mobilenet():
     """measure_grid on a large input finds MobileNetV3's 32-pixel cells centred on 32 j + 0.5 (origin -15.5)."""
     stride, origin = measure_grid(Classifier(2).eval().feature_map, 1024)
     assert stride == 32.0 and origin == pytest.approx(-15.5, abs=0.5)
+
+
+def test_training_adds_the_term_on_the_map_the_classifier_pools():
+    """--cam-loss: JointModel reports a "cam" loss whose gradient reaches the classifier (shared or own backbone)."""
+    import argparse
+
+    from training.engine import JointModel
+    from training.models import Detector
+    from training.train import cam_loss_term
+
+    labels = ["No finding", "Pneumonia"]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0]]), "labels": torch.tensor([0])}]
+    for shared in (False, True):
+        detector = Detector(1)
+        classifier = Classifier(2, features=detector.features) if shared else Classifier(2)
+        args = argparse.Namespace(
+            cam_loss=0.5, shared_backbone=shared, detector_input_size=128, classifier_input_size=64
+        )
+        term = cam_loss_term(args, detector, classifier, labels)
+        assert term.skip == (0,) and term.stride == 32.0
+        assert term.box_scale == (1.0 if shared else 0.5)
+        model = JointModel(detector, classifier, cam_loss=term).train()
+        images = torch.randn(1, 1, 128, 128)
+        losses = model(
+            images, images if shared else images[..., ::2, ::2], targets, torch.tensor([[0.0, 1.0]]), torch.ones(2)
+        )
+        assert float(losses["cam"]) > 0
+        losses["cam"].backward()
+        assert classifier.head[-1].weight.grad.abs().sum() > 0
+    assert cam_loss_term(argparse.Namespace(cam_loss=0.0), detector, classifier, labels) is None

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from service.dicom.pipeline import ModelInputs
 from service.inference.postprocess import DetectionParams, select_detections
 from training.dataset import Batch
+from training.localisation import CamLoss
 from training.metrics import ImageDetections, auroc, mean_average_precision
 from training.models import DETECTOR_STRIDES, Classifier, Detector, detection_loss
 
@@ -51,11 +52,18 @@ class JointModel(nn.Module):
     one optimizer trains; a single process calls it unwrapped, with the same arithmetic.
     """
 
-    def __init__(self, detector: Detector, classifier: Classifier, every_parameter_in_graph: bool = False) -> None:
+    def __init__(
+        self,
+        detector: Detector,
+        classifier: Classifier,
+        every_parameter_in_graph: bool = False,
+        cam_loss: CamLoss | None = None,
+    ) -> None:
         super().__init__()
         self.detector = detector
         self.classifier = classifier
         self.every_parameter_in_graph = every_parameter_in_graph
+        self.cam_loss = cam_loss  # --cam-loss: the heatmaps of positive diseases toward the finding boxes
         # --shared-backbone: the classifier is a head on the detector's backbone, which then runs once per batch.
         self.shared_backbone = classifier.features is detector.features
 
@@ -70,13 +78,16 @@ class JointModel(nn.Module):
         if self.shared_backbone:
             taps = self.detector.backbone_taps(detector_images)
             losses = detection_loss(self.detector, detector_images, targets, taps)
-            logits = self.classifier.logits_from(taps[str(max(DETECTOR_STRIDES))])
+            feature_map = taps[str(max(DETECTOR_STRIDES))]
         else:
             losses = detection_loss(self.detector, detector_images, targets)
-            logits = self.classifier.logits(classifier_images)
+            feature_map = self.classifier.feature_map(classifier_images)
+        logits = self.classifier.logits_from(feature_map)
         losses["classifier"] = nn.functional.binary_cross_entropy_with_logits(
             logits.float(), labels, pos_weight=pos_weight
         )
+        if self.cam_loss is not None:
+            losses["cam"] = self.cam_loss(feature_map, self.classifier.head[-1], targets, labels)
         if self.every_parameter_in_graph:
             # DDP waits for a gradient of every parameter each step, but a batch without a positive
             # location leaves the detector's box and centerness heads out of the graph (see

@@ -29,6 +29,7 @@ RECIPE_FLAGS = (
     "amp",
     "augment",
     "workers",
+    "cam_loss",
 )
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -47,6 +48,9 @@ PRESETS: dict[str, dict[str, object]] = {
         "amp": False,
         "augment": True,
         "workers": 2,
+        # Heatmaps onto the findings: one epoch of fine-tuning the demo classifier put the heatmap peak inside a
+        # finding's box for 67% of positive phantoms with it, 25% without, at mean AUROC 0.921 vs 0.927.
+        "cam_loss": 0.5,
     },
     "gpu": {
         "detector_backbone": "resnet50",
@@ -63,6 +67,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "amp": True,
         "augment": True,
         "workers": 8,
+        # Not measured on real data (diseases there are not drawn from the boxes as on phantoms): off unless asked.
+        "cam_loss": 0.0,
     },
 }
 DEFAULT_PRESET = "cpu-demo"

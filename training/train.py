@@ -50,14 +50,15 @@ from training.dataset import RadiographDataset, make_loader, shard_sampler
 from training.distributed import DistContext
 from training.engine import JointModel, cosine_with_warmup, evaluate, steps_per_epoch, train_one_epoch
 from training.labels import LABEL_SETS, LabelSet
+from training.localisation import CamLoss, measure_grid
 from training.metrics import ImageDetections, finding_threshold, youden_threshold
-from training.models import BACKBONES, Classifier, Detector
+from training.models import BACKBONES, DETECTOR_STRIDES, Classifier, Detector
 from training.presets import add_preset_argument, apply_preset
 from training.splits import write_run_splits
 from training.triage import triage_entry
 
 DEFAULT_NORMALIZATION = Normalization(mean=0.5, std=0.25)
-LOSS_NAMES = ("cls", "box", "ctr", "classifier")
+LOSS_NAMES = ("cls", "box", "ctr", "classifier", "cam")
 # What a checkpoint's weights fix: --resume and --init-from take them from the checkpoint, not the command line.
 ARCHITECTURE_ARGS = (
     "detector_input_size",
@@ -82,6 +83,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument(
+        "--cam-loss",
+        type=float,
+        default=None,
+        help="weight of the heatmap localisation term (training/localisation.py): the class activation map of each "
+        "positive disease is pulled onto the image's finding boxes; 0 turns it off",
+    )
     parser.add_argument(
         "--input-size",
         type=int,
@@ -263,7 +271,8 @@ def plot_curves(log: list[dict], path: Path) -> None:
     epochs = [entry["epoch"] for entry in log]
     figure, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
     for name in LOSS_NAMES:
-        losses.plot(epochs, [entry["train"][name] for entry in log], label=name)
+        if all(name in entry["train"] for entry in log):  # "cam" only with --cam-loss
+            losses.plot(epochs, [entry["train"][name] for entry in log], label=name)
     losses.set(title="training losses", xlabel="epoch", ylabel="loss", yscale="log")
     losses.legend()
     scores.plot(epochs, [entry["val"]["map40"] or 0 for entry in log], label="val mAP@0.4 (detector)")
@@ -337,7 +346,8 @@ def train_on_rank(args: argparse.Namespace, context: DistContext, device: torch.
     restore(state, start, args, context)
     # After loading: DDP starts every rank from rank 0's weights. The checkpoint keeps saving the
     # unwrapped detector and classifier, so export, evaluate and --resume read it unchanged.
-    joint = JointModel(state.detector, state.classifier, every_parameter_in_graph=context.enabled)
+    cam_loss = cam_loss_term(args, state.detector, state.classifier, global_labels)
+    joint = JointModel(state.detector, state.classifier, every_parameter_in_graph=context.enabled, cam_loss=cam_loss)
     model = distributed.wrap(joint, context, device)
     sampler = shard_sampler(splits.train, context.rank, context.world_size, shuffle=True, seed=args.seed)
 
@@ -667,6 +677,34 @@ def write_run_summary(
     (args.out / "run.json").write_text(json.dumps(summary, indent=2))
     print(f"done: {args.out / 'checkpoint.pt'}")
     return summary
+
+
+def cam_loss_term(
+    args: argparse.Namespace, detector: Detector, classifier: Classifier, global_labels: list[str]
+) -> CamLoss | None:
+    """The --cam-loss term on the feature map the classifier pools (the detector's with --shared-backbone), with
+    that map's grid measured once on the model's input; None when the weight is 0."""
+    if not args.cam_loss:
+        return None
+    if args.shared_backbone:
+        size, box_scale = args.detector_input_size, 1.0
+
+        def feature_map(images: torch.Tensor) -> torch.Tensor:
+            return detector.backbone_taps(images)[str(max(DETECTOR_STRIDES))]
+
+        module: torch.nn.Module = detector
+    else:
+        size, box_scale = args.classifier_input_size, args.classifier_input_size / args.detector_input_size
+        feature_map, module = classifier.feature_map, classifier
+    training = module.training
+    module.eval()  # batch statistics of one noise image must not reach the running means
+    try:
+        stride, origin = measure_grid(feature_map, size)
+    finally:
+        module.train(training)
+        module.zero_grad(set_to_none=True)
+    skip = tuple(k for k, label in enumerate(global_labels) if label == "No finding")
+    return CamLoss(float(args.cam_loss), stride, origin, box_scale, skip)
 
 
 def write_thresholds(
