@@ -27,6 +27,7 @@ from service.viewer_outputs.heatmaps import decode, on_image, peak
 from tests.dicom_checks import dciodvfy_errors
 from training.export import export_onnx, with_heatmaps
 from training.heatmaps import HeatmapsUnsupported, add_heatmap_output, feature_grid, find_cam_head
+from training.localisation import measure_grid
 from training.models import BACKBONES, Classifier
 
 SIZE = 64  # model input of the graphs exported here: small enough to export every backbone in seconds
@@ -71,19 +72,14 @@ def test_every_backbone_exports_exact_heatmaps(exported):
 
 
 def test_map_origin_is_the_receptive_field_centre(exported):
-    """The grid's origin puts each cell on the centre of its receptive field, measured by back-propagation."""
+    """The grid's origin puts each cell on the centroid of its receptive field, measured by back-propagation."""
     name, classifier, _, found = exported
-    size = 1024  # large enough that a central cell's receptive field lies inside the input
-    # Noise, not zeros: a zero input leaves ReLUs at their kink, where PyTorch's gradient is 0.
-    image = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, size, size)).astype(np.float32))
-    image.requires_grad_(True)
-    features = classifier.feature_map(image)
-    cell = features.shape[-1] // 2
-    features[0, :, cell, cell].sum().backward()
-    support = np.nonzero(image.grad[0, 0].abs().sum(axis=0).numpy())[0]
-    measured = (support.min() + support.max() + 1) / 2  # centre of the receptive field, in pixel edges
+    stride, origin = measure_grid(classifier.feature_map, 512)
     grid = found["entry"]["grid"]
-    assert grid["origin"] + grid["stride"] * (cell + 0.5) == pytest.approx(measured, abs=0.5), name
+    assert stride == grid["stride"], name
+    # DenseNet's uncentred transition pools shift its cells by 14 pixels, MobileNet's "same" padding by -16: a
+    # wrong grid is off by far more than the measurement's pixel or two.
+    assert origin == pytest.approx(grid["origin"], abs=2.0), name
 
 
 def _graph(nodes: list, initializers: list, feature_shape: tuple, name: str = "head") -> onnx.ModelProto:

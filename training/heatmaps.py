@@ -188,6 +188,7 @@ _SPATIAL_OPS = ("Conv", "MaxPool", "AveragePool")
 _SAME_GRID_OPS = (
     "Relu", "HardSwish", "HardSigmoid", "Sigmoid", "Clip", "Add", "Mul", "Sub", "Div", "BatchNormalization",
     "Identity", "Concat", "Cast", "Neg", "Tanh", "Exp", "Softplus", "Expand", "Erf", "Pow", "Sqrt", "Dropout",
+    "Gelu",
 )  # fmt: skip
 
 # Ops whose output has no place on the input (global pools: the squeeze of squeeze-and-excitation; shapes).
@@ -227,17 +228,27 @@ def _through(node: onnx.NodeProto, grid: Grid) -> Grid:
 def feature_grid(model: onnx.ModelProto, feature: str) -> Grid:
     """Where `feature` lies on the graph input, composed op by op from the input (a global pool's output has no
     place and is skipped where it is broadcast back, as in squeeze-and-excitation); HeatmapsUnsupported when an op
-    resamples space in a way not modelled or two inputs of one op disagree."""
+    resamples space in a way not modelled or two inputs of one op disagree.
+
+    Tensors are followed in two layouts: NCHW, and NHWC between a Transpose to channels-last and back (ConvNeXt's
+    blocks), where a LayerNormalization over the last axis and a MatMul by a constant matrix act per location."""
     graph = _Graph(model)
     grids: dict[str, Grid | None] = {tensor.name: Grid(1.0, 0.0) for tensor in model.graph.input}
+    channels_last: set[str] = set()  # placed tensors in NHWC layout
     for name in graph.initializers:
         grids[name] = None
     for node in model.graph.node:  # ONNX graphs are topologically sorted
-        placed = {grids[name] for name in node.input if name and grids.get(name) is not None}
+        placed_inputs = [name for name in node.input if name and grids.get(name) is not None]
+        placed = {grids[name] for name in placed_inputs}
+        nhwc = bool(placed_inputs) and placed_inputs[0] in channels_last
         if node.op_type in _SPATIAL_OPS and placed:
+            if nhwc:
+                raise HeatmapsUnsupported(f"{node.op_type} node {node.name} reads a channels-last tensor")
             result = _through(node, grids[node.input[0]])
         elif not placed or node.op_type in _PLACELESS_OPS:
             result = None
+        elif node.op_type in _LAYOUT_OPS:
+            result, nhwc = _per_location(node, graph, grids[placed_inputs[0]], nhwc)
         elif node.op_type in _SAME_GRID_OPS or len(graph.shapes.get(node.output[0], ())) != 4:
             if len(placed) != 1:
                 raise HeatmapsUnsupported(f"{node.op_type} node {node.name} joins tensors placed differently")
@@ -246,10 +257,36 @@ def feature_grid(model: onnx.ModelProto, feature: str) -> Grid:
             raise HeatmapsUnsupported(f"cannot tell where a {node.op_type} node ({node.name}) moves the feature map")
         for output in node.output:
             grids[output] = result
+            if result is not None and nhwc:
+                channels_last.add(output)
     grid = grids.get(feature)
-    if grid is None:
+    if grid is None or feature in channels_last:
         raise HeatmapsUnsupported(f"cannot place {feature} on the input")
     return grid
+
+
+# Ops whose effect on the spatial layout depends on the tensor's layout (NCHW or NHWC).
+_LAYOUT_OPS = ("Transpose", "LayerNormalization", "MatMul")
+_TO_CHANNELS_LAST, _TO_CHANNELS_FIRST = [0, 2, 3, 1], [0, 3, 1, 2]
+
+
+def _per_location(node: onnx.NodeProto, graph: _Graph, grid: Grid, nhwc: bool) -> tuple[Grid, bool]:
+    """(grid, channels-last?) of a layout op's output: a Transpose between NCHW and NHWC keeps every location's
+    place; on NHWC, a LayerNormalization over the last axis and a MatMul by a constant (C, C') matrix act on each
+    location's channels alone. Anything else mixes locations or is not understood: HeatmapsUnsupported."""
+    if node.op_type == "Transpose":
+        perm = list(_attribute(node, "perm", []))
+        if perm == (_TO_CHANNELS_FIRST if nhwc else _TO_CHANNELS_LAST):
+            return grid, not nhwc
+    elif node.op_type == "LayerNormalization":
+        if nhwc and int(_attribute(node, "axis", -1)) in (-1, 3):
+            return grid, True
+    elif node.op_type == "MatMul":
+        weight = graph.constant(node.input[1])
+        if nhwc and weight is not None and weight.ndim == 2:
+            return grid, True
+    layout = "NHWC" if nhwc else "NCHW"
+    raise HeatmapsUnsupported(f"{node.op_type} node {node.name} on an {layout} tensor may mix locations")
 
 
 def add_heatmap_output(model: onnx.ModelProto) -> onnx.ModelProto:

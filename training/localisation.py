@@ -88,19 +88,21 @@ def cam_localisation_loss(
 
 
 def measure_grid(feature_map: Callable[[torch.Tensor], torch.Tensor], size: int) -> tuple[float, float]:
-    """(stride, origin) of a backbone's last feature map on a size x size input, measured: the input pixels that
-    reach the central cell (its gradient's support) are centred on origin + stride * (cell + 0.5). The export
-    derives the grid exactly from the ONNX graph (training/heatmaps.feature_grid); this measurement can be off by
-    a pixel where the receptive field outgrows the input, which the loss does not notice (cells are 32 pixels)."""
+    """(stride, origin) of a backbone's last feature map on a size x size input, measured: the centroid of the
+    input gradient of the central cell (a random mix of its channels: a plain sum can be constant, as after a
+    LayerNorm) is its centre, origin + stride * (cell + 0.5). The export derives the grid exactly from the ONNX
+    graph (training/heatmaps.feature_grid); this measurement is within a pixel or two of it, which the loss does
+    not notice (cells are 32 pixels)."""
     generator = torch.Generator().manual_seed(0)
     # Noise, not zeros: a zero input leaves ReLUs at their kink, where the gradient is 0.
     image = torch.randn(1, 1, size, size, generator=generator).requires_grad_(True)
     features = feature_map(image)
     rows, columns = features.shape[-2:]
     stride = size / columns
-    features[0, :, rows // 2, columns // 2].sum().backward()
-    support = torch.nonzero(image.grad[0, 0].abs().sum(dim=0))[:, 0]
-    centre = (float(support.min()) + float(support.max()) + 1) / 2  # in pixel edges
+    mix = torch.randn(features.shape[1], generator=generator)
+    (features[0, :, rows // 2, columns // 2] * mix).sum().backward()
+    weights = image.grad[0, 0].abs().sum(dim=0)
+    centre = float((weights * (torch.arange(size) + 0.5)).sum() / weights.sum())  # in pixel edges
     return stride, centre - stride * (columns // 2 + 0.5)
 
 

@@ -247,7 +247,9 @@ class Classifier(nn.Module):
 
     def logits_from(self, feature_map: torch.Tensor) -> torch.Tensor:
         """Logits from a final feature map computed elsewhere (the detector's, when the backbone is shared)."""
-        return self.head(nn.functional.adaptive_avg_pool2d(feature_map, 1))
+        # contiguous: a channels-last map (ConvNeXt's per-location LayerNorm) would export its flatten as a strided
+        # gather, behind which the export cannot find the pooled feature map for the heatmaps.
+        return self.head(nn.functional.adaptive_avg_pool2d(feature_map.contiguous(), 1))
 
     def class_activation_maps(self, images: torch.Tensor) -> torch.Tensor:
         """(N, K, h, w) logit maps whose spatial mean is `logits` (training/heatmaps.py): the reference the exported
