@@ -302,8 +302,8 @@ def test_corrupt_codestream_is_malformed_not_unsupported(client):
 
 
 def test_jpeg_family_is_decoded_by_permissive_plugins_only():
-    """JPEG, JPEG-LS and JPEG 2000 decode without pylibjpeg-libjpeg (GPLv3) or GDCM (aborts on corrupt JPEG):
-    Pillow, imagecodecs, pyjpegls and pylibjpeg-openjpeg (service/dicom/codecs.py)."""
+    """JPEG, JPEG-LS and JPEG 2000 decode without pylibjpeg-libjpeg (GPLv3) or GDCM (aborts on corrupt JPEG), even
+    where they are installed: Pillow, imagecodecs, pyjpegls and pylibjpeg-openjpeg (service/dicom/codecs.py)."""
     configure_pixel_decoders()
     uids = pydicom.uid
     expected = {
@@ -320,6 +320,8 @@ def test_jpeg_family_is_decoded_by_permissive_plugins_only():
         decoder = get_decoder(syntax)
         assert tuple(decoder._available) == plugins, syntax.name  # the order pydicom tries them in
         assert "gdcm" not in decoder._unavailable, syntax.name
+        if syntax not in (uids.JPEG2000Lossless, uids.JPEG2000):  # there "pylibjpeg" is pylibjpeg-openjpeg (MIT)
+            assert "pylibjpeg" not in decoder._unavailable, syntax.name
 
 
 @pytest.mark.parametrize("name", ["jpeg-baseline", "jpeg-extended", "jpeg-lossless", "jpeg-lossless-sv1", "jpeg-ls"])

@@ -10,9 +10,11 @@ compressed syntax with instead (tests/test_transfer_syntaxes.py checks every one
 - JPEG 2000: pylibjpeg-openjpeg, then Pillow (OpenJPEG too); HTJ2K: pylibjpeg-openjpeg
 - RLE: pylibjpeg-rle, then pydicom's own decoder
 
-GDCM (python-gdcm, BSD) is taken out of pydicom's plugin lists even when installed: on a corrupt JPEG Baseline
-stream it throws a C++ exception nothing catches and the process aborts (SIGABRT), where every plugin above
-raises an error the service answers with a 400.
+Two plugins are taken out of pydicom's lists for these syntaxes even when their packages are installed, so that
+the service decodes alike everywhere: pylibjpeg's (for the JPEG and JPEG-LS syntaxes it means pylibjpeg-libjpeg,
+GPLv3, which a training or developer environment may still have), and GDCM's (python-gdcm, BSD): on a corrupt
+JPEG Baseline stream GDCM throws a C++ exception nothing catches and the process aborts (SIGABRT), where every
+plugin above raises an error the service answers with a 4xx.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ HAVE_IMAGECODECS = importlib.util.find_spec("imagecodecs") is not None
 JPEG_SYNTAXES = (uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1)
 DECODER_DEPENDENCIES = dict.fromkeys(JPEG_SYNTAXES, ("imagecodecs>=2024.1",))
 _PLUGIN = ("imagecodecs", ("service.dicom.codecs", "decode_jpeg_frame"))
-# The syntaxes pydicom has a GDCM plugin for.
-_WITH_GDCM = (*JPEG_SYNTAXES, uid.JPEGLSLossless, uid.JPEGLSNearLossless, uid.JPEG2000Lossless, uid.JPEG2000)
+# Plugins never used, per syntax (see above).
+_EXCLUDED = {
+    **dict.fromkeys((*JPEG_SYNTAXES, uid.JPEGLSLossless, uid.JPEGLSNearLossless), ("pylibjpeg", "gdcm")),
+    **dict.fromkeys((uid.JPEG2000Lossless, uid.JPEG2000), ("gdcm",)),
+}
 
 
 def is_available(syntax: str) -> bool:
@@ -55,11 +60,12 @@ def decode_jpeg_frame(src: bytes, runner: DecodeRunner) -> bytes:
 
 
 def configure_pixel_decoders() -> None:
-    """Take GDCM out and add the imagecodecs plugin for the JPEG syntaxes; idempotent."""
-    for syntax in _WITH_GDCM:
+    """Take the excluded plugins out and add the imagecodecs plugin for the JPEG syntaxes; idempotent."""
+    for syntax, labels in _EXCLUDED.items():
         decoder = get_decoder(syntax)
-        if "gdcm" in decoder._available or "gdcm" in decoder._unavailable:  # no public way to ask for a label
-            decoder.remove_plugin("gdcm")
+        for label in labels:
+            if label in decoder._available or label in decoder._unavailable:  # no public way to ask for a label
+                decoder.remove_plugin(label)
     for syntax in JPEG_SYNTAXES:
         decoder = get_decoder(syntax)
         if _PLUGIN[0] not in decoder._available and _PLUGIN[0] not in decoder._unavailable:
