@@ -6,6 +6,7 @@ child process on loopback with its own spool, and stops everything it started.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -118,6 +119,8 @@ def test_twenty_images_from_storescu_reach_orthanc_in_their_studies(tmp_path, ti
         assert "job " in log and not [value for value in identifying_values(images) if value in log]
         stored = results_by_modality(pacs)
     assert len(stored["SR"]) == 20 and len(stored["PR"]) == 20
+    # The triage travels in the SR (issue 17): every report the PACS holds says "Triage priority = ...".
+    assert all("Triage priority" in json.dumps(tags) for tags in stored["SR"])
     for kind in ("SR", "PR"):
         referenced = [referenced_image(tags) for tags in stored[kind]]
         assert sorted(referenced) == sorted(sent)  # one result of each kind per image
