@@ -18,12 +18,14 @@ COMMANDS = [
     "training.evaluate",
     "training.export",
     "training.deidentify",
+    "training.heatmaps",
     "benchmarks.throughput",
     "benchmarks.memory",
     "benchmarks.multiworker",
     "benchmarks.profile",
     "benchmarks.soak",
     "benchmarks.loadtest",
+    "benchmarks.heatmaps",
 ]
 
 

@@ -398,7 +398,9 @@ def check_float16_maps(fp32: Path, fp16: Path, images: np.ndarray) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.heatmaps", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pack", type=Path, required=True, help="model pack folder (rewritten in place)")
     parser.add_argument("--data", type=Path, required=True, help="dataset whose images the checks run on")
     parser.add_argument("--split", default="test", help="split of --data to take the check images from")
