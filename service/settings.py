@@ -260,7 +260,9 @@ class Settings(BaseSettings):
     )
     auth_protect_health: bool = Field(False, description="require a key for /healthz and /readyz (orchestrator probes)")
     auth_protect_metrics: bool = Field(True, description="require a key for /metrics")
-    auth_protect_docs: bool = Field(False, description="require a key for /docs, /redoc and /openapi.json")
+    auth_protect_docs: bool = Field(
+        False, description="require a key for /docs, /redoc, their assets (/docs-assets/) and /openapi.json"
+    )
     hsts: bool = Field(False, description="send Strict-Transport-Security (only when TLS terminates in front)")
     cors_allow_origins: list[str] = Field(
         [], description="browser origins allowed to call the API (CORS); empty: CORS off"

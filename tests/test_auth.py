@@ -92,8 +92,9 @@ def test_two_keys_both_work(tiny_settings):
 
 
 def test_health_and_docs_open_by_default_metrics_protected(secured):
-    """With auth on, /healthz, /readyz, /docs and /openapi.json need no key; /metrics does (by default)."""
-    for path in ("/healthz", "/readyz", "/docs", "/openapi.json"):
+    """With auth on, /healthz, /readyz, /docs, /redoc, their assets and /openapi.json need no key; /metrics does (by
+    default)."""
+    for path in ("/healthz", "/readyz", "/docs", "/redoc", "/docs-assets/swagger-ui.css", "/openapi.json"):
         assert secured.get(path).status_code == 200, path
     assert_error(secured.get("/metrics"), 401, "unauthorized")
 
@@ -118,7 +119,7 @@ def test_probes_and_docs_protected_when_configured(tiny_settings, key_pair):
         }
     )
     with TestClient(create_app(settings)) as local:
-        for path in ("/healthz", "/readyz", "/docs", "/openapi.json"):
+        for path in ("/healthz", "/readyz", "/docs", "/docs-assets/redoc.standalone.js", "/openapi.json"):
             assert_error(local.get(path), 401, "unauthorized")
             assert local.get(path, headers={"X-API-Key": key_pair[0]}).status_code == 200, path
         assert local.get("/metrics").status_code != 401  # 404 until a /metrics route is included
@@ -170,10 +171,13 @@ def test_security_headers_on_results_and_errors(client, secured):
         assert "strict-transport-security" not in response.headers
 
 
-def test_docs_csp_lets_swagger_ui_load(client):
-    """/docs gets a policy that allows Swagger UI's CDN script, still with no framing; health is not no-store."""
-    csp = client.get("/docs").headers["content-security-policy"]
-    assert "https://cdn.jsdelivr.net" in csp and "frame-ancestors 'none'" in csp
+def test_docs_csp_allows_this_origin_only(client):
+    """/docs and /redoc get a policy that allows scripts from this origin and the page's own inline script (by hash),
+    no other origin, and no framing; health is not no-store."""
+    for page, inline in (("/docs", " 'sha256-"), ("/redoc", ";")):  # ReDoc's page has no inline script
+        csp = client.get(page).headers["content-security-policy"]
+        assert f"script-src 'self'{inline}" in csp and "frame-ancestors 'none'" in csp, csp
+        assert "http" not in csp and "unsafe-eval" not in csp and "'unsafe-inline'; style" not in csp, csp
     assert "cache-control" not in client.get("/healthz").headers
 
 

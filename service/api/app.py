@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.allocator import keep_freed_memory
 from service.api.auth import KeyRing, requires_key
+from service.api.docs import add_offline_docs
 from service.api.request_context import RequestContext, error_response
 from service.api.routers import health, jobs, metrics, predict, studies
 from service.errors import ApiError
@@ -29,16 +30,6 @@ log = logging.getLogger("service")
 
 # API answers (JSON, DICOM, PNG) never need to run or load anything, nor be framed.
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
-# FastAPI's /docs (Swagger UI) and /redoc pages load their script and styles from jsDelivr (fonts from
-# Google for ReDoc) and start them with an inline script, so the strict policy would leave them blank.
-# These pages hold no patient data; their policy still allows no other origin, and calls only to this one.
-DOCS_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; "
-    "style-src 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
-    "font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com; "
-    "connect-src 'self'; worker-src blob:; frame-ancestors 'none'"
-)
-DOCS_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")
 CORS_HEADERS = ["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"]
 
 
@@ -52,7 +43,8 @@ def security_headers(path: str, settings: Settings) -> dict[str, str]:
         "X-Content-Type-Options": "nosniff",
         "X-Frame-Options": "DENY",
         "Referrer-Policy": "no-referrer",
-        "Content-Security-Policy": DOCS_CSP if path in DOCS_PAGES else API_CSP,
+        # The docs pages set their own (service/api/docs.py), which this one would not override.
+        "Content-Security-Policy": API_CSP,
     }
     if path.startswith("/v1/"):
         # Results (and errors about uploads) are about a patient: no browser or proxy may keep a copy.
@@ -112,6 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="POST a chest radiograph as DICOM; get findings (boxes in the image's own pixel space) and "
         "disease probabilities. Research use only: not for diagnostic use.",
         lifespan=serving_lifespan(settings),
+        docs_url=None,  # served from packaged assets instead of a CDN: add_offline_docs below
+        redoc_url=None,
     )
     app.state.metrics = ServiceMetrics()
     app.state.serving = ServingState(metrics=app.state.metrics)
@@ -123,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         document_api_keys(app, settings)
     for router in (health.router, predict.router, studies.router, jobs.router, metrics.router):
         app.include_router(router)
+    add_offline_docs(app)
     add_middleware(app, settings, keys)
     for error, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error, handler)

@@ -31,6 +31,7 @@ _DIGEST = re.compile(r"^[0-9a-fA-F]{64}$")
 HEALTH_PATHS = ("/healthz", "/readyz")
 METRICS_PATHS = ("/metrics",)
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+DOCS_ASSETS = "/docs-assets/"  # Swagger UI's and ReDoc's scripts and styles (service/api/docs.py)
 
 
 def hash_key(key: str) -> str:
@@ -142,7 +143,7 @@ def requires_key(path: str, settings: Settings) -> bool:
         return settings.auth_protect_health
     if path in METRICS_PATHS or path.startswith("/metrics/"):
         return settings.auth_protect_metrics
-    if path in DOCS_PATHS:
+    if path in DOCS_PATHS or path.startswith(DOCS_ASSETS):
         return settings.auth_protect_docs
     return True
 
