@@ -70,6 +70,7 @@ class Results:
     skipped: dict[str, str] = field(default_factory=dict)  # service -> why it was not measured
     started_at: str = ""
     duration_s: float = 0.0
+    rendered_commit: str = ""  # set by --rerender: the commit whose report code drew this summary from results.json
 
 
 def results_from_json(data: dict) -> Results:
@@ -97,9 +98,27 @@ def levels_of(http: Sequence[HttpLevel], service: str, input_set: str) -> list[H
     )
 
 
+ROUGH_MIN_REQUESTS = 30
+
+
+def is_rough(level: HttpLevel) -> bool:
+    """Too few answers in the window, or latencies near its length, for the rate to be more than a rough figure."""
+    return level.requests < ROUGH_MIN_REQUESTS or level.p50_ms / 1e3 > level.measured_s / 3
+
+
+def judged(levels: Sequence[HttpLevel], clean_only: bool) -> list[HttpLevel]:
+    """The levels a verdict may use: answered, not rough (marked † in the tables) and, with `clean_only`, without any
+    failed request. A rough level's rate is too uncertain to decide a target either way."""
+    return [
+        level
+        for level in levels
+        if level.requests > 0 and not is_rough(level) and (level.failures == 0 or not clean_only)
+    ]
+
+
 def peak(levels: Sequence[HttpLevel], clean_only: bool) -> HttpLevel | None:
-    """The level with the most successful requests/s; `clean_only` ignores levels with any failure."""
-    candidates = [level for level in levels if level.requests > 0 and (level.failures == 0 or not clean_only)]
+    """The judged level (see `judged`) with the most successful requests/s."""
+    candidates = judged(levels, clean_only)
     return max(candidates, key=lambda level: level.rps) if candidates else None
 
 
@@ -108,7 +127,7 @@ def check_pipeline_ratio(http: Sequence[HttpLevel], pipeline: Sequence[BatchRate
     target = f"HTTP throughput ≥ {PIPELINE_RATIO_TARGET:g} × in-process pipeline"
     ours, inprocess = peak(levels_of(http, OURS, input_set), clean_only=True), best_rate(pipeline, input_set)
     if ours is None or inprocess is None:
-        return TargetCheck(target, input_set, None, "not measured")
+        return TargetCheck(target, input_set, None, "not measured (or only rough levels)")
     ratio = ours.rps / inprocess.images_per_s
     return TargetCheck(
         target,
@@ -125,9 +144,9 @@ def check_peer(http: Sequence[HttpLevel], peer: str, input_set: str, peer_title:
     rate counts only successes): lenient to the peer, strict to us."""
     target = f"throughput ≥ {peer_title} at equal or better p99"
     peer_peak = peak(levels_of(http, peer, input_set), clean_only=False)
-    ours = [level for level in levels_of(http, OURS, input_set) if level.failures == 0 and level.requests > 0]
+    ours = judged(levels_of(http, OURS, input_set), clean_only=True)
     if peer_peak is None or not ours:
-        return TargetCheck(target, input_set, None, "not measured")
+        return TargetCheck(target, input_set, None, "not measured (or only rough levels)")
     eligible = [level for level in ours if level.p99_ms <= peer_peak.p99_ms]
     best = max(eligible, key=lambda level: level.rps) if eligible else None
     peer_text = (
@@ -199,14 +218,6 @@ def inprocess_table(results: Results) -> list[str]:
         for size in batch_sizes
     ]
     return table(["batch size", "model only (images/s)", *(f"pipeline, {name} (images/s)" for name in sets)], rows)
-
-
-ROUGH_MIN_REQUESTS = 30
-
-
-def is_rough(level: HttpLevel) -> bool:
-    """Too few answers in the window, or latencies near its length, for the rate to be more than a rough figure."""
-    return level.requests < ROUGH_MIN_REQUESTS or level.p50_ms / 1e3 > level.measured_s / 3
 
 
 def http_table(results: Results, input_set: str) -> list[str]:
@@ -281,6 +292,12 @@ def header_section(results: Results) -> list[str]:
         "by this run; the raw data is beside this file (results.json, CSVs, locust/).",
         "",
     ]
+    if results.rendered_commit:
+        lines += [
+            f"Re-rendered (`--rerender`, nothing measured again) by commit {results.rendered_commit}, with that "
+            "commit's verdict rules; the numbers are the run's, at the commit under Machine.",
+            "",
+        ]
     if results.mode == "quick":
         lines += [
             "> **Smoke run** (`--quick`: a few seconds per level): it checks that everything runs; its numbers "
@@ -329,7 +346,8 @@ def targets_section(results: Results) -> list[str]:
         "Rules: our HTTP throughput is the best successful requests/s over the concurrency levels that had no "
         "failed request; the pipeline's is its best batch size. Against a peer, the target is met when some level "
         "of ours (no failures) serves at least the peer's peak throughput with a p99 no higher than the peer's p99 "
-        "at that peak (the peer's peak may include failed requests).",
+        "at that peak (the peer's peak may include failed requests). Rough levels (marked †: fewer than "
+        f"{ROUGH_MIN_REQUESTS} answers in the window, or a p50 above a third of it) count for no verdict.",
         "",
     ]
     for service, reason in results.skipped.items():

@@ -33,7 +33,7 @@ from pathlib import Path
 from benchmarks.inprocess import decode_pool, model_only_rates, pipeline_rates
 from benchmarks.inputs import INPUT_SETS, InputSet, input_set, make_input_set, read_bodies
 from benchmarks.loadgen import run_level
-from benchmarks.machine import describe_machine, load_average
+from benchmarks.machine import describe_machine, git_commit, load_average
 from benchmarks.peers.common import load_models, prepare_body
 from benchmarks.progress import Progress
 from benchmarks.report import (
@@ -325,7 +325,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def rerender(out: Path) -> int:
     """Summary and plots again from out/results.json, measuring nothing (after a change to the report code)."""
+    commit = git_commit()
+    if "uncommitted" in commit:
+        print("commit the report code first: a re-rendered summary names the commit that drew it", file=sys.stderr)
+        return 2
     results = results_from_json(json.loads((out / "results.json").read_text()))
+    results = dataclasses.replace(results, rendered_commit=commit)
     print(f"wrote {write_outputs(results, out)}")
     return 0
 

@@ -120,6 +120,21 @@ def test_peer_target_needs_the_peers_peak_rate_at_no_worse_p99():
     assert report.check_peer(peer, "naive", "j2k", "naive").met is None
 
 
+def test_rough_levels_decide_no_verdict():
+    """A level with too few answers (or a p50 near the window) is left out: its rate neither meets a target for us
+    nor sets the peer's peak; only rough levels give no verdict."""
+    pipeline = [BatchRate("j2k", 16, 10.0, 32, 3.2)]
+    rough_fast = level("ours", 64, 50.0, 300, requests=12)
+    assert report.is_rough(rough_fast)
+    clean = [level("ours", 1, 4.0, 300), rough_fast]
+    check = report.check_pipeline_ratio(clean, pipeline, "j2k")
+    assert check.met is False and "concurrency 1" in check.detail
+    assert report.check_pipeline_ratio([rough_fast], pipeline, "j2k").met is None
+    peer = [level("naive", 1, 3.0, 400), level("naive", 64, 40.0, 300, requests=10)]
+    assert report.check_peer([level("ours", 1, 4.0, 300), *peer], "naive", "j2k", "naive").met is True
+    assert report.check_peer([rough_fast, *peer[:1]], "naive", "j2k", "naive").met is None
+
+
 def test_render_summary_from_fake_measurements():
     """The summary shows the machine, every target with its verdict, the tables and the skipped peer."""
     text = report.render_summary(fake_results(), ["throughput.png"])
