@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.machine import git_commit, load_average
 from benchmarks.procfs import process_tree_rss_kib
 from benchmarks.servers import free_port
 from training.synthetic import dicom_bytes, synthesize_instance
@@ -57,6 +58,11 @@ def make_inputs(folder: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    commit = git_commit()
+    if "uncommitted" in commit:
+        # The report says which commit produced it: that must be a commit, not a work tree.
+        raise SystemExit("commit your changes first: a soak report names the commit it measured")
+    started_load = load_average()
     inputs = ROOT / "benchmarks" / ".soak-inputs"
     make_inputs(inputs)
     port = free_port()
@@ -169,7 +175,10 @@ def soak_report(
         f"--queue-size {args.queue_size} "
         f"--max-batch {args.max_batch}` (demo pack, CPU).",
         "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}.",
+        f"Machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"load average at start (1/5/15 min) {started_load} (other work on the machine shares its cores).",
+        "",
+        f"Produced by commit {commit}.",
         "",
         f"- Duration {args.minutes:g} min, {args.users} concurrent users (no think time), "
         f"queue limited to {args.queue_size} images "
