@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> None:
         writer = csv.writer(handle)
         writer.writerow(["seconds", "rss_kib"])
         writer.writerows(samples)
-    report = soak_report(args, out, samples, cold_start_s, alive)
+    report = soak_report(args, out, samples, cold_start_s, alive, commit=commit, load_at_start=started_load)
     (RESULTS / "reliability.md").write_text("\n".join(report) + "\n")
     print("\n".join(report))
     if locust.returncode not in (0, 1):
@@ -160,7 +160,13 @@ def run_locust(
 
 
 def soak_report(
-    args: argparse.Namespace, out: Path, samples: list[tuple[float, int]], cold_start_s: float, alive: int
+    args: argparse.Namespace,
+    out: Path,
+    samples: list[tuple[float, int]],
+    cold_start_s: float,
+    alive: int,
+    commit: str,
+    load_at_start: str,
 ) -> list[str]:
     """reliability.md: the outcome (unexpected answers, throughput, latency) and the memory growth after warm-up."""
     rows = list(csv.DictReader(io.StringIO((out / "soak_stats.csv").read_text())))
@@ -176,7 +182,7 @@ def soak_report(
         f"--max-batch {args.max_batch}` (demo pack, CPU).",
         "",
         f"Machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"load average at start (1/5/15 min) {started_load} (other work on the machine shares its cores).",
+        f"load average at start (1/5/15 min) {load_at_start} (other work on the machine shares its cores).",
         "",
         f"Produced by commit {commit}.",
         "",
