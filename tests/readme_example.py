@@ -26,7 +26,7 @@ from service.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PACK = ROOT / "models" / "demo-synthetic"
-SECTION = re.compile(r"^## Try it\n(.*?)(?=^## )", re.MULTILINE | re.DOTALL)
+SECTION = re.compile(r"^## Try it\n(.*?)(?=^##)", re.MULTILINE | re.DOTALL)  # up to its first subsection
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
 
 

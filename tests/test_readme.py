@@ -3,9 +3,15 @@ pack answers for that phantom, and the boxes it says the phantom holds are the p
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import subprocess
+import sys
 
-from tests.readme_example import README, answer, readme_answer
+from tests.browser import missing
+from tests.live import LiveService
+from tests.readme_example import PACK, README, answer, readme_answer, try_it_blocks
 
 REGENERATE = "regenerate the README's example with: .venv/bin/python -m tests.readme_example --write"
 # Different on every request, or on every machine.
@@ -54,3 +60,25 @@ def test_try_it_says_which_boxes_the_phantom_holds():
         for row in sorted(boxes, key=lambda row: float(row["x_min"]))
     ]
     assert said == planted, f"the README says {said}; the phantom holds {planted}"
+
+
+def test_try_it_commands_run_as_printed(tmp_path):
+    """Every bash block of the "Try it" section (before its subsections) runs as printed against a live service (only
+    the interpreter path, the phantom folder and the port changed) and prints a JSON answer for the phantom."""
+    if shutil.which("curl") is None:
+        missing("curl is not installed (apt-get install curl)")
+    blocks = [text for language, text in try_it_blocks(README.read_text()) if language == "bash"]
+    assert len(blocks) >= 2
+    with LiveService(PACK, tmp_path / "service.log") as service:
+        for block in blocks:
+            script = (
+                block.replace(".venv/bin/python", sys.executable)
+                .replace("/tmp/phantoms", str(tmp_path / "phantoms"))
+                .replace("http://127.0.0.1:8000", service.base)
+            )
+            done = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+            )
+            assert done.returncode == 0 and "{" in done.stdout, f"{block}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            printed = json.loads(done.stdout[done.stdout.index("{") :])
+            assert printed["instance"]["rows"] == 1643 and printed["diseases"], block
