@@ -36,7 +36,12 @@ class Code(BaseModel):
 
 class Finding(BaseModel):
     label: str
-    score: float = Field(ge=0, le=1)
+    score: float = Field(
+        ge=0,
+        le=1,
+        description="the detector's confidence score for this box (not a calibrated probability): "
+        "higher means more confident; compare it with the label's reporting threshold, not with 0.5",
+    )
     box: Box
     code: Code
 
@@ -61,8 +66,13 @@ class Heatmap(BaseModel):
 
 class Disease(BaseModel):
     label: str
-    probability: float = Field(ge=0, le=1)
-    threshold: float = Field(description="operating point chosen on validation data")
+    probability: float = Field(
+        ge=0,
+        le=1,
+        description="calibrated probability that the image shows the disease (the classifier's output mapped "
+        "by the pack's calibrator, fitted on a validation split)",
+    )
+    threshold: float = Field(description="operating point on the calibrated probability, chosen on validation data")
     positive: bool
     code: Code
     heatmap: Heatmap | None = Field(None, description="only with ?include=heatmaps")
@@ -255,7 +265,13 @@ class ModelsResponse(BaseModel):
         "validation data, or CXR_FINDING_SCORE_FLOOR for every label when set)"
     )
     classifier_labels: list[str]
-    thresholds: dict[str, float] = Field(description="per-disease probability threshold of `positive`")
+    thresholds: dict[str, float] = Field(
+        description="per-disease threshold of `positive`, on the calibrated probability"
+    )
+    calibration: dict[str, str] = Field(
+        description="per classifier label, how its raw output is calibrated into the reported probability "
+        "(identity, temperature, platt or isotonic; fitted on a validation split)"
+    )
     providers: list[str] = Field(description="ONNX Runtime execution providers actually in use")
     max_batch_size: int
     precisions: list[str] = Field(description="precision variants the pack ships")

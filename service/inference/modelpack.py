@@ -1,8 +1,9 @@
 """Model packs: a self-describing folder with manifest.json, detector.onnx and classifier.onnx
 (float32) and, unless exported with --no-fp16, their float16 variants (manifest `<model>.variants.fp16`).
 
-A pack is verified (every listed file present, sha256 as in the manifest) before any session is
-created, so a truncated or tampered model never serves. `OnnxModels` runs both models with the
+A pack is verified (every listed file present, sha256 as in the manifest, a calibrator for every
+classifier label) before any session is created, so a truncated or tampered model never serves and
+no output called a probability is served uncalibrated. `OnnxModels` runs both models with the
 ONNX Runtime configuration that `service.inference.runtime` derives from the settings.
 """
 
@@ -23,6 +24,7 @@ from service.dicom.intended_use import IntendedPopulation
 from service.dicom.pipeline import InputSpec, ModelInputs
 from service.dicom.preprocess import Normalization
 from service.inference import runtime
+from service.inference.calibration import Calibration, CalibrationError
 from service.inference.postprocess import DetectionParams
 from service.inference.triage import TriageError, TriageRule
 from service.settings import Settings
@@ -125,6 +127,15 @@ class ModelPack:
         return TriageRule.from_manifest(self.manifest, self.global_labels)
 
     @cached_property
+    def calibration(self) -> Calibration:
+        """The calibrators that turn the classifier's raw outputs into the probabilities the service reports."""
+        return Calibration.from_manifest(self.manifest, required=self.global_labels)
+
+    def calibrated_probabilities(self, raw: np.ndarray) -> np.ndarray:
+        """(..., K) raw classifier outputs -> calibrated probabilities, same shape (float64)."""
+        return self.calibration.calibrate_columns(self.global_labels, raw)
+
+    @cached_property
     def detection_params(self) -> DetectionParams:
         return DetectionParams(**self.manifest["detector"].get("postprocess", {}))
 
@@ -168,8 +179,12 @@ class ModelPack:
         return self._file_entry(model, precision)["sha256"]
 
     @classmethod
-    def load(cls, path: Path) -> ModelPack:
-        """Read and verify a pack; raises PackError saying exactly what is wrong."""
+    def load(cls, path: Path, *, require_calibration: bool = True) -> ModelPack:
+        """Read and verify a pack; raises PackError saying exactly what is wrong.
+
+        `require_calibration=False` is for the tools that fit the calibrators of a pack that has none
+        yet (training.calibrate, training.export); the service never loads a pack that way.
+        """
         path = Path(path)
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
@@ -192,6 +207,11 @@ class ModelPack:
             pack.triage  # noqa: B018 - parsed here, so a malformed entry fails the load rather than a request
         except TriageError as exc:
             raise PackError(f"{manifest_path}: {exc}") from None
+        if require_calibration or "calibration" in manifest:
+            try:
+                pack.calibration  # noqa: B018 - parsed once here, so a malformed entry fails the load, not a request
+            except CalibrationError as exc:
+                raise PackError(f"{manifest_path}: {exc}") from None
         return pack
 
 

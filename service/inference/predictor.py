@@ -107,6 +107,8 @@ def prediction_body(
     )
     detections = to_original_space(detections, prepared.geometries[pack.input_index("detector")])
     findings = findings_json(detections, pack.local_labels)
+    # Calibrated here, once, so JSON, SR, GSPS, PNG and triage all report the same calibrated probability.
+    probabilities = pack.calibrated_probabilities(probabilities)
     diseases = diseases_json(probabilities, pack.global_labels, pack.thresholds)
     for item in (*findings, *diseases):
         item["code"] = json_code(item["label"])  # the concept the SR codes it with (one table: viewer_outputs/codes)

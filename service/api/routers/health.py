@@ -78,6 +78,7 @@ async def models(state: ReadyStateDep, settings: SettingsDep) -> ModelsResponse:
         ),
         classifier_labels=pack.global_labels,
         thresholds=pack.thresholds,
+        calibration=pack.calibration.methods(),
         providers=state.models.providers,
         max_batch_size=settings.max_batch_size,
         precisions=list(pack.precisions),
