@@ -220,13 +220,20 @@ def test_report_writer_writes_tables_and_plots(tmp_path):
         "evaluation_test.md",
         "pr_curves_test.png",
         "roc_curves_test.png",
+        "reliability_test.png",
     ]
     saved = json.loads((tmp_path / "evaluation_test.json").read_text())
     assert {"map40", "map50", "per_class", "map40_ci"} <= set(saved["detection"])
     assert {"mean_auroc", "per_label", "mean_auroc_ci", "mean_f1"} <= set(saved["classification"])
     text = (tmp_path / "evaluation_test.md").read_text()
+    assert {"map40", "map40_ci", "per_class", "name"} <= set(saved["challenge"])
+    assert {"mean_ece_raw", "mean_ece", "mean_brier_raw", "mean_brier", "per_label"} <= set(saved["calibration"])
     for expected in (
-        "| mAP@0.4 |",
+        "| mAP@0.4 (COCO-style matching) |",
+        "| mAP@0.5 (COCO-style matching) |",
+        "| VinBigData challenge mAP@0.4 (VOC matching, No finding as 1x1 box) |",
+        "## Calibration",
+        "reliability_test.png",
         "| local label | boxes | AP@0.4 | AP@0.5 |",
         "| global label | positives | threshold |",
         "| macro mean |",
@@ -241,7 +248,7 @@ def test_report_writer_writes_tables_and_plots(tmp_path):
         assert expected in text, expected
     mean_auroc = saved["classification"]["mean_auroc_ci"]
     assert f"[{mean_auroc['low']:.3f}, {mean_auroc['high']:.3f}]" in text
-    for name in ("pr_curves_test.png", "roc_curves_test.png"):
+    for name in ("pr_curves_test.png", "roc_curves_test.png", "reliability_test.png"):
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, name
 

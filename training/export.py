@@ -51,12 +51,15 @@ from service.inference.modelpack import (
 )
 from service.inference.postprocess import DetectionParams, Detections, box_iou, select_detections
 from service.inference.runtime import GPU_PROVIDERS, preload_gpu_libraries
+from training.acceptance import evaluation_summary
+from training.calibration import read_run_calibration
 from training.data import Record, fusion_from_args, read_split
 from training.dataset import stacked_inputs
 from training.engine import predict
 from training.heatmaps import FP16_MAP_TOLERANCE, HeatmapsUnsupported, add_heatmap_output, heatmap_manifest_entry
 from training.labels import LABEL_SETS
 from training.models import Classifier, Detector
+from training.splits import RUN_SPLITS_FILE, read_splits, write_pack_splits, write_run_splits
 
 INTENDED_USE = (
     "Research use only; not for diagnostic use. Frontal (PA/AP) pediatric chest radiographs "
@@ -564,37 +567,6 @@ def label_selection(run_args: dict, local_labels: list[str], global_labels: list
     }
 
 
-def _headline(section: dict) -> dict:
-    """A report section's own numbers and intervals, without its per-label tables."""
-    return {key: value for key, value in section.items() if not isinstance(value, dict) or key.endswith("_ci")}
-
-
-def evaluation_summary(report: dict, file_name: str) -> dict:
-    """The manifest's summary of an evaluation report: headline metrics with intervals, per-label AP / AUROC."""
-    detection, classification = report.get("detection") or {}, report.get("classification") or {}
-    return {
-        "report": file_name,
-        "source": report.get("source"),
-        "data": report.get("data"),
-        "split": report.get("split"),
-        "images": report.get("images"),
-        "detection": _headline(detection)
-        | {
-            "per_class": {
-                label: {key: value for key, value in entry.items() if key.startswith("ap40")}
-                for label, entry in (detection.get("per_class") or {}).items()
-            }
-        },
-        "classification": _headline(classification)
-        | {
-            "per_label": {
-                label: {key: value for key, value in entry.items() if key.startswith("auroc")}
-                for label, entry in (classification.get("per_label") or {}).items()
-            }
-        },
-    }
-
-
 def copy_evaluation(report_path: Path, out: Path) -> dict:
     """Copy the report (.json, its .md and any <stem>* plots) and the matching curves beside the pack."""
     if not report_path.is_file():
@@ -632,7 +604,9 @@ def main(args: argparse.Namespace) -> Path:
     checkpoint, detector, classifier = load_run(args.run)
     run_args = checkpoint["args"]
     inputs = checkpoint_inputs(checkpoint)
-    thresholds = read_thresholds(args.run)
+    read_thresholds(args.run)  # only a finished run has them
+    splits = run_splits(args.run, checkpoint)
+    calibrated = run_calibration(args.run)
     evaluation_path = args.evaluation or (args.run / "evaluation_test.json")
     if args.evaluation is None and not evaluation_path.is_file():
         evaluation_path = None
@@ -668,10 +642,11 @@ def main(args: argparse.Namespace) -> Path:
         "label_set": run_args["dataset"],
         "label_selection": label_selection(run_args, labels["detector"], labels["classifier"], training_records),
         "precisions": list(precisions),
-        **model_entries(args.out, checkpoint, thresholds, precisions, inputs, heatmaps),
-        # Chosen on the run's validation split with its thresholds (training/triage.py); null for a classifier
-        # without a "No finding" label.
-        "triage": thresholds.get("triage"),
+        **model_entries(args.out, checkpoint, calibrated, precisions, inputs, heatmaps),
+        "calibration": calibrated["calibration"],
+        # Chosen on the calibration split with the calibrated probabilities (training.calibrate, training/triage.py);
+        # null for a classifier without a "No finding" label.
+        "triage": calibrated.get("triage"),
         "training": training_entry(checkpoint, args.run),
         "evaluation": evaluation,
         "export_parity": {
@@ -682,11 +657,53 @@ def main(args: argparse.Namespace) -> Path:
         }
         | parity,
     }
+    write_pack_splits(args.out, manifest, splits | {"calibration": calibrated["calibration_image_ids"]})
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     ModelPack.load(args.out)  # the pack we wrote must verify like the service will verify it
     for precision in precisions:
         print(f"wrote {args.out} {precision}: parity {parity[precision]['providers']}")
     return args.out
+
+
+def run_splits(run: Path, checkpoint: dict) -> dict[str, list[str]]:
+    """The image ids the run, and every run it was initialised from (--init-from), trained and validated on.
+
+    From each run's splits.json, or rebuilt the way training split them for a run that has none.
+    """
+    splits = read_splits(run / RUN_SPLITS_FILE) or _rebuilt_splits(run, checkpoint["args"])
+    initial = checkpoint["args"].get("init_from")
+    if initial and not Path(initial).is_file():
+        print(f"warning: {initial} (this run's --init-from) is gone: its images are not recorded in the pack")
+    elif initial:  # a curriculum: the earlier stage's images were seen too
+        earlier = Path(initial).parent
+        earlier_splits = run_splits(earlier, torch.load(Path(initial), map_location="cpu", weights_only=False))
+        for role, ids in earlier_splits.items():
+            splits[role] = sorted(set(splits.get(role, [])) | set(ids))
+    return splits
+
+
+def _rebuilt_splits(run: Path, run_args: dict) -> dict[str, list[str]]:
+    from training.train import split_train_val
+
+    records = read_split(Path(run_args["data"]), "train", run_args["layout"], fusion_from_args(run_args))
+    train_records, val_records = split_train_val(
+        records[: run_args.get("limit")], run_args["val_fraction"], run_args["seed"]
+    )
+    write_run_splits(run, [r.image_id for r in train_records], [r.image_id for r in val_records])
+    print(f"{run / RUN_SPLITS_FILE} was missing: rebuilt from the run's data, --val-fraction and --seed")
+    return read_splits(run / RUN_SPLITS_FILE)
+
+
+def run_calibration(run: Path) -> dict:
+    """The run's calibration.json; fitted first (training.calibrate on the run's validation images) when absent."""
+    calibrated = read_run_calibration(run)
+    if calibrated is None:
+        from training import calibrate
+
+        print(f"{run} has no calibration.json: fitting calibrators and operating points on its validation images")
+        calibrate.main(calibrate.get_args_parser().parse_args(["--run", str(run)]))
+        calibrated = read_run_calibration(run)
+    return calibrated
 
 
 def read_thresholds(run: Path) -> dict:
@@ -789,12 +806,13 @@ def input_entry(spec: InputSpec) -> dict:
 def model_entries(
     out: Path,
     checkpoint: dict,
-    thresholds: dict,
+    calibrated: dict,
     precisions: Sequence[str],
     inputs: ModelInputs,
     heatmaps: dict,
 ) -> dict[str, dict]:
-    """The manifest's "detector" and "classifier": files, input, backbone, outputs, labels, operating points and,
+    """The manifest's "detector" and "classifier": files, input, backbone, outputs, labels, operating points
+    (`calibrated`: the run's calibration.json, whose operating points were chosen on the service's path) and,
     for the classifier, its heatmaps (or why it has none)."""
     classifier_heatmaps = (
         {"outputs": [*CLASSIFIER_OUTPUTS, HEATMAP_OUTPUT], "heatmaps": heatmaps["entry"]}
@@ -811,7 +829,8 @@ def model_entries(
             "labels": checkpoint["local_labels"],
             "postprocess": asdict(POSTPROCESS),
             # Findings are reported at these per-label operating points; evaluation uses all boxes.
-            "thresholds": thresholds["finding_thresholds"],
+            "thresholds": calibrated["finding_thresholds"],
+            "threshold_method": calibrated["finding_threshold_method"],
         },
         "classifier": model_entry(out, "classifier", precisions)
         | {
@@ -819,8 +838,8 @@ def model_entries(
             "backbone": run_args["classifier_backbone"],
             **classifier_heatmaps,
             "labels": checkpoint["global_labels"],
-            "thresholds": thresholds["thresholds"],
-            "threshold_method": thresholds["method"],
+            "thresholds": calibrated["thresholds"],
+            "threshold_method": calibrated["threshold_method"],
         },
     }
 
