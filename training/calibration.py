@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from service.inference.calibration import Calibration, Calibrator, logit
+from training.figures import save_png
 from training.metrics import (
     CALIBRATION_BINS,
     bootstrap_brier,
@@ -206,7 +207,6 @@ def plot_reliability(
 ) -> Path:
     """Reliability diagrams, one panel per label: observed frequency against mean probability per bin, before
     (grey) and after (blue) calibration, with the images per bin (after) as bars along the bottom."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     columns = max(1, min(3, len(labels)))
@@ -239,6 +239,4 @@ def plot_reliability(
         )
         axis.legend(loc="upper left", fontsize=7)
     figure.suptitle(title + f" ({CALIBRATION_BINS} equal-width bins; bars: images per bin, calibrated)", fontsize=10)
-    FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=100)
-    return path
+    return save_png(figure, path)

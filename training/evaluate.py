@@ -63,6 +63,7 @@ from training.calibration import (
     read_run_calibration,
 )
 from training.data import Record, add_layout_arguments, fusion_from_args, read_split
+from training.figures import save_png
 from training.heatmap_eval import markdown_section as heatmaps_markdown
 from training.heatmap_eval import peak_in_box
 from training.metrics import (
@@ -691,7 +692,10 @@ def _calibration_section(calibration: dict, stem: str) -> list[str]:
         "",
         "## Calibration",
         "",
-        f"{state} ECE: {calibration['ece']}; Brier: mean squared error of the probability. Lower is better for both.",
+        f"{state} ECE: {calibration['ece']}; Brier: mean squared error of the probability. Lower is better for both. "
+        "ECE is biased upwards on finite samples, and more so in bootstrap resamples (which repeat images), so its "
+        "interval can lie above the point estimate; compare raw and calibrated ECE with each other, and read the "
+        "Brier interval (an unbiased mean) for uncertainty.",
         "",
         "| | ECE | Brier |",
         "| --- | ---: | ---: |",
@@ -777,11 +781,7 @@ def _grid(count: int, columns: int = 4):  # -> (Figure, list[Axes])
 
 
 def _save(figure, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=100)
-    return path
+    return save_png(figure, path)
 
 
 def plot_pr_curves(matches: list[ClassMatches], labels: list[str], path: Path, iou_threshold: float = 0.4) -> Path:
