@@ -24,16 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from service.dicom.pipeline import InputSpec
-from service.inference.modelpack import ModelPack, OnnxModels
-from service.inference.postprocess import DetectionParams
-from service.settings import Settings
+from service.inference.modelpack import ModelPack
 from training.calibration import (
     CANDIDATES,
     RUN_CALIBRATION_FILE,
@@ -44,6 +40,7 @@ from training.calibration import (
     plot_reliability,
 )
 from training.data import Record, add_layout_arguments, fusion_from_args, read_split
+from training.evaluate import Source, evaluation_inputs, open_pack, open_run, predict_records
 from training.metrics import finding_threshold, youden_threshold
 from training.splits import (
     PACK_SPLITS_FILE,
@@ -61,8 +58,6 @@ from training.splits import (
 DEFAULT_FINDING_THRESHOLD = 0.5
 FINDING_IOU = 0.4  # a reported box counts as a hit at the challenge metric's IoU
 PACK_PRECISION = "fp32"  # calibrated on the float32 variant; fp16's drift is measured by the evaluation
-
-InferFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -89,53 +84,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dataclass
-class Source:
-    """The models to calibrate and what they were fitted on."""
-
-    infer: InferFn
-    spec: InputSpec
-    params: DetectionParams
-    local_labels: list[str]
-    global_labels: list[str]
-    folder: Path
-    description: str
-    fitted: dict[str, list[str]]  # role -> image ids (train, validation, calibration, ...)
-    acceptance_ids_sha256: str | None = None
+def open_source(args: argparse.Namespace) -> Source:
+    """The pack (float32 on the CPU, calibrated or not yet) or the run to calibrate."""
+    if args.pack is not None:
+        return open_pack(args.pack, PACK_PRECISION, providers=["CPUExecutionProvider"], require_calibration=False)
+    return open_run(args.run)
 
 
-def open_pack(path: Path) -> Source:
-    pack = ModelPack.load(path, require_calibration=False)
-    settings = Settings(models=path, precision=PACK_PRECISION, providers=["CPUExecutionProvider"])
-    models = OnnxModels(pack, settings=settings)
-    acceptance = pack.manifest.get("acceptance_test") or {}
-    return Source(
-        models.run,
-        pack.input_spec,
-        pack.detection_params,
-        pack.local_labels,
-        pack.global_labels,
-        Path(path),
-        f"pack {pack.name} {pack.version} (ONNX Runtime, {models.runtime.precision}, {models.runtime.provider})",
-        read_splits(Path(path) / PACK_SPLITS_FILE),
-        acceptance.get("image_ids_sha256"),
-    )
-
-
-def open_run(path: Path) -> Source:
-    from training.evaluate import torch_infer_from_run
-
-    infer, spec, local_labels, global_labels, _, params = torch_infer_from_run(path)
-    return Source(
-        infer,
-        spec,
-        params,
-        local_labels,
-        global_labels,
-        Path(path),
-        f"run {path} (PyTorch, float32)",
-        read_splits(Path(path) / RUN_SPLITS_FILE),
-    )
+def described(source: Source) -> str:
+    """The source and how it ran, e.g. "pack demo-synthetic 0.2.0 (fp32, CPUExecutionProvider)"."""
+    return f"{source.description} ({source.runtime['precision']}, {source.runtime['provider']})"
 
 
 def calibration_records(args: argparse.Namespace, source: Source) -> tuple[list[Record], dict]:
@@ -206,8 +164,6 @@ def calibrate(
     records: list[Record], source: Source, folds: int, seed: int, fitted_on: dict, batch_size: int, threads: int
 ) -> CalibrationResult:
     """Run the split through the service's path, then fit calibrators and choose every operating point."""
-    from training.evaluate import evaluation_inputs, predict_records
-
     predictions = predict_records(records, source.spec, source.infer, source.params, batch_size, threads)
     inputs = evaluation_inputs(records, predictions, source.local_labels, source.global_labels, thresholds={})
     calibration, selections = fit_calibration(inputs.probabilities, inputs.targets, source.global_labels, folds, seed)
@@ -230,7 +186,7 @@ def calibrate(
 def report(result: CalibrationResult, source: Source, labels: list[str]) -> dict:
     in_sample = calibration_point_estimates(result.targets, result.raw, result.calibrated, labels)
     return {
-        "source": source.description,
+        "source": described(source),
         "fitted_on": result.section["fitted_on"],
         "method_selection": result.section["method_selection"],
         "calibrators": result.section["calibrators"],
@@ -300,7 +256,7 @@ def _fmt(value: float | None) -> str:
 def write_report(folder: Path, split: str, result: CalibrationResult, source: Source) -> list[Path]:
     slug = split.replace(" ", "-")
     data = report(result, source, source.global_labels)
-    title = f"Calibration of {source.description}"
+    title = f"Calibration of {described(source)}"
     json_path, markdown_path = folder / f"calibration_{slug}.json", folder / f"calibration_{slug}.md"
     json_path.write_text(json.dumps(data, indent=2) + "\n")
     markdown_path.write_text(markdown(data, title, slug))
@@ -368,14 +324,15 @@ def write_run_calibration(run: Path, result: CalibrationResult) -> Path:
 
 
 def main(args: argparse.Namespace) -> CalibrationResult:
-    source = open_pack(args.pack) if args.pack is not None else open_run(args.run)
+    source = open_source(args)
     records, provenance = calibration_records(args, source)
     image_ids = [record.image_id for record in records]
     what = "the pack" if args.pack is not None else "the run"
     refuse_overlap(image_ids, {"train": source.fitted.get("train", [])}, "calibration", what)
-    if source.acceptance_ids_sha256 and split_record(image_ids)["image_ids_sha256"] == source.acceptance_ids_sha256:
+    accepted = ((source.pack.manifest if source.pack else {}).get("acceptance_test") or {}).get("image_ids_sha256")
+    if accepted and split_record(image_ids)["image_ids_sha256"] == accepted:
         raise SystemExit("error: this is the pack's acceptance test split; calibrate on a validation split instead")
-    fitted_on = provenance | split_record(image_ids) | {"source": source.description}
+    fitted_on = provenance | split_record(image_ids) | {"source": described(source)}
     result = calibrate(records, source, args.folds, args.seed, fitted_on, args.batch_size, args.threads)
     written = write_report(source.folder, provenance["split"], result, source)
     if args.pack is not None:

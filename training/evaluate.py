@@ -930,9 +930,16 @@ def run_calibration(run: Path, global_labels: list[str]) -> Calibration | None:
     return Calibration.from_manifest(calibrated, required=global_labels) if calibrated else None
 
 
-def open_pack(path: Path, precision: str) -> Source:
-    pack = ModelPack.load(path)
-    settings = Settings(models=path, precision=precision, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+def open_pack(
+    path: Path,
+    precision: str,
+    providers: tuple[str, ...] | list[str] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    require_calibration: bool = True,
+) -> Source:
+    """A pack run with ONNX Runtime as served; `require_calibration=False` opens one not calibrated yet
+    (training.calibrate), whose `calibration` is then None."""
+    pack = ModelPack.load(path, require_calibration=require_calibration)
+    settings = Settings(models=path, precision=precision, providers=list(providers))
     models = OnnxModels(pack, settings=settings)
     maps = pack.heatmaps
     return Source(
@@ -942,7 +949,7 @@ def open_pack(path: Path, precision: str) -> Source:
         pack.local_labels,
         pack.global_labels,
         pack.thresholds,
-        pack.calibration,
+        pack.calibration if require_calibration or "calibration" in pack.manifest else None,
         {"provider": models.runtime.provider, "precision": models.runtime.precision},
         f"pack {pack.name} {pack.version}",
         Path(path),
