@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.dicom import preprocess
+from service.dicom import pipeline, preprocess
 from service.inference.calibration import Calibration
 from service.settings import Settings
 from tests.reference import at_operating_points
@@ -198,7 +198,7 @@ def test_parity_fails_when_the_letterbox_drifts_by_one_pixel(parity, tiny_run, p
         moved[1:, 1:] = canvas[:-1, :-1]
         return moved, geometry
 
-    monkeypatch.setattr(preprocess, "letterbox", shifted)
+    monkeypatch.setattr(pipeline, "letterbox", shifted)  # the name prepare() calls
     drifted, _, _ = pytorch_evaluation(tiny_run, parity_files)
     assert differences(served, drifted, calibration, local_labels, global_labels, floor)
 

@@ -164,7 +164,7 @@ def calibrate(
     records: list[Record], source: Source, folds: int, seed: int, fitted_on: dict, batch_size: int, threads: int
 ) -> CalibrationResult:
     """Run the split through the service's path, then fit calibrators and choose every operating point."""
-    predictions = predict_records(records, source.spec, source.infer, source.params, batch_size, threads)
+    predictions = predict_records(records, source.inputs, source.infer, source.params, batch_size, threads)
     inputs = evaluation_inputs(records, predictions, source.local_labels, source.global_labels, thresholds={})
     calibration, selections = fit_calibration(inputs.probabilities, inputs.targets, source.global_labels, folds, seed)
     calibrated = calibration.calibrate_columns(source.global_labels, inputs.probabilities)
