@@ -145,6 +145,7 @@ def test_each_architecture_trains_exports_and_serves(tiny_dataset, tmp_path, det
     # Every detection the postprocess keeps (a floor at its score threshold): the pack's operating points, applied
     # before NMS by the service, can keep detections that an untrained model's pre-NMS top-k cuts off after it.
     floor = params.score_threshold
+    calibrated = pack.calibrated_probabilities(evaluation.probabilities)
     settings = Settings(
         models=pack_path,
         max_batch_size=2,
@@ -161,8 +162,8 @@ def test_each_architecture_trains_exports_and_serves(tiny_dataset, tmp_path, det
             )
             assert answer.status_code == 200, answer.text
             served = answer.json()
-            np.testing.assert_allclose(
-                [d["probability"] for d in served["diseases"]], evaluation.probabilities[index], atol=1e-4
+            np.testing.assert_allclose(  # the service reports the pack's calibrated probabilities
+                [d["probability"] for d in served["diseases"]], calibrated[index], atol=1e-4
             )
             expected = at_operating_points(evaluation.detections[index], pack.finding_thresholds(floor))
             assert [f["label"] for f in served["findings"]] == [local_labels[c] for c in expected.classes]
