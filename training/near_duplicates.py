@@ -31,13 +31,13 @@ import hashlib
 import itertools
 import json
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from training.parallel import ordered_map
 from training.splits import RUN_SPLITS_FILE, read_splits
 
 THUMBNAIL = 32
@@ -121,15 +121,9 @@ def describe_all(images: list[Image], workers: int) -> tuple[np.ndarray, list[st
     paths = [image.path for image in images]
     results = []
     with tqdm(total=len(paths), desc="thumbnails", unit="img", disable=None) as progress:
-        if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                for result in pool.map(describe, paths, chunksize=8):
-                    results.append(result)
-                    progress.update()
-        else:
-            for path in paths:
-                results.append(describe(path))
-                progress.update()
+        for result in ordered_map(describe, paths, workers, chunksize=8):
+            results.append(result)
+            progress.update()
     if not results:
         return np.zeros((0, THUMBNAIL * THUMBNAIL), np.float32), []
     return np.stack([r[0] for r in results]), [r[1] for r in results]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import multiprocessing
 import time
 import zlib
 from collections import Counter
@@ -15,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from training.labels import SYNTHETIC_LOCAL, VINDR_PCXR
+from training.parallel import ordered_map
 from training.splits import image_ids_sha256
 from training.synthetic.difficulty import Difficulty, resolve_difficulty
 from training.synthetic.encoding import dicom_bytes, resolve_transfer_syntax
@@ -156,15 +156,9 @@ def _make_images(jobs: list[tuple], workers: int) -> list[tuple]:
     """Every image's (split, image_id, rad_id, findings, labels), in job order, with a progress bar."""
     results: list[tuple] = []
     with tqdm(total=len(jobs), desc="phantoms", unit="img", disable=None) as bar:
-        if workers > 1:
-            with multiprocessing.Pool(workers) as pool:
-                for res in pool.imap(_make_image, jobs, chunksize=2):
-                    results.append(res)
-                    bar.update()
-        else:
-            for job in jobs:
-                results.append(_make_image(job))
-                bar.update()
+        for result in ordered_map(_make_image, jobs, workers, chunksize=2):
+            results.append(result)
+            bar.update()
     return results
 
 
