@@ -51,6 +51,7 @@ from training.splits import (
     split_record,
     write_pack_splits,
 )
+from training.triage import triage_entry
 
 # A finding whose validation boxes never hit (no threshold gives F1 > 0) is reported only above this:
 # half the detector's score range, well above its 0.05 candidate floor, so an unproven label reports
@@ -139,8 +140,9 @@ class CalibrationResult:
 
 
 def operating_points(images, targets: np.ndarray, calibrated: np.ndarray, local_labels, global_labels) -> dict:
-    """Disease thresholds (Youden's J on calibrated probabilities) and finding thresholds (best F1 in original
-    pixels, DEFAULT_FINDING_THRESHOLD where no threshold gives F1 > 0), with how each was chosen."""
+    """Disease thresholds (Youden's J on calibrated probabilities), finding thresholds (best F1 in original
+    pixels, DEFAULT_FINDING_THRESHOLD where no threshold gives F1 > 0) and the triage operating point (on the
+    calibrated No finding probability, training/triage.py), with how each was chosen."""
     thresholds = {label: youden_threshold(targets[:, k], calibrated[:, k]) for k, label in enumerate(global_labels)}
     finding_thresholds, defaulted = {}, []
     for k, label in enumerate(local_labels):
@@ -157,6 +159,13 @@ def operating_points(images, targets: np.ndarray, calibrated: np.ndarray, local_
         "finding_threshold_method": f"best F1 of the boxes at IoU {FINDING_IOU} in original pixels (after NMS and "
         f"clipping, as served) on the calibration split; {DEFAULT_FINDING_THRESHOLD} where no threshold gives F1 > 0",
         "finding_thresholds_defaulted": defaulted,
+        # The service derives the abnormality from the calibrated No finding probability: chosen on that scale.
+        "triage": triage_entry(
+            targets,
+            calibrated,
+            global_labels,
+            f"the calibrated probabilities of the calibration split ({len(targets)} images)",
+        ),
     }
 
 
@@ -245,6 +254,13 @@ def markdown(report_data: dict, title: str, split: str) -> str:
         f"Disease thresholds: {points['threshold_method']}.",
         f"Finding thresholds: {points['finding_threshold_method']}.",
     ]
+    triage = points.get("triage")
+    if triage:
+        measured = triage["validation"]
+        lines.append(
+            f"Triage: expedite at abnormality >= {_fmt(triage['threshold'])} ({triage['rule']}; sensitivity "
+            f"{_fmt(measured['sensitivity'])}, specificity {_fmt(measured['specificity'])} there)."
+        )
     lines += ["", f"![Reliability before and after calibration](reliability_{split}.png)"]
     return "\n".join(lines) + "\n"
 
@@ -284,6 +300,7 @@ def update_pack(pack_dir: Path, result: CalibrationResult, version: str | None) 
     manifest["classifier"]["threshold_method"] = points["threshold_method"]
     manifest["detector"]["thresholds"] = points["finding_thresholds"]
     manifest["detector"]["threshold_method"] = points["finding_threshold_method"]
+    manifest["triage"] = points["triage"]
     splits = read_splits(pack_dir / PACK_SPLITS_FILE)
     splits["calibration"] = sorted(result.image_ids)
     write_pack_splits(pack_dir, manifest, splits)
