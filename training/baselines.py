@@ -288,6 +288,8 @@ def evaluation_section(
     if split == "train":
         return {"skipped": "the evaluated split is the training split the baseline would be fitted on"}
     train_records = read_split(data, "train", layout, fusion)  # type: ignore[arg-type]
+    if not train_records:  # an evaluation-only dataset (training.synthetic --n-train 0): nothing to fit on
+        return {"skipped": f"{Path(data).name} has no training images to fit the baseline on"}
     resamples, seed, confidence = bootstrap
     return baseline_report(
         train_records,
