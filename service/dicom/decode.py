@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
+from pydicom.tag import Tag
 from pydicom.uid import RE_VALID_UID, UID
 
 from service.dicom.charsets import fix_pydicom_character_sets, unknown_terms
@@ -191,7 +192,8 @@ def check_referenceable(ds: Dataset) -> None:
     this runs only when a DICOM output is asked for.
     """
     for keyword in REFERENCE_UIDS:
-        element = ds.data_element(keyword)
+        # By tag, get() gives the element (by keyword it gives the value; data_element raises KeyError when absent).
+        element = ds.get(Tag(keyword))
         # Written under another VR than UI (a PACS bug), it is not a UID the outputs can carry either.
         value = element.value if element is not None and element.VR == "UI" else None
         if not isinstance(value, str) or len(value) > 64 or not RE_VALID_UID.match(value):
