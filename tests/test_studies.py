@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 
 from service.api.app import create_app
+from service.viewer_outputs.codes import PRIORITY_VALUES, TRIAGE_PRIORITY
 from tests.live import free_port, wait_until_ready
 
 BOUNDARY = "c0ffee-boundary"
@@ -186,6 +187,28 @@ def test_store_returns_the_srs_as_multipart_when_asked(client, tiny_dataset):
         single = client.post("/v1/predict?format=sr", content=data, headers={"Content-Type": "application/dicom"})
         assert sr.SOPInstanceUID == pydicom.dcmread(io.BytesIO(single.content)).SOPInstanceUID
         assert sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == _study_of(data)
+
+
+def test_store_answers_carry_the_triage_of_a_single_predict(client, tiny_dataset):
+    """Issue 17: the STOW path gives each instance the triage /v1/predict gives it, in JSON and in its SR."""
+    files = _test_files(tiny_dataset, 2)
+    body, headers = _related(*files)
+    results = client.post("/v1/studies", content=body, headers=headers | {"Accept": "application/json"}).json()
+    srs = _objects(client.post("/v1/studies?format=sr", content=body, headers=headers))
+    for result, sr, data in zip(results["results"], srs, files, strict=True):
+        single = client.post("/v1/predict", content=data, headers={"Content-Type": "application/dicom"}).json()
+        assert result["triage"] is not None and result["triage"] == single["triage"]
+        (evaluations,) = [
+            item
+            for item in sr.ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
+        ]
+        (priority,) = [
+            item
+            for item in evaluations.ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeValue == TRIAGE_PRIORITY.value
+        ]
+        assert priority.ConceptCodeSequence[0].CodeValue == PRIORITY_VALUES[single["triage"]["priority"]].value
 
 
 def test_format_chooses_the_objects_returned(client, tiny_dataset):
