@@ -89,8 +89,11 @@ class Tolerances:
     heatmap: float = 1e-3  # class activation maps, absolute, in logits (they range over tens of units)
 
 
-# float32 kernels differ from PyTorch's only in summation order.
-FP32_TOLERANCES = Tolerances()
+# float32 kernels differ from PyTorch's only in summation order. That order still moves a trained
+# detector's dense scores by more than 1e-4 at larger inputs (demo pack 0.3.0 at 384²: 2.3e-4 at one of
+# its ~24,000 location-class scores per image, while boxes stayed within 0.05 px and probabilities within
+# 1e-4), so scores get the bar the service is held to for what it serves (tests/test_parity.py: 1e-3).
+FP32_TOLERANCES = Tolerances(score=1e-3)
 # float16 keeps 11 significant bits (relative rounding 4.9e-4 per op); over ~60 layers logits drift by
 # ~1e-2, which moves probabilities by at most a quarter of that and box edges (exp of a log-distance,
 # x stride) by ~1% of their distance: under 1 px for the findings' sizes at the model input. Boxes are
