@@ -81,6 +81,20 @@ def describe_host(load_at_start: str) -> dict[str, str]:
     }
 
 
+def input_sizes(pack_manifest: dict) -> tuple[int, int]:
+    """(detector, classifier) input size: each model's own manifest entry, else the pack-level one (older packs)."""
+    return tuple(
+        int((pack_manifest[model].get("input") or pack_manifest["input"])["size"])
+        for model in ("detector", "classifier")
+    )  # type: ignore[return-value]
+
+
+def describe_input_sizes(pack_manifest: dict) -> str:
+    """'384²' when both models take one size, else '1024² detector / 512² classifier'."""
+    detector, classifier = input_sizes(pack_manifest)
+    return f"{detector}²" if detector == classifier else f"{detector}² detector / {classifier}² classifier"
+
+
 def describe_machine(pack_manifest: dict, providers_in_use: list[str], load_at_start: str) -> dict[str, str]:
     """describe_host() with ONNX Runtime and the model pack the numbers were measured with, before the commit."""
     import onnxruntime as ort
@@ -96,7 +110,7 @@ def describe_machine(pack_manifest: dict, providers_in_use: list[str], load_at_s
             "Model pack",
             f"{pack_manifest['name']} {pack_manifest['version']} (detector sha256 "
             f"{pack_manifest['detector']['sha256'][:12]}…, classifier sha256 "
-            f"{pack_manifest['classifier']['sha256'][:12]}…, input {pack_manifest['input']['size']}²)",
+            f"{pack_manifest['classifier']['sha256'][:12]}…, input {describe_input_sizes(pack_manifest)})",
         ),
     ]
     at = [key for key, _ in host].index("Git commit")

@@ -48,7 +48,7 @@ import httpx
 import numpy as np
 
 from benchmarks.inputs import input_set, make_input_set, read_bodies
-from benchmarks.machine import describe_machine, load_average
+from benchmarks.machine import describe_machine, input_sizes, load_average
 from benchmarks.procfs import process_tree, tree_memory
 from benchmarks.sampling import TreeSampler
 from benchmarks.soak import free_port
@@ -665,7 +665,7 @@ def main(args: argparse.Namespace) -> None:
                 )
                 raise
             print(f"[multiworker] {name}: {json.dumps(asdict(results[-1]))}", flush=True)
-    pack_size = int(manifest["input"]["size"])
+    pack_size = max(input_sizes(manifest))
     machine = describe_machine(manifest, sorted({p for r in results for p in r.providers[:1]}), load_at_start)
     machine["GPU"] = gpu_description()
     ipc = [
