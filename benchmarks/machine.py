@@ -82,11 +82,11 @@ def describe_host(load_at_start: str) -> dict[str, str]:
 
 
 def input_sizes(pack_manifest: dict) -> tuple[int, int]:
-    """(detector, classifier) input size: each model's own manifest entry, else the pack-level one (older packs)."""
-    return tuple(
-        int((pack_manifest[model].get("input") or pack_manifest["input"])["size"])
-        for model in ("detector", "classifier")
-    )  # type: ignore[return-value]
+    """(detector, classifier) input size, read as the service reads it."""
+    from service.inference.modelpack import MODELS, model_input_entry  # here: the other benchmarks need no ONNX Runtime
+
+    detector, classifier = (int(model_input_entry(pack_manifest, model)["size"]) for model in MODELS)
+    return detector, classifier
 
 
 def describe_input_sizes(pack_manifest: dict) -> str:

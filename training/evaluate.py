@@ -525,6 +525,16 @@ def calibration_section(inputs: EvaluationInputs, ci: Interval) -> dict:
     return section
 
 
+# Each subgroup metric's name -> where score() puts it (its interval is the same key + "_ci").
+SUBGROUP_METRICS = {
+    "mean_auroc": ("classification", "mean_auroc"),
+    "map40": ("detection", "map40"),
+    "challenge_map40": ("challenge", "map40"),
+    "mean_ece": ("calibration", "mean_ece"),
+    "mean_brier": ("calibration", "mean_brier"),
+}
+
+
 def subgroup_section(inputs: EvaluationInputs, spec: BootstrapSpec, overall: dict) -> dict:
     """The headline metrics per subgroup with intervals and flags (training/subgroups.py)."""
     reference = {"mean_auroc": overall["classification"]["mean_auroc"], "map40": overall["detection"]["map40"]}
@@ -532,20 +542,8 @@ def subgroup_section(inputs: EvaluationInputs, spec: BootstrapSpec, overall: dic
     for (attribute, value), indices in subgroups.groups(inputs.attributes).items():
         part = inputs.subset(indices)
         scores = score(part, detection_matches(part), spec)
-        metrics = {
-            "mean_auroc": scores["classification"]["mean_auroc"],
-            "map40": scores["detection"]["map40"],
-            "challenge_map40": scores["challenge"]["map40"],
-            "mean_ece": scores["calibration"]["mean_ece"],
-            "mean_brier": scores["calibration"]["mean_brier"],
-        }
-        intervals = {
-            "mean_auroc": scores["classification"]["mean_auroc_ci"],
-            "map40": scores["detection"]["map40_ci"],
-            "challenge_map40": scores["challenge"]["map40_ci"],
-            "mean_ece": scores["calibration"]["mean_ece_ci"],
-            "mean_brier": scores["calibration"]["mean_brier_ci"],
-        }
+        metrics = {name: scores[section][key] for name, (section, key) in SUBGROUP_METRICS.items()}
+        intervals = {name: scores[section][f"{key}_ci"] for name, (section, key) in SUBGROUP_METRICS.items()}
         entries.append(
             {"attribute": attribute, "value": value, "images": len(indices)}
             | {name: metrics[name] for name in metrics}

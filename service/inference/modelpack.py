@@ -53,6 +53,12 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def model_input_entry(manifest: dict, model: str) -> dict:
+    """`model`'s manifest "input" entry: its own, else the pack-level one (packs exported before the models could
+    differ in size)."""
+    return manifest[model].get("input") or manifest["input"]
+
+
 @dataclass(frozen=True)
 class ModelPack:
     path: Path
@@ -71,11 +77,10 @@ class ModelPack:
 
     @cached_property
     def model_inputs(self) -> ModelInputs:
-        """Each model's input spec: its own manifest "input" entry, else the pack-level one (packs exported before
-        the models could differ in size)."""
+        """Each model's input spec (model_input_entry)."""
 
         def spec(model: str) -> InputSpec:
-            entry = self.manifest[model].get("input") or self.manifest["input"]
+            entry = model_input_entry(self.manifest, model)
             return InputSpec(size=int(entry["size"]), normalization=Normalization(**entry["normalization"]))
 
         return ModelInputs(detector=spec("detector"), classifier=spec("classifier"))
