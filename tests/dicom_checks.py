@@ -37,3 +37,11 @@ def dciodvfy_errors(ds: pydicom.Dataset | bytes, folder: Path) -> list[str]:
     # It quotes values in the file's own character set: read its output as bytes, one byte per character.
     output = (run.stdout + run.stderr).decode("latin-1")
     return [line for line in output.splitlines() if line.startswith("Error")]
+
+
+def sr_qualitative_evaluations(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """The content items of an SR's "Qualitative Evaluations" container (exactly one container expected)."""
+    (container,) = [
+        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
+    ]
+    return list(container.ContentSequence)

@@ -17,6 +17,7 @@ import uvicorn
 
 from service.api.app import create_app
 from service.viewer_outputs.codes import PRIORITY_VALUES, TRIAGE_PRIORITY
+from tests.dicom_checks import sr_qualitative_evaluations
 from tests.live import free_port, wait_until_ready
 
 BOUNDARY = "c0ffee-boundary"
@@ -198,14 +199,9 @@ def test_store_answers_carry_the_triage_of_a_single_predict(client, tiny_dataset
     for result, sr, data in zip(results["results"], srs, files, strict=True):
         single = client.post("/v1/predict", content=data, headers={"Content-Type": "application/dicom"}).json()
         assert result["triage"] is not None and result["triage"] == single["triage"]
-        (evaluations,) = [
-            item
-            for item in sr.ContentSequence
-            if item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
-        ]
         (priority,) = [
             item
-            for item in evaluations.ContentSequence
+            for item in sr_qualitative_evaluations(sr)
             if item.ConceptNameCodeSequence[0].CodeValue == TRIAGE_PRIORITY.value
         ]
         assert priority.ConceptCodeSequence[0].CodeValue == PRIORITY_VALUES[single["triage"]["priority"]].value

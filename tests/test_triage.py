@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pydicom
 import pytest
 
 from service.inference.triage import TriageError, TriageRule
 from service.viewer_outputs.codes import PRIORITY_VALUES, TRIAGE_PRIORITY
 from service.viewer_outputs.sr import build_sr
-from tests.dicom_checks import dciodvfy_errors, uploaded
+from tests.dicom_checks import dciodvfy_errors, sr_qualitative_evaluations, uploaded
 from training.synthetic import synthesize_instance
 from training.triage import choose_threshold, triage_entry, triage_evaluation
 
@@ -57,13 +56,6 @@ def test_malformed_manifest_entries_are_refused():
     assert TriageRule.from_manifest({}, LABELS) is None
 
 
-def _evaluations(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
-    (container,) = [
-        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
-    ]
-    return list(container.ContentSequence)
-
-
 def test_sr_carries_triage_as_a_qualitative_evaluation(tmp_path):
     """The SR's Qualitative Evaluations start with "Triage priority = Expedite", its abnormality and operating point."""
     ds, _ = synthesize_instance(seed=3, rows=400, cols=336, findings=["Consolidation"])
@@ -75,7 +67,7 @@ def test_sr_carries_triage_as_a_qualitative_evaluation(tmp_path):
         "model": MODEL,
     }
     sr = build_sr(source, result)
-    triage = _evaluations(sr)[0]
+    triage = sr_qualitative_evaluations(sr)[0]
     assert triage.ConceptNameCodeSequence[0].CodeValue == TRIAGE_PRIORITY.value
     assert triage.ConceptCodeSequence[0].CodeValue == PRIORITY_VALUES["expedite"].value
     (number,) = [i for i in triage.ContentSequence if i.ValueType == "NUM"]
@@ -84,4 +76,6 @@ def test_sr_carries_triage_as_a_qualitative_evaluation(tmp_path):
     assert "operating point=0.31" in parameters
     assert dciodvfy_errors(sr, tmp_path) == []
     without = build_sr(source, {**result, "triage": None})
-    assert all(i.ConceptNameCodeSequence[0].CodeValue != TRIAGE_PRIORITY.value for i in _evaluations(without))
+    assert all(
+        i.ConceptNameCodeSequence[0].CodeValue != TRIAGE_PRIORITY.value for i in sr_qualitative_evaluations(without)
+    )
