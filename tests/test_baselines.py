@@ -66,3 +66,31 @@ def test_thumbnails_use_the_service_pipeline_at_48_pixels(tiny_dataset, tmp_path
     np.testing.assert_allclose(first, plain, atol=2e-3)  # float16 in the cache
     np.testing.assert_array_equal(first, second)
     assert len(list(tmp_path.glob("48px-*/*.npz"))) == 3
+
+
+def test_an_evaluation_only_dataset_fits_the_baseline_on_its_validation_split(tmp_path):
+    """A dataset made without training images (the demo pack's acceptance data: --n-train 0) still gets a baseline,
+    fitted on its validation split and saying so; evaluated on that validation split, it says why there is none."""
+    from training.baselines import evaluation_section
+    from training.data import FusionConfig
+    from training.synthetic import generate_dataset
+
+    labels = ["Pneumonia", "No finding"]
+    root = tmp_path / "eval-only"
+    generate_dataset(root, n_train=0, n_validation=12, n_test=6, seed=5, difficulty="easy", size=(256, 224))
+    evaluated = read_split(root, "test")
+    probabilities = np.random.default_rng(0).random((len(evaluated), len(labels)))
+    bootstrap = (20, 0, 0.95)
+    section = evaluation_section(
+        root, "test", "auto", FusionConfig(), evaluated, labels, probabilities, bootstrap, None, 1
+    )
+    assert section["fitted_on"] == {"split": "validation", "images": 12}
+    assert "fitted on the validation split, 12 images" in "\n".join(markdown_section(section))
+    on_validation = evaluation_section(
+        root, "validation", "auto", FusionConfig(), read_split(root, "validation"), labels,
+        np.zeros((12, len(labels))), bootstrap, None, 1,
+    )  # fmt: skip
+    assert on_validation == {
+        "skipped": "eval-only has no training images to fit the baseline on, and its validation split is the one "
+        "evaluated"
+    }

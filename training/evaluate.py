@@ -214,8 +214,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="report a ridge regression on 48x48 thumbnails, fitted on the dataset's train split, beside the "
-        "classifier (training/baselines.py)",
+        help="report a ridge regression on 48x48 thumbnails, fitted on the dataset's train split "
+        "(its validation split where it has no training images), beside the classifier (training/baselines.py)",
     )
     parser.add_argument(
         "--cache", type=Path, default=None, help="preprocessed-input cache for the baseline's thumbnails (reused)"
