@@ -6,8 +6,9 @@ The baseline is ridge regression on 48 x 48 thumbnails: every image goes through
 preprocessing (`service.dicom.pipeline.prepare`, letterboxed to 48², normalised), its 2,304 pixels are
 standardised with the training split's mean and spread, and one ridge regression per disease label is fitted on
 the dataset's training split (all of it: the classifier's validation part included, which the classifier saw
-as well). The ridge penalty of each label is chosen by exact leave-one-out error on the training split (closed
-form from one SVD), so there is nothing to tune. Its scores are ranked on the evaluated split like the
+as well; a dataset made for evaluation only, without training images, lends its validation split instead). The
+ridge penalty of each label is chosen by exact leave-one-out error on the images it is fitted on (closed form
+from one SVD), so there is nothing to tune. Its scores are ranked on the evaluated split like the
 classifier's probabilities: per-label AUROC, and the classifier-minus-baseline difference, each with a paired
 percentile bootstrap interval over the same resampled images.
 
@@ -36,7 +37,7 @@ THUMBNAIL_SPEC = InputSpec(THUMBNAIL_SIZE, Normalization(mean=0.5, std=0.25))
 RIDGE_PENALTIES = tuple(float(v) for v in np.logspace(-1, 5, 13))  # relative to the number of features
 DESCRIPTION = (
     f"ridge regression on {THUMBNAIL_SIZE}x{THUMBNAIL_SIZE} thumbnails (the service's preprocessing, pixels "
-    "standardised), one per label, penalty chosen by leave-one-out error on the training split"
+    "standardised), one per label, penalty chosen by leave-one-out error on the images it is fitted on"
 )
 
 
