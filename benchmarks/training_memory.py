@@ -1,6 +1,6 @@
 """Host memory of training does not grow with the dataset: one epoch on 500 and on 4,000 phantoms at 512².
 
-    nice -n 10 .venv/bin/python -m benchmarks.training_memory            (~1-2 h on a quiet 2-core CPU)
+    nice -n 10 .venv/bin/python -m benchmarks.training_memory --phantom-size 1024x840   (~35 min on a 2-core CPU)
     .venv/bin/python -m benchmarks.training_memory --sizes 40 80 --input-size 128 --quick   (a smoke run)
 
 Generates the phantoms once (training.synthetic, default size spread around the VinDr-PCXR median), then runs
